@@ -1,0 +1,228 @@
+#!/usr/bin/env bash
+# What a second node costs: two gateway nodes on one private Redis, clients split across them.
+#
+#   loadtest/crossnode-latency.sh [PAIRS] [ITERATIONS]   (defaults 10 and 1000; RUNS=3 for medians)
+#
+# Starts a private redis-server (free loopback port, no persistence) and two gateway nodes on it
+# (free ports, one shared HS256 secret, temp data dirs, per-session message budget raised so
+# closed loops measure latency, not the rate limit), then per run:
+#   crossnode cursor    PAIRS senders and PAIRS passive listeners on node A, PAIRS receivers
+#                       on node B, one room: `cursor` on A -> `cursor` frame on B (and on A)
+#   crossnode presence  the same with `presence {room, focus}` -> `presence.update`
+#                       (both first as a closed loop, one message in flight per sender, then
+#                       paced at PACED_RATE messages/s per sender)
+#   crossnode locks     2*PAIRS clients (half on each node), own resources, one shared room,
+#                       then again with a room per client: lock.acquire / lock.release
+#   locks               the same 2*PAIRS clients all on node A, a room per client (Redis mode,
+#                       one node: what the second node adds)
+#   crossnode set       2*PAIRS plain RESP clients: SET key val NX PX 30000, then DEL, straight
+#                       to the same Redis (the floor for a Redis-backed lock)
+# One JSON object per measurement on stdout (with `redis_calls`: the Redis commands the nodes
+# sent during it, from INFO commandstats), then the medians and the lock / SET NX ratios.
+# Redis, both nodes and the temp dirs are removed on exit, error or ^C (trap).
+#
+# Environment: RUNS, SKIP_BUILD=1, LOCKSTEP_BIN=path, BENCH_TMPDIR=dir, LOCK_ITERATIONS
+# (default 2000 per lock/SET client), PACED_RATE (messages/s per sender in the paced pass,
+# default 50; 0 skips it), PACED_ITERATIONS (default 500), REDIS_SERVER (default redis-server).
+
+source "$(dirname "$0")/lib.sh"
+
+PAIRS="${1:-10}"
+ITERATIONS="${2:-1000}"
+RUNS="${RUNS:-1}"
+LOCK_ITERATIONS="${LOCK_ITERATIONS:-2000}"
+PACED_RATE="${PACED_RATE:-50}"
+PACED_ITERATIONS="${PACED_ITERATIONS:-500}"
+CLIENTS=$(( 2 * PAIRS ))
+REDIS_SERVER="${REDIS_SERVER:-redis-server}"
+
+WORK=""
+REDIS_PID=""
+NODE_PIDS=()
+RESULTS=""
+
+cleanup() {
+    local p
+    for p in "${NODE_PIDS[@]}"; do
+        kill "$p" 2>/dev/null || true
+    done
+    for p in "${NODE_PIDS[@]}"; do
+        # The drain closes sessions politely; do not wait for ever.
+        for _ in $(seq 1 100); do
+            kill -0 "$p" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -9 "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+    NODE_PIDS=()
+    if [[ -n "$REDIS_PID" ]]; then
+        kill "$REDIS_PID" 2>/dev/null || true
+        wait "$REDIS_PID" 2>/dev/null || true
+        REDIS_PID=""
+    fi
+    [[ -n "$WORK" ]] && rm -rf "$WORK"
+    [[ -n "$RESULTS" ]] && rm -f "$RESULTS"
+    WORK=""
+    RESULTS=""
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+command -v "$REDIS_SERVER" >/dev/null || {
+    echo "redis-server is needed (apt-get install -y redis-server)" >&2
+    exit 1
+}
+
+build_all
+WORK="$(mktemp -d -p "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}" lockstep-crossnode.XXXXXX)"
+RESULTS="$WORK/results.jsonl"
+ulimit -n "$(ulimit -Hn)"
+
+REDIS_PORT="$(free_port)"
+REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+"$REDIS_SERVER" --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+    --dir "$WORK" --logfile "$WORK/redis.log" &
+REDIS_PID=$!
+for _ in $(seq 1 50); do
+    redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break
+    sleep 0.1
+done
+redis-cli -p "$REDIS_PORT" ping >/dev/null || { echo "redis did not start:" >&2; cat "$WORK/redis.log" >&2; exit 1; }
+echo "redis pid $REDIS_PID on $REDIS_URL" >&2
+
+SECRET="$(python3 -c 'import secrets; print(secrets.token_hex(32))')"
+URLS=()
+for node in a b; do
+    port="$(free_port)"
+    env LOCKSTEP_LISTEN="127.0.0.1:$port" \
+        LOCKSTEP_REDIS_URL="$REDIS_URL" \
+        LOCKSTEP_NODE_ID="bench-$node" \
+        LOCKSTEP_JWT_SECRET="$SECRET" \
+        LOCKSTEP_DATA_DIR="$WORK/node-$node" \
+        LOCKSTEP_HEARTBEAT_INTERVAL=1h \
+        LOCKSTEP_MESSAGES_PER_SECOND=1000000 LOCKSTEP_MESSAGE_BURST=1000000 \
+        RUST_LOG="${RUST_LOG:-warn}" \
+        "$SERVER_BIN" >"$WORK/node-$node.log" 2>&1 &
+    NODE_PIDS+=($!)
+    URLS+=("http://127.0.0.1:$port")
+done
+for i in 0 1; do
+    for _ in $(seq 1 100); do
+        curl -fsS "${URLS[$i]}/readyz" >/dev/null 2>&1 && break
+        if ! kill -0 "${NODE_PIDS[$i]}" 2>/dev/null; then
+            echo "node $i exited during start-up:" >&2
+            cat "$WORK/node-$([[ $i == 0 ]] && echo a || echo b).log" >&2
+            exit 1
+        fi
+        sleep 0.1
+    done
+    curl -fsS "${URLS[$i]}/readyz" >/dev/null || { echo "node $i not ready after 10s" >&2; exit 1; }
+    echo "node $i pid ${NODE_PIDS[$i]} on ${URLS[$i]}" >&2
+done
+
+# The Redis commands the nodes sent during one measurement (CONFIG RESETSTAT before it):
+# {"evalsha": {"calls": n, "usec_per_call": t}, ...}, to read a lock's latency against the
+# number of Redis round trips behind it.
+redis_calls() {
+    redis-cli -p "$REDIS_PORT" INFO commandstats | python3 -c '
+import json, sys
+out = {}
+for line in sys.stdin:
+    line = line.strip()
+    if not line.startswith("cmdstat_"):
+        continue
+    name, _, rest = line[len("cmdstat_"):].partition(":")
+    f = dict(kv.split("=", 1) for kv in rest.split(","))
+    if name in ("config", "info"):
+        continue
+    out[name] = {"calls": int(f["calls"]), "usec_per_call": float(f["usec_per_call"])}
+print(json.dumps(out, sort_keys=True))'
+}
+
+# measure LABEL ARGS...: runs the load tool, adds the Redis command counts, appends the result.
+measure() {
+    local label="$1" out
+    shift
+    echo "== run $run/$RUNS: $label" >&2
+    redis-cli -p "$REDIS_PORT" CONFIG RESETSTAT >/dev/null
+    out="$("$LOAD" "$@")"
+    jq -c --argjson rc "$(redis_calls)" '. + {redis_calls: $rc}' <<<"$out" | tee -a "$RESULTS"
+}
+
+both=(--url "${URLS[0]}" --url "${URLS[1]}" --jwt-secret "$SECRET")
+fan=("${both[@]}" --pairs "$PAIRS" --iterations "$ITERATIONS")
+paced=("${both[@]}" --pairs "$PAIRS" --iterations "$PACED_ITERATIONS" --warmup 20 --rate "$PACED_RATE")
+locks=("${both[@]}" --clients "$CLIENTS" --iterations "$LOCK_ITERATIONS" --resources "$CLIENTS")
+for run in $(seq 1 "$RUNS"); do
+    measure "cursor A -> B ($PAIRS pairs)" crossnode cursor "${fan[@]}"
+    measure "presence A -> B ($PAIRS pairs)" crossnode presence "${fan[@]}"
+    if [[ "$PACED_RATE" != 0 ]]; then
+        measure "cursor A -> B ($PAIRS pairs, $PACED_RATE/s each)" crossnode cursor "${paced[@]}"
+        measure "presence A -> B ($PAIRS pairs, $PACED_RATE/s each)" crossnode presence "${paced[@]}"
+    fi
+    measure "locks on 2 nodes, shared room ($CLIENTS clients)" crossnode locks "${locks[@]}"
+    measure "locks on 2 nodes, room per client ($CLIENTS clients)" \
+        crossnode locks "${locks[@]}" --room-per-client
+    measure "locks on node A only, room per client ($CLIENTS clients)" \
+        locks --url "${URLS[0]}" --jwt-secret "$SECRET" --clients "$CLIENTS" \
+        --iterations "$LOCK_ITERATIONS" --resources "$CLIENTS" --room-per-client
+    measure "SET NX + DEL straight to redis ($CLIENTS clients)" \
+        crossnode set --redis-url "$REDIS_URL" --clients "$CLIENTS" --iterations "$LOCK_ITERATIONS"
+done
+
+echo "== medians over $RUNS run(s) (µs)" >&2
+jq -s -c '
+  def med: sort | .[(length - 1) / 2 | floor];
+  def r2: . * 100 | round / 100;
+  (map(select(.measure == "cursor" and .rate_per_sender == 0))) as $cu
+  | (map(select(.measure == "presence" and .rate_per_sender == 0))) as $pr
+  | (map(select(.measure == "cursor" and .rate_per_sender > 0))) as $cup
+  | (map(select(.measure == "presence" and .rate_per_sender > 0))) as $prp
+  | (map(select(.mode == "locks" and .nodes == 2 and .shared_room))) as $ls
+  | (map(select(.mode == "locks" and .nodes == 2 and (.shared_room | not)))) as $lo
+  | (map(select(.mode == "locks" and .nodes == 1))) as $l1
+  | (map(select(.measure == "set"))) as $s
+  | {
+      cursor_cross_p50: ($cu | map(.cross_node_us.p50) | med),
+      cursor_cross_p99: ($cu | map(.cross_node_us.p99) | med),
+      cursor_same_p50: ($cu | map(.same_node_us.p50) | med),
+      cursor_same_p99: ($cu | map(.same_node_us.p99) | med),
+      presence_cross_p50: ($pr | map(.cross_node_us.p50) | med),
+      presence_cross_p99: ($pr | map(.cross_node_us.p99) | med),
+      presence_same_p50: ($pr | map(.same_node_us.p50) | med),
+      presence_same_p99: ($pr | map(.same_node_us.p99) | med),
+      paced_cursor_cross_p50: ($cup | map(.cross_node_us.p50) | med),
+      paced_cursor_cross_p99: ($cup | map(.cross_node_us.p99) | med),
+      paced_cursor_same_p50: ($cup | map(.same_node_us.p50) | med),
+      paced_cursor_same_p99: ($cup | map(.same_node_us.p99) | med),
+      paced_presence_cross_p50: ($prp | map(.cross_node_us.p50) | med),
+      paced_presence_cross_p99: ($prp | map(.cross_node_us.p99) | med),
+      paced_presence_same_p50: ($prp | map(.same_node_us.p50) | med),
+      paced_presence_same_p99: ($prp | map(.same_node_us.p99) | med),
+      lock_shared_acquire_p50: ($ls | map(.acquire_us.p50) | med),
+      lock_shared_acquire_p99: ($ls | map(.acquire_us.p99) | med),
+      lock_shared_release_p50: ($ls | map(.release_us.p50) | med),
+      lock_shared_acquires_per_s: ($ls | map(.acquires_per_s) | med),
+      lock_own_acquire_p50: ($lo | map(.acquire_us.p50) | med),
+      lock_own_acquire_p99: ($lo | map(.acquire_us.p99) | med),
+      lock_own_release_p50: ($lo | map(.release_us.p50) | med),
+      lock_own_acquires_per_s: ($lo | map(.acquires_per_s) | med),
+      lock_one_node_acquire_p50: ($l1 | map(.acquire_us.p50) | med),
+      lock_one_node_acquire_p99: ($l1 | map(.acquire_us.p99) | med),
+      lock_one_node_acquires_per_s: ($l1 | map(.acquires_per_s) | med),
+      set_nx_p50: ($s | map(.set_nx_us.p50) | med),
+      set_nx_p99: ($s | map(.set_nx_us.p99) | med),
+      del_p50: ($s | map(.del_us.p50) | med),
+      sets_per_s: ($s | map(.sets_per_s) | med),
+      errors_total: (map(.errors_total) | add),
+      clients_aborted: (map(.clients_aborted) | add)
+    }
+  | . + {
+      ratio_p50_lock_shared_over_set_nx: (.lock_shared_acquire_p50 / .set_nx_p50 | r2),
+      ratio_p99_lock_shared_over_set_nx: (.lock_shared_acquire_p99 / .set_nx_p99 | r2),
+      ratio_p50_lock_own_over_set_nx: (.lock_own_acquire_p50 / .set_nx_p50 | r2),
+      ratio_p99_lock_own_over_set_nx: (.lock_own_acquire_p99 / .set_nx_p99 | r2),
+      ratio_p50_lock_one_node_over_set_nx: (.lock_one_node_acquire_p50 / .set_nx_p50 | r2),
+      ratio_p99_lock_one_node_over_set_nx: (.lock_one_node_acquire_p99 / .set_nx_p99 | r2)
+    }' "$RESULTS"

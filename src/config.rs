@@ -1,0 +1,429 @@
+//! Every setting: its flag, environment name, file key, default and validation.
+//!
+//! Precedence: command-line flag > `LOCKSTEP_*` environment variable > config file
+//! (`--config`/`LOCKSTEP_CONFIG`, TOML with the same keys in snake_case) > default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+/// A duration written the human way (`30s`, `1m30s`, `250ms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = humantime::DurationError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        humantime::parse_duration(s).map(HumanDuration)
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "lockstep", version, about = "Real-time collaboration gateway")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// TOML file with settings (same names as the flags, in snake_case).
+    #[arg(long, env = "LOCKSTEP_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+}
+
+/// Settings as given (all optional); [`Config`] is what is left after defaults.
+#[derive(Debug, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Address to listen on.
+    #[arg(long, env = "LOCKSTEP_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Redis URL; unset: embedded in-process engines (single node).
+    #[arg(long, env = "LOCKSTEP_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Postgres URL for audit records; unset: JSON-lines file in the data directory.
+    #[arg(long, env = "LOCKSTEP_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// With a database: delete audit records older than this (`lockstep.prune_audit`, run by
+    /// every node every 10 minutes); unset or `0s`: keep them forever.
+    #[arg(long, env = "LOCKSTEP_AUDIT_RETENTION")]
+    pub audit_retention: Option<HumanDuration>,
+    /// Directory for the JSON-lines audit log.
+    #[arg(long, env = "LOCKSTEP_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// This node's id; unset: hostname plus a random suffix.
+    #[arg(long, env = "LOCKSTEP_NODE_ID")]
+    pub node_id: Option<String>,
+    /// HS256 shared secret for user JWTs.
+    #[arg(long, env = "LOCKSTEP_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM file with an RS256 or ES256 public key for user JWTs.
+    #[arg(long, env = "LOCKSTEP_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// JWKS file with RS256/ES256 keys, chosen by the token's `kid`.
+    #[arg(long, env = "LOCKSTEP_JWT_JWKS")]
+    pub jwt_jwks: Option<PathBuf>,
+    /// Required `iss` claim.
+    #[arg(long, env = "LOCKSTEP_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim.
+    #[arg(long, env = "LOCKSTEP_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Bearer token for admin and service calls (admin endpoints, any room as owner).
+    #[arg(long, env = "LOCKSTEP_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// How often the server pings each session.
+    #[arg(long, env = "LOCKSTEP_HEARTBEAT_INTERVAL")]
+    pub heartbeat_interval: Option<HumanDuration>,
+    /// Silent intervals after which a session is dead.
+    #[arg(long, env = "LOCKSTEP_HEARTBEAT_MISSES")]
+    pub heartbeat_misses: Option<u32>,
+    /// Hold limit of a lock when the request gives no `ttl_ms`.
+    #[arg(long, env = "LOCKSTEP_LOCK_DEFAULT_TTL")]
+    pub lock_default_ttl: Option<HumanDuration>,
+    /// Largest hold limit a request may ask for (larger ones are clamped).
+    #[arg(long, env = "LOCKSTEP_LOCK_MAX_TTL")]
+    pub lock_max_ttl: Option<HumanDuration>,
+    /// Lease of a WebSocket-held lock, renewed by its node while the session lives.
+    #[arg(long, env = "LOCKSTEP_LOCK_LEASE")]
+    pub lock_lease: Option<HumanDuration>,
+    /// With Redis: how long a member stays present without its node refreshing it (a crashed
+    /// node's members leave after this).
+    #[arg(long, env = "LOCKSTEP_PRESENCE_TTL")]
+    pub presence_ttl: Option<HumanDuration>,
+    /// How long a disconnected session keeps its presence and locks for a resume.
+    #[arg(long, env = "LOCKSTEP_RESUME_GRACE")]
+    pub resume_grace: Option<HumanDuration>,
+    /// How long a draining node waits for its sessions to close before exiting.
+    #[arg(long, env = "LOCKSTEP_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<HumanDuration>,
+    /// Largest accepted frame (bytes); larger ones close the connection with 1009.
+    #[arg(long, env = "LOCKSTEP_MAX_FRAME_BYTES")]
+    pub max_frame_bytes: Option<usize>,
+    /// Rooms one session may have joined at once.
+    #[arg(long, env = "LOCKSTEP_MAX_ROOMS_PER_SESSION")]
+    pub max_rooms_per_session: Option<usize>,
+    /// Sustained messages per second per session (token bucket refill rate).
+    #[arg(long, env = "LOCKSTEP_MESSAGES_PER_SECOND")]
+    pub messages_per_second: Option<u32>,
+    /// Burst size of the per-session message budget.
+    #[arg(long, env = "LOCKSTEP_MESSAGE_BURST")]
+    pub message_burst: Option<u32>,
+    /// Concurrent sessions one user may have on a node.
+    #[arg(long, env = "LOCKSTEP_MAX_SESSIONS_PER_USER")]
+    pub max_sessions_per_user: Option<usize>,
+    /// Outbound bytes queued for one session before it is disconnected as a slow consumer.
+    #[arg(long, env = "LOCKSTEP_MAX_QUEUE_BYTES")]
+    pub max_queue_bytes: Option<usize>,
+    /// `text` (default) or `json` log lines.
+    #[arg(long, env = "LOCKSTEP_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The settings in force, with defaults applied and validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub redis_url: Option<String>,
+    pub database_url: Option<String>,
+    pub audit_retention: Option<Duration>,
+    pub data_dir: PathBuf,
+    pub node_id: String,
+    pub jwt_secret: Option<String>,
+    pub jwt_public_key: Option<PathBuf>,
+    pub jwt_jwks: Option<PathBuf>,
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Option<String>,
+    pub admin_token: Option<String>,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_misses: u32,
+    pub lock_default_ttl: Duration,
+    pub lock_max_ttl: Duration,
+    pub lock_lease: Duration,
+    pub presence_ttl: Duration,
+    pub resume_grace: Duration,
+    pub drain_timeout: Duration,
+    pub max_frame_bytes: usize,
+    pub max_rooms_per_session: usize,
+    pub messages_per_second: u32,
+    pub message_burst: u32,
+    pub max_sessions_per_user: usize,
+    pub max_queue_bytes: usize,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("bad config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid setting {name}: {reason}")]
+    Invalid { name: &'static str, reason: String },
+}
+
+impl Settings {
+    /// Fills every setting missing here from `other` (a lower-precedence source).
+    fn or(self, other: Settings) -> Settings {
+        Settings {
+            listen: self.listen.or(other.listen),
+            redis_url: self.redis_url.or(other.redis_url),
+            database_url: self.database_url.or(other.database_url),
+            audit_retention: self.audit_retention.or(other.audit_retention),
+            data_dir: self.data_dir.or(other.data_dir),
+            node_id: self.node_id.or(other.node_id),
+            jwt_secret: self.jwt_secret.or(other.jwt_secret),
+            jwt_public_key: self.jwt_public_key.or(other.jwt_public_key),
+            jwt_jwks: self.jwt_jwks.or(other.jwt_jwks),
+            jwt_issuer: self.jwt_issuer.or(other.jwt_issuer),
+            jwt_audience: self.jwt_audience.or(other.jwt_audience),
+            admin_token: self.admin_token.or(other.admin_token),
+            heartbeat_interval: self.heartbeat_interval.or(other.heartbeat_interval),
+            heartbeat_misses: self.heartbeat_misses.or(other.heartbeat_misses),
+            lock_default_ttl: self.lock_default_ttl.or(other.lock_default_ttl),
+            lock_max_ttl: self.lock_max_ttl.or(other.lock_max_ttl),
+            lock_lease: self.lock_lease.or(other.lock_lease),
+            presence_ttl: self.presence_ttl.or(other.presence_ttl),
+            resume_grace: self.resume_grace.or(other.resume_grace),
+            drain_timeout: self.drain_timeout.or(other.drain_timeout),
+            max_frame_bytes: self.max_frame_bytes.or(other.max_frame_bytes),
+            max_rooms_per_session: self.max_rooms_per_session.or(other.max_rooms_per_session),
+            messages_per_second: self.messages_per_second.or(other.messages_per_second),
+            message_burst: self.message_burst.or(other.message_burst),
+            max_sessions_per_user: self.max_sessions_per_user.or(other.max_sessions_per_user),
+            max_queue_bytes: self.max_queue_bytes.or(other.max_queue_bytes),
+            log_format: self.log_format.or(other.log_format),
+        }
+    }
+}
+
+impl Config {
+    /// Resolves flags and environment (already merged by clap) over the optional config file.
+    pub fn load(
+        cli_settings: Settings,
+        file: Option<&std::path::Path>,
+    ) -> Result<Config, ConfigError> {
+        let from_file = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: path.to_owned(),
+                    source,
+                })?
+            }
+            None => Settings::default(),
+        };
+        Config::from_settings(cli_settings.or(from_file))
+    }
+
+    pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
+        let d = |v: Option<HumanDuration>, default: Duration| v.map(|h| h.0).unwrap_or(default);
+        let config = Config {
+            listen: s
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
+            redis_url: s.redis_url.filter(|u| !u.is_empty()),
+            database_url: s.database_url.filter(|u| !u.is_empty()),
+            audit_retention: s.audit_retention.map(|h| h.0).filter(|d| !d.is_zero()),
+            data_dir: s.data_dir.unwrap_or_else(|| PathBuf::from("data")),
+            node_id: s.node_id.unwrap_or_else(default_node_id),
+            jwt_secret: s.jwt_secret.filter(|v| !v.is_empty()),
+            jwt_public_key: s.jwt_public_key,
+            jwt_jwks: s.jwt_jwks,
+            jwt_issuer: s.jwt_issuer,
+            jwt_audience: s.jwt_audience,
+            admin_token: s.admin_token.filter(|v| !v.is_empty()),
+            heartbeat_interval: d(s.heartbeat_interval, Duration::from_secs(30)),
+            heartbeat_misses: s.heartbeat_misses.unwrap_or(3),
+            lock_default_ttl: d(s.lock_default_ttl, Duration::from_secs(60)),
+            lock_max_ttl: d(s.lock_max_ttl, Duration::from_secs(30 * 60)),
+            lock_lease: d(s.lock_lease, Duration::from_secs(10)),
+            presence_ttl: d(s.presence_ttl, Duration::from_secs(15)),
+            resume_grace: d(s.resume_grace, Duration::from_secs(15)),
+            drain_timeout: d(s.drain_timeout, Duration::from_secs(10)),
+            max_frame_bytes: s.max_frame_bytes.unwrap_or(64 * 1024),
+            max_rooms_per_session: s.max_rooms_per_session.unwrap_or(32),
+            messages_per_second: s.messages_per_second.unwrap_or(100),
+            message_burst: s.message_burst.unwrap_or(200),
+            max_sessions_per_user: s.max_sessions_per_user.unwrap_or(16),
+            max_queue_bytes: s.max_queue_bytes.unwrap_or(1024 * 1024),
+            log_format: s.log_format.unwrap_or(LogFormat::Text),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |name, reason: &str| {
+            Err(ConfigError::Invalid {
+                name,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.heartbeat_interval < Duration::from_millis(10) {
+            return invalid("heartbeat_interval", "must be at least 10ms");
+        }
+        if self.heartbeat_misses == 0 {
+            return invalid("heartbeat_misses", "must be at least 1");
+        }
+        if self.lock_max_ttl.is_zero() || self.lock_default_ttl.is_zero() {
+            return invalid("lock_max_ttl", "lock TTLs must be positive");
+        }
+        if self.lock_default_ttl > self.lock_max_ttl {
+            return invalid("lock_default_ttl", "must not exceed lock_max_ttl");
+        }
+        if self.presence_ttl < Duration::from_millis(300) {
+            return invalid("presence_ttl", "must be at least 300ms");
+        }
+        if self.lock_lease < Duration::from_millis(100) {
+            return invalid("lock_lease", "must be at least 100ms");
+        }
+        if self.max_frame_bytes < 256 {
+            return invalid("max_frame_bytes", "must be at least 256");
+        }
+        if self.messages_per_second == 0 || self.message_burst == 0 {
+            return invalid("messages_per_second", "rate and burst must be positive");
+        }
+        if self
+            .audit_retention
+            .is_some_and(|r| r < Duration::from_secs(60))
+        {
+            return invalid(
+                "audit_retention",
+                "must be at least 1m (or 0s to keep forever)",
+            );
+        }
+        if self.max_queue_bytes < self.max_frame_bytes {
+            return invalid("max_queue_bytes", "must be at least max_frame_bytes");
+        }
+        if [
+            self.jwt_secret.is_some(),
+            self.jwt_public_key.is_some(),
+            self.jwt_jwks.is_some(),
+        ]
+        .iter()
+        .filter(|set| **set)
+        .count()
+            > 1
+        {
+            return invalid(
+                "jwt_secret",
+                "set only one of jwt_secret, jwt_public_key, jwt_jwks",
+            );
+        }
+        Ok(())
+    }
+
+    /// Dev mode: no JWT key configured. Tokens are minted by `POST /v1/dev/token`.
+    pub fn dev_mode(&self) -> bool {
+        self.jwt_secret.is_none() && self.jwt_public_key.is_none() && self.jwt_jwks.is_none()
+    }
+
+    /// A configuration for tests: loopback on a free port, fast timers, temp data dir.
+    pub fn for_tests(data_dir: PathBuf) -> Config {
+        let mut c = Config::from_settings(Settings::default()).expect("defaults are valid"); // ok: constant input
+        c.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        c.data_dir = data_dir;
+        c.node_id = "test-node".into();
+        c
+    }
+}
+
+fn default_node_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_owned());
+    let suffix: u32 = rand::random();
+    format!("{host}-{:06x}", suffix & 0xff_ffff)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::from_settings(Settings::default()).unwrap();
+        assert_eq!(c.listen.port(), 8080);
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(30));
+        assert_eq!(c.heartbeat_misses, 3);
+        assert_eq!(c.lock_max_ttl, Duration::from_secs(1800));
+        assert_eq!(c.resume_grace, Duration::from_secs(15));
+        assert!(c.dev_mode());
+    }
+
+    #[test]
+    fn flags_win_over_file() {
+        let file: Settings =
+            toml::from_str("heartbeat_interval = \"5s\"\nheartbeat_misses = 7\n").unwrap();
+        let flags = Settings {
+            heartbeat_misses: Some(2),
+            ..Settings::default()
+        };
+        let c = Config::from_settings(flags.or(file)).unwrap();
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(c.heartbeat_misses, 2);
+    }
+
+    #[test]
+    fn rejects_inconsistent_values() {
+        let s = Settings {
+            lock_default_ttl: Some("2h".parse().unwrap()),
+            ..Settings::default()
+        };
+        assert!(matches!(
+            Config::from_settings(s),
+            Err(ConfigError::Invalid { .. })
+        ));
+        let short = Settings {
+            audit_retention: Some("30s".parse().unwrap()),
+            ..Settings::default()
+        };
+        assert!(Config::from_settings(short).is_err());
+        let forever = Settings {
+            audit_retention: Some("0s".parse().unwrap()),
+            ..Settings::default()
+        };
+        assert_eq!(
+            Config::from_settings(forever).unwrap().audit_retention,
+            None
+        );
+        let unknown: Result<Settings, _> = toml::from_str("nonsense = 1");
+        assert!(unknown.is_err());
+    }
+}

@@ -1,0 +1,415 @@
+//! The engines a [`Node`](crate::node::Node) coordinates through, as traits.
+//!
+//! Four engines, each with an in-process implementation in [`memory`] (the embedded default)
+//! and, later, a Redis one beside it:
+//!
+//! - [`LockStore`]: exclusive locks with fencing tokens, FIFO waiters, leases and hold limits.
+//! - [`PresenceStore`]: who is in which room and what they focus on.
+//! - [`Broker`]: fan-out of [`RoomEvent`]s to every node with members in the room.
+//! - [`AuditSink`](crate::audit::AuditSink): durable audit records.
+//!
+//! Engines know nothing of sockets or HTTP. Every implementation must pass
+//! [`conformance`], which is written against these traits only.
+
+pub mod conformance;
+pub mod memory;
+pub mod redis;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::names::Entity;
+
+/// Session ids and user ids are cloned into every event, so they are shared strings.
+pub type SessionId = Arc<str>;
+pub type UserId = Arc<str>;
+
+/// Milliseconds since the Unix epoch; every timestamp on the wire and in engines uses it.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// An engine failure. Callers map it to the `unavailable` error code.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("engine unavailable: {0}")]
+    Unavailable(String),
+    #[error("engine error: {0}")]
+    Internal(String),
+}
+
+pub type EngineResult<T> = Result<T, EngineError>;
+
+/// A member of a room as everyone sees it (`presence.*` events, snapshots, HTTP presence).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    pub user_id: UserId,
+    pub session_id: SessionId,
+    pub name: Arc<str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avatar: Option<Arc<str>>,
+    pub color: Arc<str>,
+    pub role: crate::auth::Role,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub focus: Option<Entity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<serde_json::Value>,
+    /// When this session joined the room (ms).
+    pub since: u64,
+}
+
+/// Who holds (or asks for) a lock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    pub user_id: UserId,
+    pub name: Arc<str>,
+    pub session_id: SessionId,
+    /// The node whose session holds it; sweeps of dead nodes use it.
+    pub node_id: Arc<str>,
+}
+
+/// A granted lock as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockInfo {
+    pub room: Entity,
+    pub resource: Entity,
+    /// Fencing token: strictly increasing per resource, forever.
+    pub token: u64,
+    pub holder: Holder,
+    pub action: Arc<str>,
+    /// When it was granted (ms).
+    pub since: u64,
+    /// The hold limit (ms): the lock is released with reason `expired` at this instant.
+    pub expires_at: u64,
+}
+
+/// Why a lock ended; sent as `lock.released {reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseReason {
+    Released,
+    Expired,
+    Disconnected,
+    Forced,
+}
+
+/// A queued acquire: how long to wait and the request id to answer when served or timed out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitSpec {
+    pub timeout_ms: u64,
+    pub request_id: Option<u32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AcquireRequest {
+    pub room: Entity,
+    pub resource: Entity,
+    pub action: Arc<str>,
+    pub holder: Holder,
+    /// Hold limit for this grant; already clamped to the configured maximum.
+    pub ttl_ms: u64,
+    /// Lease kept alive by the holder's node; `None` for HTTP locks, which live to their hold limit.
+    pub lease_ms: Option<u64>,
+    /// `Some` when the requester asked to queue if the lock is held.
+    pub wait: Option<WaitSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AcquireOutcome {
+    /// The lock is the requester's. `reentrant` is true when the same session already held it
+    /// (a retried acquire): the grant is the existing one, with the same token.
+    Granted { lock: LockInfo, reentrant: bool },
+    /// Someone else holds it. `queue_position` (1 = next) is set when the requester is queued.
+    Held {
+        current: LockInfo,
+        queue_position: Option<u32>,
+        estimated_wait_ms: u64,
+    },
+}
+
+/// A lock handed to the head waiter in the same step that freed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub lock: LockInfo,
+    /// The waiter's original request id, echoed in `lock.granted`.
+    pub request_id: Option<u32>,
+}
+
+/// A change of lock state that must be announced to the lock's room.
+// Transitions are short-lived and moved, never stored in bulk: boxing the large variant
+// would cost an allocation per release for nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LockTransition {
+    /// `lock` ended for `reason`; `granted` is the head waiter that received it, if any.
+    Released {
+        lock: LockInfo,
+        reason: ReleaseReason,
+        granted: Option<Grant>,
+    },
+    /// A queued acquire was not served in time and left the queue.
+    WaitExpired {
+        room: Entity,
+        resource: Entity,
+        session_id: SessionId,
+        request_id: Option<u32>,
+    },
+}
+
+/// Outcome of a token-checked release or extend.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenOutcome<T> {
+    Done(T),
+    /// The token is not the live holder's; `current` is who holds the resource now, if anyone.
+    NotHeld {
+        current: Option<LockInfo>,
+    },
+}
+
+/// Who performs a forced release (for the audit trail).
+#[derive(Debug, Clone)]
+pub struct Actor {
+    pub user_id: UserId,
+    pub session_id: Option<SessionId>,
+    pub node_id: Arc<str>,
+}
+
+/// Exclusive locks with fencing tokens.
+///
+/// Every method that changes lock state also records its audit record(s) in the same step
+/// (the Redis store `XADD`s inside its Lua script), so lock state and audit never diverge.
+#[async_trait]
+pub trait LockStore: Send + Sync + 'static {
+    /// Grants the lock if free (new token), returns the existing grant for the same session,
+    /// or reports the holder (and queues the requester when `wait` is set).
+    async fn acquire(&self, req: AcquireRequest) -> EngineResult<AcquireOutcome>;
+
+    /// Compare-and-delete on `token`. On success the head waiter, if any, is granted the lock.
+    async fn release(
+        &self,
+        resource: &Entity,
+        token: u64,
+        reason: ReleaseReason,
+    ) -> EngineResult<TokenOutcome<LockTransition>>;
+
+    /// Compare-and-extend on `token`: the hold limit becomes `now + ttl_ms`.
+    async fn extend(
+        &self,
+        resource: &Entity,
+        token: u64,
+        ttl_ms: u64,
+    ) -> EngineResult<TokenOutcome<LockInfo>>;
+
+    /// Removes the session from the resource's queue; false if it was not waiting.
+    async fn cancel_wait(&self, resource: &Entity, session_id: &SessionId) -> EngineResult<bool>;
+
+    /// Releases whatever holds `resource`, whoever it is (owner/admin action).
+    async fn force_release(
+        &self,
+        resource: &Entity,
+        actor: &Actor,
+    ) -> EngineResult<Option<LockTransition>>;
+
+    /// Ends a session: releases its locks with `reason` and drops its waits.
+    /// `rooms`, when given, limits this to locks and waits announced in those rooms (`leave`).
+    async fn release_session(
+        &self,
+        session_id: &SessionId,
+        reason: ReleaseReason,
+        rooms: Option<&[Entity]>,
+    ) -> EngineResult<Vec<LockTransition>>;
+
+    /// Renews the leases of these `(resource, token)` grants; returns those no longer held.
+    async fn refresh_leases(
+        &self,
+        held: &[(Entity, u64)],
+        lease_ms: u64,
+    ) -> EngineResult<Vec<(Entity, u64)>>;
+
+    /// Ends locks past their hold limit or lease and waiters past their timeout, serving
+    /// the next waiters. Called periodically by every node; each transition is returned once.
+    async fn reap(&self, now_ms: u64) -> EngineResult<Vec<LockTransition>>;
+
+    /// The live holder of `resource`, if any.
+    async fn get(&self, resource: &Entity) -> EngineResult<Option<LockInfo>>;
+
+    /// All live locks announced in `room`.
+    async fn list_room(&self, room: &Entity) -> EngineResult<Vec<LockInfo>>;
+
+    /// Raises the fencing counter behind `resource`'s tokens to at least `at_least` (never
+    /// lowers it), so every later grant of `resource` gets a token above `at_least`.
+    ///
+    /// Strict fencing (see `docs/fencing.md`) calls it when Postgres refused a token because a
+    /// higher one was registered: the counter went backwards (Redis lost data or failed over, a
+    /// clock stepped back). Changes no lock and writes no audit record.
+    async fn raise_fence(&self, resource: &Entity, at_least: u64) -> EngineResult<()>;
+
+    /// Gives the live lock held with `token` a fresh token from the counter (after
+    /// [`raise_fence`](LockStore::raise_fence): one above the raised value), keeping its holder,
+    /// room, action, `since`, hold limit and lease. Records `lock_acquired` for the new token
+    /// with detail `{action, via: "reissue", replaces: "<old token>"}`.
+    ///
+    /// `NotHeld` when `token` no longer holds `resource` or its lock is past its end. Strict
+    /// fencing uses it to retry a refused grant in place: the requester (or the waiter the lock
+    /// was handed to) keeps it, and nobody was ever told the refused token.
+    async fn reissue(&self, resource: &Entity, token: u64) -> EngineResult<TokenOutcome<LockInfo>>;
+}
+
+/// Focus/state change of a member; `None` = unchanged, `Some(None)` = cleared.
+#[derive(Debug, Clone, Default)]
+pub struct PresencePatch {
+    pub focus: Option<Option<Entity>>,
+    pub state: Option<Option<serde_json::Value>>,
+}
+
+/// Who is in which room, and what each member focuses on.
+#[async_trait]
+pub trait PresenceStore: Send + Sync + 'static {
+    /// Adds or replaces the member (keyed by session id); returns the previous entry.
+    async fn join(&self, room: &Entity, member: Member) -> EngineResult<Option<Member>>;
+    /// Applies a patch to an existing member; `None` if the session is not in the room.
+    async fn update(
+        &self,
+        room: &Entity,
+        session_id: &SessionId,
+        patch: PresencePatch,
+    ) -> EngineResult<Option<Member>>;
+    /// Removes the member; returns it if it was there.
+    async fn leave(&self, room: &Entity, session_id: &SessionId) -> EngineResult<Option<Member>>;
+    /// Members of the room, oldest first.
+    async fn members(&self, room: &Entity) -> EngineResult<Vec<Member>>;
+    /// Presence of an entity: members of the room it names plus members (of any room) whose
+    /// focus is that entity, each session once.
+    async fn presence_of(&self, entity: &Entity) -> EngineResult<Vec<Member>>;
+
+    /// Keeps these `(room, session)` entries alive for `ttl_ms` more. Stores whose entries
+    /// expire (Redis) need it: the node calls it every few seconds (a third of the ttl) for the
+    /// rooms of its live sessions, so the entries of a crashed node run out and are swept.
+    /// Entries that are gone are not recreated but returned, so the node can re-register its
+    /// live sessions that were swept (a stall, a Redis restart). Stores without expiry do nothing.
+    async fn refresh(
+        &self,
+        entries: &[(Entity, SessionId)],
+        ttl_ms: u64,
+    ) -> EngineResult<Vec<(Entity, SessionId)>> {
+        let _ = (entries, ttl_ms);
+        Ok(Vec::new())
+    }
+
+    /// Removes up to `max` members whose entries expired without refresh and returns them with
+    /// their rooms, so the node announces their `presence.leave`. Every node may sweep at the
+    /// same time: each expired member is returned by exactly one call. Stores without expiry
+    /// return nothing.
+    async fn sweep(&self, max: usize) -> EngineResult<Vec<(Entity, Member)>> {
+        let _ = max;
+        Ok(Vec::new())
+    }
+}
+
+/// What happened in a room, fanned out to every node with local members there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoomEvent {
+    pub room: Entity,
+    /// The session that caused it, for events not echoed to their sender (cursor, broadcast).
+    pub origin: Option<SessionId>,
+    pub kind: RoomEventKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RoomEventKind {
+    PresenceJoin(Member),
+    PresenceUpdate(Member),
+    PresenceLeave(Member),
+    Cursor {
+        user_id: UserId,
+        session_id: SessionId,
+        x: f64,
+        y: f64,
+        selection: Option<serde_json::Value>,
+    },
+    Broadcast {
+        event: Arc<str>,
+        data: serde_json::Value,
+        user_id: UserId,
+        session_id: SessionId,
+        name: Arc<str>,
+    },
+    /// A lock was granted. `via_queue` grants are also told to the waiter with `lock.granted`,
+    /// which is why the token travels (between nodes only; clients never see others' tokens).
+    LockAcquired {
+        grant: Grant,
+        via_queue: bool,
+    },
+    LockReleased {
+        lock: LockInfo,
+        reason: ReleaseReason,
+    },
+    /// A queued acquire timed out; told to the waiting session only.
+    WaitExpired {
+        resource: Entity,
+        session_id: SessionId,
+        request_id: Option<u32>,
+    },
+    /// The lock was handed to this waiter but its token could not be registered in Postgres
+    /// (strict fencing), so the grant was withdrawn before anyone saw it; told to the waiting
+    /// session only, as an `unavailable` error with its request id.
+    WaitFailed {
+        resource: Entity,
+        session_id: SessionId,
+        request_id: Option<u32>,
+    },
+}
+
+/// Receives events from a [`Broker`]; implemented by the node's local hub. Must not block.
+pub trait EventSink: Send + Sync + 'static {
+    fn deliver(&self, event: Arc<RoomEvent>);
+}
+
+/// Fan-out of room events between nodes.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Delivers `event` to every node subscribed to its room (including this one).
+    async fn publish(&self, event: Arc<RoomEvent>) -> EngineResult<()>;
+    /// This node has local members in `room` from now on.
+    async fn subscribe(&self, room: &Entity) -> EngineResult<()>;
+    /// This node's last local member left `room`.
+    async fn unsubscribe(&self, room: &Entity) -> EngineResult<()>;
+}
+
+/// A session parked after an unclean disconnect, as any node needs it to resume it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ParkedSession {
+    pub session_id: SessionId,
+    pub user_id: UserId,
+    pub rooms: Vec<Entity>,
+    /// `(resource, room, token)` of every lock the session held when it was parked.
+    pub held: Vec<(Entity, Entity, u64)>,
+    pub share_cursor: bool,
+    /// The node that parked it (it renews the session's leases until the grace ends).
+    pub node_id: Arc<str>,
+}
+
+/// Where parked sessions wait for a resume, so a client may resume on any node.
+///
+/// Exactly one party wins each parked session: a resume (`claim`) or the end of the grace
+/// (`expire`) — both are atomic take-and-delete.
+#[async_trait]
+pub trait ResumeStore: Send + Sync + 'static {
+    async fn park(
+        &self,
+        resume_token: &str,
+        session: &ParkedSession,
+        grace_ms: u64,
+    ) -> EngineResult<()>;
+    /// Takes the parked session if it exists and belongs to `user_id`.
+    async fn claim(&self, resume_token: &str, user_id: &str)
+    -> EngineResult<Option<ParkedSession>>;
+    /// The grace is over: removes the record; true if it was still unclaimed, in which case
+    /// the caller ends the session.
+    async fn expire(&self, resume_token: &str) -> EngineResult<bool>;
+}

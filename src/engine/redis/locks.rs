@@ -1,0 +1,776 @@
+//! [`RedisLockStore`]: the [`LockStore`] shared by every node, in Redis, one Lua script per
+//! operation.
+//!
+//! It reproduces the observable behaviour of the reference
+//! [`MemoryLockStore`](crate::engine::memory::MemoryLockStore) (read its module doc first) and
+//! passes the same [`conformance`](crate::engine::conformance) suite. What follows is what is
+//! particular to Redis.
+//!
+//! # Keys and scripts
+//!
+//! Keys follow [`keys`] exactly: every key of a resource, its shard's expiry index (`due`) and
+//! its shard's audit stream carry the shard tag `{ls<N>}`, so each script touches one Cluster
+//! slot. Scripts live in `scripts/*.lua`; `scripts/lib.lua` (the data model, the shared
+//! helpers: grant, hand-off, audit, due index) is prepended to each, and each file's header
+//! lists its `KEYS`, `ARGV` and result. They are built into [`Script`]s once per process and run
+//! with `evalsha_with_reload`, which reloads them after a `NOSCRIPT` (an empty script cache
+//! after a Redis restart or a `SCRIPT FLUSH`). Keys a script finds only while it runs (the
+//! resources in a session's index, the due resources of a shard, a waiter's session index) are
+//! named inside the script from the shard prefix (`ARGV[1]`); they are in the same slot as the
+//! declared keys, which Cluster allows.
+//!
+//! Every state change and its audit records happen in one script: lock state and audit can never
+//! diverge (unlike the memory store, whose separate sink can fail after the change).
+//!
+//! # Clock
+//!
+//! Every decision — hold limits, leases, waiter deadlines, `since`/`expires_at`, the audit
+//! record's `at` — uses the Redis server's clock (`TIME` inside the script), never the node's:
+//! nodes' clocks may disagree, and a node with a fast clock would otherwise end other nodes'
+//! locks early or grant a lock past its holder's end. Hence [`reap`](LockStore::reap) ignores
+//! its `now_ms` argument: the script decides what is due by Redis' `TIME`.
+//!
+//! # Lifetime of a lock
+//!
+//! As in memory, **a lock stays held until reaped**: `get`/`list_room` show it past its end and
+//! its holder may still release it; the reaper is the authority that announces expiries, in
+//! order, each once (a script is atomic, so two nodes reaping at once split the work and never
+//! both report a transition). The lock hash also gets a key expiry of *(its end − now) + 30 s*,
+//! refreshed whenever the lock changes, and the queue, the waiter hash and the room/session
+//! indexes get the same safety net from their deadlines. It only matters when no node runs a
+//! reaper for 30 s past the end: the state then disappears instead of lingering forever (without
+//! a `lock_expired` record — nobody was there to announce it). The next reap, `list_room` or
+//! `release_session` drops index entries that point at a vanished key.
+//!
+//! # Fencing tokens
+//!
+//! `next = max(GET fence + 1, TIME in µs)`, then `SET fence next` (never expires). Seeding
+//! from the server clock keeps tokens strictly increasing even when Redis restarts empty or fails
+//! over to a replica that lost the counter, as long as its clock does not jump back: the memory
+//! store's rule. Tokens (µs, ~1.8e15) stay below 2^53, exact in Lua's doubles; scripts keep
+//! them as decimal strings (hash fields, results, token comparisons), and splice them into audit
+//! JSON as exact numbers (cjson would print `1.7637e+15`).
+//!
+//! The clock seed fails when the server clock steps back, and a token registered in Postgres
+//! may lie above it anyway (see `docs/fencing.md`): strict fencing then calls
+//! [`raise_fence`](LockStore::raise_fence) (`raise_fence.lua`: `fence = max(fence, at_least)`)
+//! and [`reissue`](LockStore::reissue) (`reissue.lua`: the live lock gets `next_token`, in
+//! place). `raise_fence` refuses a value at or past 2^53, which Lua could not count exactly.
+//!
+//! # Expiry index and reaping
+//!
+//! `ls:{S}:due` scores each resource with the next instant something is due for it: the earlier
+//! of its lock's end (`min(expires_at, lease_until)`) and its earliest waiter deadline; every
+//! script recomputes the score of the resources it touched (or removes it).
+//! [`reap`](LockStore::reap) runs one
+//! script per shard, all [`keys::SHARDS`] concurrently; each call handles at most
+//! [`REAP_BATCH`] due resources, earliest first, and a shard with more is called again, up to
+//! [`REAP_ROUNDS`] times per `reap` (the rest waits for the next tick).
+//!
+//! # Audit outbox
+//!
+//! Every transition `XADD`s its record to the shard's `ls:{S}:audit` stream, in the same script,
+//! with `MAXLEN ~ 100000`: a bounded ring until the Postgres writer (a later issue) drains it.
+//! The field `rec` holds the record's JSON without `id`; the id is derived from the shard and the
+//! stream entry id when reading (see [`super::audit`]). Kinds and details are the memory store's.
+//!
+//! # Multi-shard operations
+//!
+//! `reap`, `release_session` (which cannot know where a session's locks are),
+//! `refresh_leases` (grouped by shard) and `list_room` touch several shards, concurrently. A
+//! shard's script is atomic, but the operation as a whole is not. When some shards fail and
+//! others succeed, the state-changing ones return what did happen (so it is announced) and log
+//! the failures — a failed shard is unchanged, its locks end later by lease or reap; they fail
+//! only when every shard failed. `list_room` fails if any shard does.
+//!
+//! # Differences from the memory store
+//!
+//! - Records of different shards are ordered by their derived ids (stream time, then sequence,
+//!   then shard), not by one global sequence: per resource the order is exact, across resources
+//!   within a millisecond it is not.
+//! - Durations (`ttl_ms`, `lease_ms`, wait timeouts) are capped at [`MAX_SPAN_MS`] (10 years)
+//!   so every instant stays exact in Lua numbers and in cjson's 14 digits; the node caps hold
+//!   limits far lower anyway.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, OnceLock};
+
+use async_trait::async_trait;
+use fred::prelude::*;
+use fred::types::scripts::Script;
+use futures_util::future::join_all;
+use serde::{Deserialize, Deserializer};
+
+use super::{engine_err, keys};
+use crate::engine::{
+    AcquireOutcome, AcquireRequest, Actor, EngineError, EngineResult, Grant, Holder, LockInfo,
+    LockStore, LockTransition, ReleaseReason, SessionId, TokenOutcome,
+};
+use crate::names::Entity;
+
+/// Due resources one reap script handles per call.
+pub const REAP_BATCH: usize = 100;
+/// Calls per shard and `reap` while a shard still has due resources.
+pub const REAP_ROUNDS: usize = 10;
+/// Cap of any duration handed to the scripts: 10 years.
+pub const MAX_SPAN_MS: u64 = 10 * 366 * 24 * 3600 * 1000;
+
+/// The Redis [`LockStore`].
+pub struct RedisLockStore {
+    pool: Pool,
+}
+
+impl RedisLockStore {
+    /// A store using `pool` (see [`super::connect`]). The node id of each grant comes with its
+    /// request's holder.
+    pub fn new(pool: Pool) -> RedisLockStore {
+        RedisLockStore { pool }
+    }
+
+    /// Runs `script` and parses its result.
+    async fn run(
+        &self,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> EngineResult<Vec<Item>> {
+        let raw: Vec<String> = script
+            .evalsha_with_reload(self.pool.next(), keys, args)
+            .await
+            .map_err(engine_err)?;
+        parse_items(&raw)
+    }
+
+    /// One reap of one shard: up to [`REAP_ROUNDS`] script calls while work remains.
+    async fn reap_shard(&self, shard: u32) -> EngineResult<Vec<LockTransition>> {
+        let mut out = Vec::new();
+        for _ in 0..REAP_ROUNDS {
+            let items = self
+                .run(
+                    &scripts().reap,
+                    vec![keys::due(shard), keys::audit_stream(shard)],
+                    vec![keys::shard_prefix(shard), REAP_BATCH.to_string()],
+                )
+                .await?;
+            let mut more = false;
+            for item in items {
+                match item {
+                    Item::More => more = true,
+                    other => out.push(other.into_transition()?),
+                }
+            }
+            if !more {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn release_session_shard(
+        &self,
+        shard: u32,
+        session_id: &str,
+        reason: ReleaseReason,
+        rooms: &str,
+    ) -> EngineResult<Vec<LockTransition>> {
+        let items = self
+            .run(
+                &scripts().release_session,
+                vec![
+                    keys::session_locks(shard, session_id),
+                    keys::due(shard),
+                    keys::audit_stream(shard),
+                ],
+                vec![
+                    keys::shard_prefix(shard),
+                    session_id.to_owned(),
+                    reason_str(reason).to_owned(),
+                    rooms.to_owned(),
+                ],
+            )
+            .await?;
+        items.into_iter().map(Item::into_transition).collect()
+    }
+
+    async fn refresh_shard(
+        &self,
+        shard: u32,
+        held: &[(Entity, u64)],
+        lease_ms: u64,
+    ) -> EngineResult<Vec<(Entity, u64)>> {
+        let mut args = vec![keys::shard_prefix(shard), span(lease_ms)];
+        for (resource, token) in held {
+            args.push(resource.to_string());
+            args.push(token.to_string());
+        }
+        let items = self
+            .run(&scripts().refresh_leases, vec![keys::due(shard)], args)
+            .await?;
+        items
+            .into_iter()
+            .map(|item| match item {
+                Item::Lost { resource, token } => Ok((resource, token.0)),
+                other => Err(unexpected("refresh_leases", &other)),
+            })
+            .collect()
+    }
+
+    async fn list_room_shard(&self, shard: u32, room: &Entity) -> EngineResult<Vec<LockInfo>> {
+        let items = self
+            .run(
+                &scripts().list_room,
+                vec![keys::room_locks(shard, room.as_str())],
+                vec![keys::shard_prefix(shard), room.to_string()],
+            )
+            .await?;
+        items
+            .into_iter()
+            .map(|item| match item {
+                Item::Lock { lock } => Ok(lock.into()),
+                other => Err(unexpected("list_room", &other)),
+            })
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scripts
+// ---------------------------------------------------------------------------------------------
+
+/// The helpers every script starts with.
+const LIB: &str = include_str!("scripts/lib.lua");
+
+struct Scripts {
+    acquire: Script,
+    release: Script,
+    extend: Script,
+    cancel_wait: Script,
+    force_release: Script,
+    release_session: Script,
+    refresh_leases: Script,
+    reap: Script,
+    get: Script,
+    list_room: Script,
+    raise_fence: Script,
+    reissue: Script,
+}
+
+/// The scripts, built (and hashed) once per process.
+fn scripts() -> &'static Scripts {
+    static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
+    SCRIPTS.get_or_init(|| {
+        let s = |body: &str| Script::from_lua(format!("{LIB}\n{body}"));
+        Scripts {
+            acquire: s(include_str!("scripts/acquire.lua")),
+            release: s(include_str!("scripts/release.lua")),
+            extend: s(include_str!("scripts/extend.lua")),
+            cancel_wait: s(include_str!("scripts/cancel_wait.lua")),
+            force_release: s(include_str!("scripts/force_release.lua")),
+            release_session: s(include_str!("scripts/release_session.lua")),
+            refresh_leases: s(include_str!("scripts/refresh_leases.lua")),
+            reap: s(include_str!("scripts/reap.lua")),
+            get: s(include_str!("scripts/get.lua")),
+            list_room: s(include_str!("scripts/list_room.lua")),
+            raise_fence: s(include_str!("scripts/raise_fence.lua")),
+            reissue: s(include_str!("scripts/reissue.lua")),
+        }
+    })
+}
+
+/// `KEYS` of the single-resource scripts: lock, fence, queue, waiters, due, audit.
+fn resource_keys(resource: &Entity) -> Vec<String> {
+    let r = resource.as_str();
+    let shard = keys::shard_of(r);
+    vec![
+        keys::lock(r),
+        keys::fence(r),
+        keys::queue(r),
+        keys::waiters(r),
+        keys::due(shard),
+        keys::audit_stream(shard),
+    ]
+}
+
+fn prefix_of(resource: &Entity) -> String {
+    keys::shard_prefix(keys::shard_of(resource.as_str()))
+}
+
+fn span(ms: u64) -> String {
+    ms.min(MAX_SPAN_MS).to_string()
+}
+
+fn reason_str(reason: ReleaseReason) -> &'static str {
+    match reason {
+        ReleaseReason::Released => "released",
+        ReleaseReason::Expired => "expired",
+        ReleaseReason::Disconnected => "disconnected",
+        ReleaseReason::Forced => "forced",
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Script results: the only place they are parsed
+// ---------------------------------------------------------------------------------------------
+
+/// One JSON item of a script's result array (`"t"` tags the kind; see the scripts' headers).
+#[derive(Debug, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+enum Item {
+    Granted {
+        lock: WireLock,
+        reentrant: bool,
+    },
+    Held {
+        lock: WireLock,
+        #[serde(default)]
+        position: Option<Num>,
+        wait: Num,
+    },
+    Released {
+        lock: WireLock,
+        reason: ReleaseReason,
+        #[serde(default)]
+        granted: Option<WireGrant>,
+    },
+    WaitExpired {
+        room: Entity,
+        resource: Entity,
+        session_id: SessionId,
+        #[serde(default)]
+        request_id: Option<Num>,
+    },
+    NotHeld {
+        #[serde(default)]
+        current: Option<WireLock>,
+    },
+    Extended {
+        lock: WireLock,
+    },
+    Reissued {
+        lock: WireLock,
+    },
+    Cancelled {
+        ok: bool,
+    },
+    Lost {
+        resource: Entity,
+        token: Num,
+    },
+    Lock {
+        lock: WireLock,
+    },
+    /// The reap script hit its batch limit: call again.
+    More,
+}
+
+/// An unsigned integer sent as a decimal string (exact beyond cjson's 14 digits) or a number.
+#[derive(Debug, Clone, Copy)]
+struct Num(u64);
+
+impl<'de> Deserialize<'de> for Num {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Num, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Num(n)),
+            Raw::Text(s) => s.parse().map(Num).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Num {
+    fn u32(self) -> u32 {
+        u32::try_from(self.0).unwrap_or(u32::MAX)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct WireLock {
+    room: Entity,
+    resource: Entity,
+    token: Num,
+    user_id: Arc<str>,
+    name: Arc<str>,
+    session_id: Arc<str>,
+    node_id: Arc<str>,
+    action: Arc<str>,
+    since: Num,
+    expires_at: Num,
+}
+
+impl From<WireLock> for LockInfo {
+    fn from(w: WireLock) -> LockInfo {
+        LockInfo {
+            room: w.room,
+            resource: w.resource,
+            token: w.token.0,
+            holder: Holder {
+                user_id: w.user_id,
+                name: w.name,
+                session_id: w.session_id,
+                node_id: w.node_id,
+            },
+            action: w.action,
+            since: w.since.0,
+            expires_at: w.expires_at.0,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct WireGrant {
+    lock: WireLock,
+    #[serde(default)]
+    request_id: Option<Num>,
+}
+
+fn parse_items(raw: &[String]) -> EngineResult<Vec<Item>> {
+    raw.iter()
+        .map(|s| {
+            serde_json::from_str(s).map_err(|e| {
+                EngineError::Internal(format!("unexpected lock script result {s:?}: {e}"))
+            })
+        })
+        .collect()
+}
+
+fn unexpected(what: &str, item: &Item) -> EngineError {
+    EngineError::Internal(format!("unexpected {what} script result: {item:?}"))
+}
+
+/// Exactly one item, as the single-resource scripts return.
+fn single(what: &str, mut items: Vec<Item>) -> EngineResult<Item> {
+    match (items.pop(), items.is_empty()) {
+        (Some(item), true) => Ok(item),
+        _ => Err(EngineError::Internal(format!(
+            "{what} script returned {} items, expected one",
+            items.len() + 1
+        ))),
+    }
+}
+
+impl Item {
+    fn into_transition(self) -> EngineResult<LockTransition> {
+        match self {
+            Item::Released {
+                lock,
+                reason,
+                granted,
+            } => Ok(LockTransition::Released {
+                lock: lock.into(),
+                reason,
+                granted: granted.map(|g| Grant {
+                    lock: g.lock.into(),
+                    request_id: g.request_id.map(Num::u32),
+                }),
+            }),
+            Item::WaitExpired {
+                room,
+                resource,
+                session_id,
+                request_id,
+            } => Ok(LockTransition::WaitExpired {
+                room,
+                resource,
+                session_id,
+                request_id: request_id.map(Num::u32),
+            }),
+            other => Err(unexpected("transition", &other)),
+        }
+    }
+}
+
+/// Results of one script per shard: what succeeded, or the error when every shard failed (see
+/// the module doc, "Multi-shard operations").
+fn merge_shards<T>(what: &str, results: Vec<EngineResult<Vec<T>>>) -> EngineResult<Vec<T>> {
+    let total = results.len();
+    let mut out = Vec::new();
+    let mut first_err = None;
+    let mut failed = 0;
+    for r in results {
+        match r {
+            Ok(v) => out.extend(v),
+            Err(e) => {
+                failed += 1;
+                if first_err.is_none() {
+                    first_err = Some(e);
+                }
+            }
+        }
+    }
+    match first_err {
+        Some(e) if failed == total => Err(e),
+        Some(e) => {
+            tracing::warn!(error = %e, failed, total, "lock {what}: some shards failed");
+            Ok(out)
+        }
+        None => Ok(out),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The trait
+// ---------------------------------------------------------------------------------------------
+
+#[async_trait]
+impl LockStore for RedisLockStore {
+    async fn acquire(&self, req: AcquireRequest) -> EngineResult<AcquireOutcome> {
+        let shard = keys::shard_of(req.resource.as_str());
+        let mut k = resource_keys(&req.resource);
+        k.push(keys::room_locks(shard, req.room.as_str()));
+        k.push(keys::session_locks(shard, &req.holder.session_id));
+        let args = vec![
+            prefix_of(&req.resource),
+            req.resource.to_string(),
+            req.room.to_string(),
+            req.action.to_string(),
+            req.holder.user_id.to_string(),
+            req.holder.name.to_string(),
+            req.holder.session_id.to_string(),
+            req.holder.node_id.to_string(),
+            span(req.ttl_ms),
+            req.lease_ms.map(span).unwrap_or_default(),
+            req.wait
+                .as_ref()
+                .map(|w| span(w.timeout_ms))
+                .unwrap_or_default(),
+            req.wait
+                .as_ref()
+                .and_then(|w| w.request_id)
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
+        ];
+        match single("acquire", self.run(&scripts().acquire, k, args).await?)? {
+            Item::Granted { lock, reentrant } => Ok(AcquireOutcome::Granted {
+                lock: lock.into(),
+                reentrant,
+            }),
+            Item::Held {
+                lock,
+                position,
+                wait,
+            } => Ok(AcquireOutcome::Held {
+                current: lock.into(),
+                queue_position: position.map(Num::u32),
+                estimated_wait_ms: wait.0,
+            }),
+            other => Err(unexpected("acquire", &other)),
+        }
+    }
+
+    async fn release(
+        &self,
+        resource: &Entity,
+        token: u64,
+        reason: ReleaseReason,
+    ) -> EngineResult<TokenOutcome<LockTransition>> {
+        let args = vec![
+            prefix_of(resource),
+            resource.to_string(),
+            token.to_string(),
+            reason_str(reason).to_owned(),
+        ];
+        let items = self
+            .run(&scripts().release, resource_keys(resource), args)
+            .await?;
+        match single("release", items)? {
+            Item::NotHeld { current } => Ok(TokenOutcome::NotHeld {
+                current: current.map(Into::into),
+            }),
+            other => Ok(TokenOutcome::Done(other.into_transition()?)),
+        }
+    }
+
+    async fn extend(
+        &self,
+        resource: &Entity,
+        token: u64,
+        ttl_ms: u64,
+    ) -> EngineResult<TokenOutcome<LockInfo>> {
+        let args = vec![
+            prefix_of(resource),
+            resource.to_string(),
+            token.to_string(),
+            span(ttl_ms),
+        ];
+        let items = self
+            .run(&scripts().extend, resource_keys(resource), args)
+            .await?;
+        match single("extend", items)? {
+            Item::Extended { lock } => Ok(TokenOutcome::Done(lock.into())),
+            Item::NotHeld { current } => Ok(TokenOutcome::NotHeld {
+                current: current.map(Into::into),
+            }),
+            other => Err(unexpected("extend", &other)),
+        }
+    }
+
+    async fn cancel_wait(&self, resource: &Entity, session_id: &SessionId) -> EngineResult<bool> {
+        let r = resource.as_str();
+        let shard = keys::shard_of(r);
+        let k = vec![
+            keys::queue(r),
+            keys::waiters(r),
+            keys::due(shard),
+            keys::audit_stream(shard),
+        ];
+        let args = vec![prefix_of(resource), r.to_owned(), session_id.to_string()];
+        match single(
+            "cancel_wait",
+            self.run(&scripts().cancel_wait, k, args).await?,
+        )? {
+            Item::Cancelled { ok } => Ok(ok),
+            other => Err(unexpected("cancel_wait", &other)),
+        }
+    }
+
+    async fn force_release(
+        &self,
+        resource: &Entity,
+        actor: &Actor,
+    ) -> EngineResult<Option<LockTransition>> {
+        let args = vec![
+            prefix_of(resource),
+            resource.to_string(),
+            actor.user_id.to_string(),
+        ];
+        let items = self
+            .run(&scripts().force_release, resource_keys(resource), args)
+            .await?;
+        if items.is_empty() {
+            return Ok(None);
+        }
+        single("force_release", items)?.into_transition().map(Some)
+    }
+
+    async fn release_session(
+        &self,
+        session_id: &SessionId,
+        reason: ReleaseReason,
+        rooms: Option<&[Entity]>,
+    ) -> EngineResult<Vec<LockTransition>> {
+        let rooms = match rooms {
+            Some(rs) => serde_json::to_string(rs)
+                .map_err(|e| EngineError::Internal(format!("encoding rooms: {e}")))?,
+            None => String::new(),
+        };
+        let results = join_all(
+            (0..keys::SHARDS)
+                .map(|shard| self.release_session_shard(shard, session_id, reason, &rooms)),
+        )
+        .await;
+        let mut out = merge_shards("release_session", results)?;
+        // The memory store releases a session's locks in resource order.
+        out.sort_by(|a, b| transition_resource(a).cmp(transition_resource(b)));
+        Ok(out)
+    }
+
+    async fn refresh_leases(
+        &self,
+        held: &[(Entity, u64)],
+        lease_ms: u64,
+    ) -> EngineResult<Vec<(Entity, u64)>> {
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut by_shard: HashMap<u32, Vec<(Entity, u64)>> = HashMap::new();
+        for grant in held {
+            by_shard
+                .entry(keys::shard_of(grant.0.as_str()))
+                .or_default()
+                .push(grant.clone());
+        }
+        let results = join_all(
+            by_shard
+                .iter()
+                .map(|(shard, grants)| self.refresh_shard(*shard, grants, lease_ms)),
+        )
+        .await;
+        let lost: HashSet<(Entity, u64)> = merge_shards("refresh_leases", results)?
+            .into_iter()
+            .collect();
+        // In the order asked, like the memory store.
+        Ok(held.iter().filter(|g| lost.contains(*g)).cloned().collect())
+    }
+
+    /// `now_ms` is ignored: what is due is decided by the Redis server's clock (module doc).
+    async fn reap(&self, _now_ms: u64) -> EngineResult<Vec<LockTransition>> {
+        let results = join_all((0..keys::SHARDS).map(|shard| self.reap_shard(shard))).await;
+        merge_shards("reap", results)
+    }
+
+    async fn get(&self, resource: &Entity) -> EngineResult<Option<LockInfo>> {
+        let items = self
+            .run(
+                &scripts().get,
+                vec![keys::lock(resource.as_str())],
+                vec![prefix_of(resource), resource.to_string()],
+            )
+            .await?;
+        if items.is_empty() {
+            return Ok(None);
+        }
+        match single("get", items)? {
+            Item::Lock { lock } => Ok(Some(lock.into())),
+            other => Err(unexpected("get", &other)),
+        }
+    }
+
+    /// Reads the room's index in every shard (concurrently); sorted by resource name.
+    async fn list_room(&self, room: &Entity) -> EngineResult<Vec<LockInfo>> {
+        let results =
+            join_all((0..keys::SHARDS).map(|shard| self.list_room_shard(shard, room))).await;
+        let mut locks = Vec::new();
+        for r in results {
+            locks.extend(r?);
+        }
+        locks.sort_by(|a, b| a.resource.cmp(&b.resource));
+        Ok(locks)
+    }
+
+    async fn raise_fence(&self, resource: &Entity, at_least: u64) -> EngineResult<()> {
+        // Lua numbers are doubles: beyond 2^53 the counter could not be kept exactly.
+        if at_least >= 1 << 53 {
+            return Err(EngineError::Internal(format!(
+                "fence {at_least} for {resource} is beyond 2^53"
+            )));
+        }
+        let args = vec![
+            prefix_of(resource),
+            resource.to_string(),
+            at_least.to_string(),
+        ];
+        self.run(
+            &scripts().raise_fence,
+            vec![keys::fence(resource.as_str())],
+            args,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn reissue(&self, resource: &Entity, token: u64) -> EngineResult<TokenOutcome<LockInfo>> {
+        let args = vec![prefix_of(resource), resource.to_string(), token.to_string()];
+        let items = self
+            .run(&scripts().reissue, resource_keys(resource), args)
+            .await?;
+        match single("reissue", items)? {
+            Item::Reissued { lock } => Ok(TokenOutcome::Done(lock.into())),
+            Item::NotHeld { current } => Ok(TokenOutcome::NotHeld {
+                current: current.map(Into::into),
+            }),
+            other => Err(unexpected("reissue", &other)),
+        }
+    }
+}
+
+fn transition_resource(t: &LockTransition) -> &Entity {
+    match t {
+        LockTransition::Released { lock, .. } => &lock.resource,
+        LockTransition::WaitExpired { resource, .. } => resource,
+    }
+}

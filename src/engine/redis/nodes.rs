@@ -1,0 +1,111 @@
+//! Node liveness: each node refreshes `node:<id>` (short expiry) and is listed in `nodes`.
+//!
+//! A node whose key expired is gone: its locks lapse with their leases and its members leave
+//! with their presence expiry, so nothing it held outlives it by more than
+//! `LOCKSTEP_LOCK_LEASE` / `LOCKSTEP_PRESENCE_TTL`. Finding one is logged and counted, and it
+//! is removed from `nodes` so the set does not grow with every pod ever started.
+
+use fred::prelude::*;
+
+use super::{engine_err, keys};
+use crate::engine::EngineResult;
+
+pub struct NodeRegistry {
+    pool: Pool,
+    id: String,
+}
+
+impl NodeRegistry {
+    pub fn new(pool: Pool, id: &str) -> NodeRegistry {
+        NodeRegistry {
+            pool,
+            id: id.to_owned(),
+        }
+    }
+
+    /// Marks this node alive for `ttl_ms`.
+    pub async fn beat(&self, ttl_ms: u64) -> EngineResult<()> {
+        let _: () = self
+            .pool
+            .set(
+                keys::node(&self.id),
+                "1",
+                Some(Expiration::PX(ttl_ms as i64)),
+                None,
+                false,
+            )
+            .await
+            .map_err(engine_err)?;
+        let _: i64 = self
+            .pool
+            .sadd(keys::nodes(), &self.id)
+            .await
+            .map_err(engine_err)?;
+        Ok(())
+    }
+
+    /// Node ids listed as members whose liveness key is gone; they are removed from the list.
+    pub async fn reap_dead(&self) -> EngineResult<Vec<String>> {
+        let ids: Vec<String> = self
+            .pool
+            .smembers(keys::nodes())
+            .await
+            .map_err(engine_err)?;
+        let mut dead = Vec::new();
+        for id in ids.into_iter().filter(|id| *id != self.id) {
+            let alive: i64 = self
+                .pool
+                .exists(keys::node(&id))
+                .await
+                .map_err(engine_err)?;
+            if alive == 0 {
+                let removed: i64 = self
+                    .pool
+                    .srem(keys::nodes(), &id)
+                    .await
+                    .map_err(engine_err)?;
+                // Only the node that removed it reports it, so each death is counted once.
+                if removed > 0 {
+                    dead.push(id);
+                }
+            }
+        }
+        Ok(dead)
+    }
+
+    /// Ids of the nodes whose liveness key is present (this one included).
+    pub async fn alive(&self) -> EngineResult<Vec<String>> {
+        let ids: Vec<String> = self
+            .pool
+            .smembers(keys::nodes())
+            .await
+            .map_err(engine_err)?;
+        let mut alive = Vec::new();
+        for id in ids {
+            let n: i64 = self
+                .pool
+                .exists(keys::node(&id))
+                .await
+                .map_err(engine_err)?;
+            if n > 0 {
+                alive.push(id);
+            }
+        }
+        Ok(alive)
+    }
+
+    /// Removes this node's liveness key (clean shutdown).
+    pub async fn leave(&self) -> EngineResult<()> {
+        let _: i64 = self
+            .pool
+            .del(keys::node(&self.id))
+            .await
+            .map_err(engine_err)?;
+        let _: i64 = self
+            .pool
+            .srem(keys::nodes(), &self.id)
+            .await
+            .map_err(engine_err)?;
+        Ok(())
+    }
+}

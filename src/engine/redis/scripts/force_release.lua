@@ -1,0 +1,17 @@
+-- force_release.lua: ends whatever lock holds the resource (owner/admin action) and serves the
+-- queue in the same step.
+--
+-- KEYS[1]  lock:<res>     KEYS[2]  fence:<res>   KEYS[3]  queue:<res>   KEYS[4]  waiters:<res>
+-- KEYS[5]  due            KEYS[6]  audit
+-- ARGV[1]  shard prefix   ARGV[2]  resource      ARGV[3]  actor user_id
+-- Returns  [] when free, else one {"t":"released",...} item (reason "forced").
+-- Audit    lock_forced {by} (+ lock_acquired for the hand-off).
+
+local res, by = ARGV[2], ARGV[3]
+local R = load(res)
+if not R.lock then
+    return {}
+end
+local out = end_lock(R, 'forced', by)
+finish(R)
+return { enc(out) }

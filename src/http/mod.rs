@@ -1,0 +1,174 @@
+//! The HTTP surface: WebSocket upgrade, REST API, health, metrics, demo page.
+//!
+//! Handlers are thin: they authenticate, parse, call the [`Node`] and map its errors to
+//! `{"code", "message"}` bodies with a fitting status.
+
+mod api;
+mod ops;
+mod ws;
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+
+use crate::auth::{AuthError, Principal};
+use crate::error::ErrorCode;
+use crate::node::{Node, OpError};
+use crate::protocol::server::HolderView;
+
+pub fn router(node: Arc<Node>) -> Router {
+    let body_limit = node.config.max_frame_bytes;
+    Router::new()
+        .route("/", get(ops::demo_page))
+        .route("/v1/ws", get(ws::upgrade))
+        .route("/v1/presence/{entity_type}/{entity_id}", get(api::presence))
+        .route("/v1/locks", get(api::list_locks))
+        .route("/v1/locks/acquire", post(api::acquire))
+        .route("/v1/locks/release", post(api::release))
+        .route("/v1/locks/extend", post(api::extend))
+        .route("/v1/locks/validate", post(api::validate))
+        .route("/v1/audit", get(api::audit))
+        .route("/v1/admin/locks/release", post(api::admin_release))
+        .route("/v1/dev/token", post(ops::dev_token))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                ErrorCode::MethodNotAllowed,
+                "this endpoint does not take that method",
+            )
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+        .with_state(node)
+}
+
+/// An error answered as `{"code", "message", ...}`; `lock_held` adds holder and wait.
+#[derive(Debug)]
+pub struct ApiError {
+    code: ErrorCode,
+    message: String,
+    extra: Option<serde_json::Value>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            code,
+            message: message.into(),
+            extra: None,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut body = serde_json::json!({ "code": self.code, "message": self.message });
+        if let (Some(serde_json::Value::Object(extra)), Some(obj)) =
+            (self.extra, body.as_object_mut())
+        {
+            obj.extend(extra);
+        }
+        (status, Json(body)).into_response()
+    }
+}
+
+impl From<OpError> for ApiError {
+    fn from(e: OpError) -> ApiError {
+        let mut err = ApiError::new(e.code(), e.to_string());
+        if let OpError::LockHeld(d) = &e {
+            #[derive(Serialize)]
+            struct Held<'a> {
+                resource: &'a crate::names::Entity,
+                holder: HolderView<'a>,
+                estimated_wait_ms: u64,
+            }
+            err.extra = serde_json::to_value(Held {
+                resource: &d.current.resource,
+                holder: HolderView::of(&d.current),
+                estimated_wait_ms: d.estimated_wait_ms,
+            })
+            .ok();
+        }
+        err
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> ApiError {
+        ApiError::new(e.code(), e.to_string())
+    }
+}
+
+/// `axum::Json` whose rejections are [`ApiError`]s (`bad_request`, `too_large`).
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(JsonRejection::BytesRejection(e))
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE =>
+            {
+                Err(ApiError::new(ErrorCode::TooLarge, "request body too large"))
+            }
+            Err(e) => Err(ApiError::new(ErrorCode::BadRequest, e.body_text())),
+        }
+    }
+}
+
+/// `axum::extract::Query` whose rejections are `bad_request` JSON errors.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| ApiQuery(q.0))
+            .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))
+    }
+}
+
+/// The authenticated caller of an HTTP request: `Authorization: Bearer <user JWT | admin token>`.
+pub struct Authed(pub Principal);
+
+impl FromRequestParts<Arc<Node>> for Authed {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        node: &Arc<Node>,
+    ) -> Result<Self, Self::Rejection> {
+        let token = bearer(parts)
+            .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "missing bearer token"))?;
+        match node.auth.verify_bearer(token) {
+            Ok(p) => Ok(Authed(p)),
+            Err(e) => {
+                ws::record_auth_failure(node, &e).await;
+                Err(e.into())
+            }
+        }
+    }
+}
+
+pub(crate) fn bearer(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::auth::parse_bearer)
+}

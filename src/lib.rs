@@ -1,0 +1,130 @@
+//! # lockstep
+//!
+//! A real-time collaboration gateway: presence, live cursors and exclusive edit locks with
+//! fencing tokens, over WebSockets, for every member of a shared room.
+//!
+//! # Layout
+//!
+//! - [`config`]: every setting, its env name, default and validation.
+//! - [`error`]: client error codes and WebSocket close codes.
+//! - [`names`]: validated `type:id` entity names.
+//! - [`protocol`]: wire messages and the JSON / MessagePack codecs.
+//! - [`auth`]: JWT verification into a principal with room roles.
+//! - [`engine`]: the `LockStore`, `PresenceStore` and `Broker` traits, their in-process
+//!   implementations and the conformance suite every implementation must pass.
+//! - [`audit`]: audit records and sinks (JSON-lines file by default, Redis outbox streams),
+//!   and with a database their drainers into Postgres and the Postgres queries.
+//! - [`db`]: the Postgres pool and embedded schema migrations (`migrations/`).
+//! - [`node`]: one gateway node; owns the engines and the hub, implements every operation
+//!   once for both WebSocket sessions and the HTTP API.
+//! - [`hub`]: this node's live sessions and their rooms; local fan-out.
+//! - [`session`]: one WebSocket connection: read loop, outbound queue, heartbeat, resume.
+//! - [`http`]: the router: WebSocket upgrade, REST API, health, metrics, demo page.
+//! - [`telemetry`]: logging and OpenTelemetry metrics exported in Prometheus text.
+//!
+//! [`start`] is shared by `main` and the tests, which run the same code on `127.0.0.1:0`.
+
+pub mod audit;
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod engine;
+pub mod error;
+pub mod http;
+pub mod hub;
+pub mod names;
+pub mod node;
+pub mod protocol;
+pub mod session;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::serve::ListenerExt;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+pub use node::Node;
+
+/// A started gateway: its bound address and node; [`Running::shutdown`] drains it.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub node: Arc<Node>,
+    stop_accepting: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Node(#[from] node::NodeError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Starts a node and its HTTP/WebSocket listener. In dev mode (no JWT key) it binds
+/// loopback only, whatever the configured address.
+pub async fn start(mut config: Config) -> Result<Running, StartError> {
+    if config.dev_mode() {
+        tracing::warn!(
+            "DEV MODE: no JWT key configured (LOCKSTEP_JWT_SECRET / _PUBLIC_KEY / _JWKS). Anyone can mint \
+             tokens at POST /v1/dev/token; binding loopback only. Never run this in production."
+        );
+        if !config.listen.ip().is_loopback() {
+            config.listen.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+    }
+    let addr = config.listen;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let node = Node::start(config).await?;
+    let stop_accepting = CancellationToken::new();
+    let app = http::router(node.clone());
+    let stop = stop_accepting.clone();
+    // Small frames (lock replies, cursors) must leave at once: with Nagle's algorithm a reply
+    // waits for the client's delayed ACK, ~40 ms per round trip.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
+    let server = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "server failed");
+        }
+    });
+    tracing::info!(%addr, node_id = %node.id, "lockstep listening");
+    Ok(Running {
+        addr,
+        node,
+        stop_accepting,
+        server,
+    })
+}
+
+impl Running {
+    /// Graceful stop: readiness fails, sessions get `reconnect` + close 1012, the listener
+    /// stops, and the call returns once sessions closed (or `drain_timeout` passed).
+    pub async fn shutdown(self) {
+        let node = self.node.clone();
+        let stop = self.stop_accepting.clone();
+        // Stop accepting and drain sessions at the same time: axum's graceful shutdown waits
+        // for open connections, which end only when the sessions do.
+        let drain = tokio::spawn(async move { node.drain().await });
+        stop.cancel();
+        let _ = drain.await;
+        let grace = self.node.config.drain_timeout;
+        if tokio::time::timeout(grace, self.server).await.is_err() {
+            tracing::warn!("listener did not stop within the drain timeout");
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! `lockstep`: parse settings, start logging, run the gateway until SIGTERM/Ctrl-C, drain.
+
+use anyhow::Context;
+use clap::Parser;
+use lockstep::config::{Cli, Command, Config};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config =
+        Config::load(cli.settings, cli.config.as_deref()).context("invalid configuration")?;
+    lockstep::telemetry::init_logging(config.log_format);
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Migrate => {
+            let url = config
+                .database_url
+                .as_deref()
+                .context("migrate needs LOCKSTEP_DATABASE_URL")?;
+            let applied = lockstep::db::migrate(url).await?;
+            if applied.is_empty() {
+                tracing::info!("schema up to date");
+            }
+            for m in applied {
+                tracing::info!(migration = %m, "applied");
+            }
+            Ok(())
+        }
+        Command::Serve => {
+            let running = lockstep::start(config).await?;
+            shutdown_signal().await;
+            tracing::info!("shutdown signal: draining");
+            running.shutdown().await;
+            tracing::info!("drained, exiting");
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,192 @@
+//! Duties of a node that shares Redis with others: resync after lost events, presence
+//! refresh and sweep, liveness.
+//!
+//! - **Resync.** The broker asks for one when events may be lost: a sequence gap in a room
+//!   (`Room`) or a lagging reader / subscriber reconnect (`All`, also what a Redis restart looks
+//!   like). For `All` the node first re-registers the presence of its sessions (an empty Redis
+//!   lost them), then every local member gets a fresh `room.snapshot`, so no client keeps a
+//!   stale view.
+//! - **Presence.** Entries expire after `LOCKSTEP_PRESENCE_TTL` unless refreshed; the node
+//!   refreshes its sessions' every third of that. Every node sweeps expired entries (those of
+//!   a crashed node) and announces their `presence.leave`; a swept entry of a session that is
+//!   alive here (a refresh came too late) is re-registered at once.
+//! - **Liveness.** `node:<id>` is refreshed every second; nodes whose key expired are logged
+//!   and dropped from the node list. Their locks lapse with their leases.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::engines::ClusterParts;
+use super::{Node, every};
+use crate::engine::RoomEventKind;
+use crate::engine::redis::broker::Resync;
+use crate::engine::redis::nodes::NodeRegistry;
+
+const LIVENESS_TTL: Duration = Duration::from_secs(5);
+const SWEEP_BATCH: usize = 256;
+
+pub fn spawn(node: &Arc<Node>, parts: ClusterParts) {
+    let ClusterParts {
+        registry,
+        mut resync,
+    } = parts;
+    let resyncer = node.clone();
+    tokio::spawn(async move {
+        while let Some(r) = resync.recv().await {
+            resync_views(&resyncer, r).await;
+        }
+    });
+    let refresh = node.config.presence_ttl / 3;
+    every(node, refresh, |node| async move {
+        refresh_presence(&node).await
+    });
+    every(node, Duration::from_secs(1), |node| async move {
+        sweep_presence(&node).await
+    });
+    let registry = Arc::new(registry);
+    let beat = registry.clone();
+    every(node, Duration::from_secs(1), move |node| {
+        let registry = beat.clone();
+        async move { liveness(&node, &registry).await }
+    });
+    let leaving = node.clone();
+    tokio::spawn(async move {
+        leaving.stop_background.cancelled().await;
+        if let Err(e) = registry.leave().await {
+            tracing::debug!(error = %e, "could not remove the liveness key");
+        }
+    });
+}
+
+async fn resync_views(node: &Node, r: Resync) {
+    node.metrics.resync(matches!(r, Resync::All));
+    match r {
+        Resync::Room(room) => {
+            for handle in node.hub.members_of(&room) {
+                if let Err(e) = node.send_snapshot(&handle, &room).await {
+                    tracing::warn!(error = %e, %room, "resync snapshot failed");
+                }
+            }
+        }
+        Resync::All => {
+            reregister_presence(node).await;
+            for handle in node.hub.attached() {
+                for room in handle.rooms() {
+                    if let Err(e) = node.send_snapshot(&handle, &room).await {
+                        tracing::warn!(error = %e, %room, "resync snapshot failed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Puts back the presence entries of this node's sessions that the store lost, announcing
+/// each as a join (other nodes' snapshots may have been taken without it).
+async fn reregister_presence(node: &Node) {
+    for handle in node.hub.sessions() {
+        for (room, member) in handle.members() {
+            match node.presence.join(&room, member.clone()).await {
+                Ok(None) => {
+                    node.publish(&room, None, RoomEventKind::PresenceJoin(member))
+                        .await;
+                }
+                Ok(Some(_)) => {}
+                Err(e) => tracing::warn!(error = %e, %room, "presence re-registration failed"),
+            }
+        }
+    }
+}
+
+async fn refresh_presence(node: &Node) {
+    let entries: Vec<_> = node
+        .hub
+        .sessions()
+        .iter()
+        .flat_map(|h| h.rooms().into_iter().map(|r| (r, h.id.clone())))
+        .collect();
+    if entries.is_empty() {
+        return;
+    }
+    let ttl = node.config.presence_ttl.as_millis() as u64;
+    let missing = match node.presence.refresh(&entries, ttl).await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, "presence refresh failed");
+            return;
+        }
+    };
+    // Alive here but gone from the store (swept after a stall, or an emptied Redis): put the
+    // entry back and announce it, since others saw it leave.
+    for (room, session) in missing {
+        let Some(handle) = node.hub.sessions().into_iter().find(|h| h.id == session) else {
+            continue;
+        };
+        let Some(member) = handle
+            .members()
+            .into_iter()
+            .find(|(r, _)| *r == room)
+            .map(|(_, m)| m)
+        else {
+            continue;
+        };
+        match node.presence.join(&room, member.clone()).await {
+            Ok(_) => {
+                node.publish(&room, None, RoomEventKind::PresenceJoin(member))
+                    .await
+            }
+            Err(e) => tracing::warn!(error = %e, %room, "presence re-registration failed"),
+        }
+    }
+}
+
+async fn sweep_presence(node: &Node) {
+    let swept = match node.presence.sweep(SWEEP_BATCH).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "presence sweep failed");
+            return;
+        }
+    };
+    for (room, member) in swept {
+        let alive_here = node
+            .hub
+            .sessions()
+            .into_iter()
+            .find(|h| h.id == member.session_id && h.is_joined(&room));
+        if let Some(handle) = alive_here {
+            // Our refresh came too late (Redis or this node stalled): the session is alive.
+            let current = handle
+                .members()
+                .into_iter()
+                .find(|(r, _)| *r == room)
+                .map(|(_, m)| m);
+            if let Some(m) = current
+                && node.presence.join(&room, m).await.is_ok()
+            {
+                continue;
+            }
+        }
+        node.publish(&room, None, RoomEventKind::PresenceLeave(member))
+            .await;
+    }
+}
+
+async fn liveness(node: &Node, registry: &NodeRegistry) {
+    if let Err(e) = registry.beat(LIVENESS_TTL.as_millis() as u64).await {
+        tracing::warn!(error = %e, "liveness refresh failed");
+        return;
+    }
+    match registry.reap_dead().await {
+        Ok(dead) => {
+            for id in dead {
+                node.metrics.node_gone();
+                tracing::warn!(
+                    node = %id,
+                    "node is gone: its locks lapse within the lease, its members leave within the presence ttl"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "node sweep failed"),
+    }
+}

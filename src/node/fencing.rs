@@ -1,0 +1,260 @@
+//! Strict fencing: with a database configured, every grant's token is registered in Postgres
+//! (`lockstep.fence_register`, strictly above the registered token) **before** it is returned to
+//! the requester or announced — direct grants in [`Node::acquire`] and queue hand-offs in
+//! [`Node::announce`] alike. `docs/fencing.md` explains why and how apps use the tokens.
+//!
+//! - **Registered**: the grant goes on as usual (reply, `lock.acquired`, `lock.granted`).
+//! - **Refused** (the store's counter went backwards — Redis lost data or failed over, a clock
+//!   stepped back): counted in `lockstep_fence_refusals_total`; the store's counter is raised to
+//!   the registered token ([`LockStore::raise_fence`](crate::engine::LockStore::raise_fence)) and the same grant is given a fresh token
+//!   in place ([`LockStore::reissue`](crate::engine::LockStore::reissue)), which is registered in turn. The requester — or the
+//!   waiter the lock was handed to — keeps its place and simply receives the fresh token; the
+//!   refused token was never told to anyone. After [`MAX_REISSUES`] refusals in a row (another
+//!   writer keeps registering higher tokens: a misconfiguration) the grant is given up as below.
+//! - **Registration failed** (Postgres down or slower than [`REGISTER_TIMEOUT`]): counted in
+//!   `lockstep_fence_failures_total`; the grant is released (compare-and-release on its token,
+//!   not announced: nobody saw it) and the request fails with `unavailable` — a direct acquire
+//!   answers it (HTTP 503), a waiter receives an `unavailable` error frame with its request id
+//!   ([`RoomEventKind::WaitFailed`]). Releasing may hand the lock to the next waiter, who is
+//!   served the same way. Strict mode never hands out an unregistered token.
+//!
+//! Without a database every grant passes through unchanged.
+
+use std::time::Duration;
+
+use super::{Node, OpError};
+use crate::engine::{Grant, LockInfo, LockTransition, ReleaseReason, RoomEventKind, TokenOutcome};
+
+/// How long one registration (pool checkout included) may take before the grant is withdrawn.
+pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Refused registrations (each followed by a raise and a reissue) tolerated for one grant.
+pub const MAX_REISSUES: usize = 3;
+
+/// A grant that could not be registered and was withdrawn.
+pub(crate) struct Unfenced {
+    /// What the requester (or waiter) is told.
+    pub error: OpError,
+    /// The release of the withdrawn grant, when it happened: not announced (nobody saw the
+    /// grant), but its hand-off to the next waiter must be served.
+    pub released: Option<LockTransition>,
+}
+
+/// How registering one grant ended.
+enum Registration {
+    Registered(LockInfo),
+    /// The grant ended while being reissued (reaped, forced): nothing left to withdraw.
+    Gone,
+    /// Give the grant up: `lock` is its latest version (token), `why` is logged.
+    Failed {
+        lock: LockInfo,
+        why: String,
+    },
+}
+
+impl Node {
+    /// Registers `lock`'s token (see the module doc): the lock to hand out, possibly with a
+    /// fresh token, or the withdrawn grant.
+    pub(crate) async fn fence(&self, lock: LockInfo) -> Result<LockInfo, Unfenced> {
+        let Some(pool) = &self.db else {
+            return Ok(lock);
+        };
+        let (lock, why) = match self.register(pool, lock).await {
+            Registration::Registered(lock) => return Ok(lock),
+            Registration::Gone => {
+                return Err(Unfenced {
+                    error: OpError::Unavailable(
+                        "the lock ended before its fencing token was registered; retry".into(),
+                    ),
+                    released: None,
+                });
+            }
+            Registration::Failed { lock, why } => (lock, why),
+        };
+        tracing::warn!(
+            resource = %lock.resource,
+            token = lock.token,
+            reason = %why,
+            "fencing: grant withdrawn, its token could not be registered"
+        );
+        let released = match self
+            .locks
+            .release(&lock.resource, lock.token, ReleaseReason::Released)
+            .await
+        {
+            Ok(TokenOutcome::Done(t)) => Some(t),
+            Ok(TokenOutcome::NotHeld { .. }) => None,
+            Err(e) => {
+                // It ends with its lease or hold limit; its token was never handed out.
+                tracing::error!(
+                    resource = %lock.resource,
+                    token = lock.token,
+                    error = %e,
+                    "fencing: withdrawing an unregistered grant failed"
+                );
+                None
+            }
+        };
+        Err(Unfenced {
+            error: OpError::Unavailable(
+                "the grant could not be registered for fencing (database unavailable); no \
+                 lock was granted, retry later"
+                    .into(),
+            ),
+            released,
+        })
+    }
+
+    /// A reentrant acquire returns an existing grant. It was registered when it was made —
+    /// unless its node died between the grant and the registration (the requester then never
+    /// got the token and retries, over HTTP with its `holder_key` or after a resume). So its
+    /// registration is checked (one read): registered as is, it stays reentrant; otherwise it is
+    /// fenced like a new grant (registered, or reissued above a higher registered token) and
+    /// announced as one (`false`). Postgres unavailable: `unavailable`, the grant is kept (it
+    /// may be a registered one its holder uses).
+    pub(crate) async fn fence_reentrant(
+        &self,
+        lock: LockInfo,
+    ) -> Result<(LockInfo, bool), Unfenced> {
+        let Some(pool) = &self.db else {
+            return Ok((lock, true));
+        };
+        let registered = tokio::time::timeout(
+            REGISTER_TIMEOUT,
+            crate::db::fence_registered(pool, lock.resource.as_str()),
+        )
+        .await;
+        match registered {
+            Ok(Ok(token)) if token == lock.token => Ok((lock, true)),
+            Ok(Ok(_)) => self.fence(lock).await.map(|lock| (lock, false)),
+            Ok(Err(_)) | Err(_) => {
+                self.metrics.fence_failure();
+                Err(Unfenced {
+                    error: OpError::Unavailable(
+                        "the fencing registry (Postgres) is unavailable".into(),
+                    ),
+                    released: None,
+                })
+            }
+        }
+    }
+
+    async fn register(&self, pool: &deadpool_postgres::Pool, mut lock: LockInfo) -> Registration {
+        let resource = lock.resource.clone();
+        let mut refusals = 0;
+        loop {
+            let registered = tokio::time::timeout(
+                REGISTER_TIMEOUT,
+                crate::db::fence_register(pool, resource.as_str(), lock.token),
+            )
+            .await;
+            match registered {
+                Ok(Ok(true)) => return Registration::Registered(lock),
+                Ok(Ok(false)) => self.metrics.fence_refusal(),
+                Ok(Err(e)) => {
+                    self.metrics.fence_failure();
+                    let why = e.to_string();
+                    return Registration::Failed { lock, why };
+                }
+                Err(_) => {
+                    self.metrics.fence_failure();
+                    let why = format!("registration took over {REGISTER_TIMEOUT:?}");
+                    return Registration::Failed { lock, why };
+                }
+            }
+            refusals += 1;
+            if refusals > MAX_REISSUES {
+                let why = format!("refused {refusals} times in a row");
+                return Registration::Failed { lock, why };
+            }
+            // Refused: the store's counter is at or below the registered token.
+            let above = tokio::time::timeout(
+                REGISTER_TIMEOUT,
+                crate::db::fence_registered(pool, resource.as_str()),
+            )
+            .await;
+            let registered = match above {
+                Ok(Ok(t)) => t.max(lock.token),
+                Ok(Err(e)) => {
+                    self.metrics.fence_failure();
+                    let why = e.to_string();
+                    return Registration::Failed { lock, why };
+                }
+                Err(_) => {
+                    self.metrics.fence_failure();
+                    let why =
+                        format!("reading the registered token took over {REGISTER_TIMEOUT:?}");
+                    return Registration::Failed { lock, why };
+                }
+            };
+            tracing::warn!(
+                %resource,
+                token = lock.token,
+                registered,
+                "fencing: the lock store issued a token not above the registered one (lost data, \
+                 failover or clock step); raising its counter and reissuing the grant"
+            );
+            if let Err(e) = self.locks.raise_fence(&resource, registered).await {
+                let why = format!("raising the fence counter: {e}");
+                return Registration::Failed { lock, why };
+            }
+            match self.locks.reissue(&resource, lock.token).await {
+                Ok(TokenOutcome::Done(fresh)) => lock = fresh,
+                Ok(TokenOutcome::NotHeld { .. }) => return Registration::Gone,
+                Err(e) => {
+                    let why = format!("reissuing the grant: {e}");
+                    return Registration::Failed { lock, why };
+                }
+            }
+        }
+    }
+
+    /// Serves a queue hand-off: registers the grant, then announces it (`lock.acquired` to the
+    /// room, `lock.granted` to the waiter); a grant that cannot be registered is withdrawn, the
+    /// waiter told `unavailable`, and whatever the withdrawal handed on is served the same way.
+    pub(crate) async fn serve_handoff(&self, grant: Grant) {
+        let mut next = Some(grant);
+        while let Some(g) = next.take() {
+            match self.fence(g.lock.clone()).await {
+                Ok(lock) => {
+                    self.metrics.lock_outcome("granted");
+                    let room = lock.room.clone();
+                    let grant = Grant {
+                        lock,
+                        request_id: g.request_id,
+                    };
+                    let kind = RoomEventKind::LockAcquired {
+                        grant,
+                        via_queue: true,
+                    };
+                    self.publish(&room, None, kind).await;
+                }
+                Err(unfenced) => {
+                    self.metrics.lock_outcome("wait_failed");
+                    let kind = RoomEventKind::WaitFailed {
+                        resource: g.lock.resource.clone(),
+                        session_id: g.lock.holder.session_id.clone(),
+                        request_id: g.request_id,
+                    };
+                    self.publish(&g.lock.room, None, kind).await;
+                    next = unfenced.released.and_then(handed_on);
+                }
+            }
+        }
+    }
+
+    /// Serves what the withdrawal of a direct grant handed on, if anything.
+    pub(crate) async fn serve_withdrawal(&self, released: Option<LockTransition>) {
+        if let Some(grant) = released.and_then(handed_on) {
+            self.serve_handoff(grant).await;
+        }
+    }
+}
+
+/// The hand-off a release made, if any.
+fn handed_on(t: LockTransition) -> Option<Grant> {
+    match t {
+        LockTransition::Released { granted, .. } => granted,
+        LockTransition::WaitExpired { .. } => None,
+    }
+}

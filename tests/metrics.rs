@@ -616,6 +616,7 @@ async fn a_scripted_session_moves_counters_exactly() {
             .collect::<Vec<_>>()
             .join("\n")
     };
+    eprintln!("counters moved by the script:\n{}", show(&moved));
     assert_eq!(
         moved,
         expected,
@@ -651,6 +652,14 @@ async fn with_redis_and_postgres_every_documented_name_is_exposed() {
     })
     .await;
     let exposed: BTreeSet<String> = all.families.keys().cloned().collect();
+    eprintln!(
+        "exposed families:\n{}",
+        all.families
+            .iter()
+            .map(|(n, t)| format!("{n} {t}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     assert_eq!(
         exposed,
         documented,

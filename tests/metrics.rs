@@ -451,7 +451,52 @@ async fn exposition_is_valid_prometheus_text_from_start_up() {
     );
     assert_eq!(busy.sum("lockstep_sessions", &[]), 1.0);
     assert_eq!(busy.sum("lockstep_rooms", &[]), 1.0);
+    assert_eq!(busy.sum("lockstep_lock_waiters", &[]), 0.0);
+
+    // A second session queues for the lock: the waiters gauge counts it.
+    let mut w = server.client("bob").await;
+    w.join("scene:1").await;
+    let r = w
+        .request(json!({"type":"lock.acquire","room":"scene:1","resource":"segment:1-1","action":"trim","wait":true}))
+        .await;
+    assert_eq!(r["code"], "lock_held", "{r}");
+    let waiting = scrape(&server.http, &url).await;
+    assert_eq!(waiting.sum("lockstep_lock_waiters", &[]), 1.0);
+    assert_eq!(
+        waiting.sum("lockstep_lock_outcomes_total", &[("outcome", "queued")]),
+        1.0
+    );
+    w.close_normally().await;
     c.close_normally().await;
+    scrape_until(&server.http, &url, common::WAIT, |e| {
+        e.sum("lockstep_lock_waiters", &[]) == 0.0 && e.sum("lockstep_sessions", &[]) == 0.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missed_heartbeats_are_counted() {
+    let server = Server::start_with(|c| {
+        c.heartbeat_interval = Duration::from_millis(100);
+        c.heartbeat_misses = 3;
+    })
+    .await;
+    let url = server.url("/metrics");
+    let token = server.token("sleepy", None).await;
+    // Connected, then silent: the socket is never read again, so not even pongs go back.
+    let silent = Tracked::connect(server.addr, &token).await;
+    let m = scrape_until(&server.http, &url, common::WAIT, |e| {
+        e.sum("lockstep_heartbeat_timeouts_total", &[]) == 1.0
+    })
+    .await;
+    assert_eq!(m.sum("lockstep_heartbeat_misses_total", &[]), 3.0);
+    assert_eq!(
+        m.sum("lockstep_sessions_closed_total", &[("reason", "heartbeat")]),
+        1.0
+    );
+    assert_eq!(m.sum("lockstep_sessions_closed_total", &[]), 1.0);
+    assert_eq!(m.sum("lockstep_sessions", &[]), 0.0);
+    drop(silent);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,10 @@
 //!
 //! Handlers are thin: they authenticate, parse, call the [`Node`] and map its errors to
 //! `{"code", "message"}` bodies with a fitting status.
+//!
+//! [`router`] is the main listener; [`admin_router`] the optional admin listener
+//! (`LOCKSTEP_METRICS_LISTEN`) with only `/metrics`, `/healthz` and `/readyz`. Every error
+//! response is counted in `lockstep_client_errors_total{code}`.
 
 mod api;
 mod ops;

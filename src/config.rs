@@ -56,6 +56,10 @@ pub struct Settings {
     /// Address to listen on.
     #[arg(long, env = "LOCKSTEP_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Separate admin listener serving `/metrics`, `/healthz` and `/readyz` (they stay on the
+    /// main listener too); unset: none.
+    #[arg(long, env = "LOCKSTEP_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Redis URL; unset: embedded in-process engines (single node).
     #[arg(long, env = "LOCKSTEP_REDIS_URL")]
     pub redis_url: Option<String>,
@@ -149,6 +153,7 @@ pub enum LogFormat {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
     pub redis_url: Option<String>,
     pub database_url: Option<String>,
     pub audit_retention: Option<Duration>,
@@ -198,6 +203,7 @@ impl Settings {
     fn or(self, other: Settings) -> Settings {
         Settings {
             listen: self.listen.or(other.listen),
+            metrics_listen: self.metrics_listen.or(other.metrics_listen),
             redis_url: self.redis_url.or(other.redis_url),
             database_url: self.database_url.or(other.database_url),
             audit_retention: self.audit_retention.or(other.audit_retention),
@@ -256,6 +262,7 @@ impl Config {
             listen: s
                 .listen
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
+            metrics_listen: s.metrics_listen,
             redis_url: s.redis_url.filter(|u| !u.is_empty()),
             database_url: s.database_url.filter(|u| !u.is_empty()),
             audit_retention: s.audit_retention.map(|h| h.0).filter(|d| !d.is_zero()),
@@ -325,6 +332,17 @@ impl Config {
             return invalid(
                 "audit_retention",
                 "must be at least 1m (or 0s to keep forever)",
+            );
+        }
+        let l = self.listen;
+        if self.metrics_listen.is_some_and(|m| {
+            m.port() != 0
+                && m.port() == l.port()
+                && (m.ip() == l.ip() || m.ip().is_unspecified() || l.ip().is_unspecified())
+        }) {
+            return invalid(
+                "metrics_listen",
+                "must use another port than listen (it is a separate listener)",
             );
         }
         if self.max_queue_bytes < self.max_frame_bytes {
@@ -422,6 +440,17 @@ mod tests {
         assert_eq!(
             Config::from_settings(forever).unwrap().audit_retention,
             None
+        );
+        let same_port = Settings {
+            listen: Some("0.0.0.0:8080".parse().unwrap()),
+            metrics_listen: Some("127.0.0.1:8080".parse().unwrap()),
+            ..Settings::default()
+        };
+        assert!(Config::from_settings(same_port).is_err());
+        let from_file: Settings = toml::from_str("metrics_listen = \"0.0.0.0:9090\"").unwrap();
+        assert_eq!(
+            Config::from_settings(from_file).unwrap().metrics_listen,
+            Some("0.0.0.0:9090".parse().unwrap())
         );
         let unknown: Result<Settings, _> = toml::from_str("nonsense = 1");
         assert!(unknown.is_err());

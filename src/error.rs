@@ -49,6 +49,27 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, so metrics can expose each one's series from the start.
+    pub const ALL: [ErrorCode; 17] = [
+        ErrorCode::Malformed,
+        ErrorCode::UnknownType,
+        ErrorCode::BadRequest,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::NotInRoom,
+        ErrorCode::TooManyRooms,
+        ErrorCode::TooManySessions,
+        ErrorCode::RateLimited,
+        ErrorCode::TooLarge,
+        ErrorCode::LockHeld,
+        ErrorCode::LockNotHeld,
+        ErrorCode::WaitTimeout,
+        ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::Malformed => "malformed",

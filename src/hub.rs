@@ -225,6 +225,23 @@ impl Hub {
             .collect()
     }
 
+    /// Rooms with at least one attached member on this node.
+    pub fn room_count(&self) -> usize {
+        self.read().rooms.len()
+    }
+
+    /// Outbound bytes queued over all sessions (for the metrics scrape: locks each queue).
+    pub fn queued_bytes(&self) -> usize {
+        let s = self.read();
+        s.sessions.values().map(|h| h.outbound.queued_bytes()).sum()
+    }
+
+    /// Lock waits queued by this node's sessions (for the metrics scrape).
+    pub fn waiters(&self) -> usize {
+        let s = self.read();
+        s.sessions.values().map(|h| h.wait_count()).sum()
+    }
+
     /// Every session, attached or parked (lease renewal covers both).
     pub fn sessions(&self) -> Vec<Arc<SessionHandle>> {
         self.read().sessions.values().cloned().collect()

@@ -50,8 +50,12 @@ pub use node::Node;
 /// A started gateway: its bound address and node; [`Running::shutdown`] drains it.
 pub struct Running {
     pub addr: SocketAddr,
+    /// The admin listener's address (`LOCKSTEP_METRICS_LISTEN`), if configured.
+    pub metrics_addr: Option<SocketAddr>,
     pub node: Arc<Node>,
     stop_accepting: CancellationToken,
+    /// Stops the admin listener, last: it reports readiness and metrics during the drain.
+    stop_admin: CancellationToken,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -77,15 +81,31 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
         if !config.listen.ip().is_loopback() {
             config.listen.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
+        if let Some(m) = config.metrics_listen.as_mut()
+            && !m.ip().is_loopback()
+        {
+            m.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
     }
-    let addr = config.listen;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| StartError::Bind { addr, source })?;
+    let (listener, addr) = bind(config.listen).await?;
+    let admin = match config.metrics_listen {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
     let node = Node::start(config).await?;
+    let stop_admin = CancellationToken::new();
+    let metrics_addr = admin.map(|(listener, addr)| {
+        let app = http::admin_router(node.clone());
+        let stop = stop_admin.clone();
+        tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "admin listener failed");
+            }
+        });
+        tracing::info!(%addr, "admin listener (/metrics, /healthz, /readyz)");
+        addr
+    });
     let stop_accepting = CancellationToken::new();
     let app = http::router(node.clone());
     let stop = stop_accepting.clone();
@@ -105,10 +125,22 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
     tracing::info!(%addr, node_id = %node.id, "lockstep listening");
     Ok(Running {
         addr,
+        metrics_addr,
         node,
         stop_accepting,
+        stop_admin,
         server,
     })
+}
+
+async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
+    Ok((listener, bound))
 }
 
 impl Running {
@@ -126,5 +158,6 @@ impl Running {
         if tokio::time::timeout(grace, self.server).await.is_err() {
             tracing::warn!("listener did not stop within the drain timeout");
         }
+        self.stop_admin.cancel();
     }
 }

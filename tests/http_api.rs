@@ -105,7 +105,7 @@ async fn metrics_count_a_scripted_session() {
     let text = resp.text().await.unwrap();
     for name in [
         "lockstep_sessions",
-        "lockstep_messages_in_total",
+        "lockstep_messages_received_total",
         "lockstep_lock_outcomes_total",
         "lockstep_lock_acquire_duration_seconds_bucket",
     ] {
@@ -119,16 +119,25 @@ async fn metrics_count_a_scripted_session() {
             .unwrap_or_else(|| panic!("no sample {name}{labels:?} in:\n{text}"))
     };
     assert_eq!(m("lockstep_sessions", &[]), 1.0);
-    assert_eq!(m("lockstep_messages_in_total", &[("type", "join")]), 1.0);
     assert_eq!(
-        m("lockstep_messages_in_total", &[("type", "lock.acquire")]),
+        m("lockstep_messages_received_total", &[("type", "join")]),
         1.0
     );
     assert_eq!(
-        m("lockstep_messages_in_total", &[("type", "lock.release")]),
+        m(
+            "lockstep_messages_received_total",
+            &[("type", "lock.acquire")]
+        ),
         1.0
     );
-    assert_eq!(m("lockstep_messages_in_total", &[]), 3.0);
+    assert_eq!(
+        m(
+            "lockstep_messages_received_total",
+            &[("type", "lock.release")]
+        ),
+        1.0
+    );
+    assert_eq!(m("lockstep_messages_received_total", &[]), 3.0);
     assert_eq!(
         m("lockstep_lock_outcomes_total", &[("outcome", "granted")]),
         1.0
@@ -172,9 +181,15 @@ async fn metrics_count_a_scripted_session() {
             .unwrap_or_else(|| panic!("no sample {name}{labels:?} in:\n{text}"))
     };
     assert_eq!(m("lockstep_sessions", &[]), 2.0);
-    assert_eq!(m("lockstep_messages_in_total", &[("type", "join")]), 2.0);
     assert_eq!(
-        m("lockstep_messages_in_total", &[("type", "lock.acquire")]),
+        m("lockstep_messages_received_total", &[("type", "join")]),
+        2.0
+    );
+    assert_eq!(
+        m(
+            "lockstep_messages_received_total",
+            &[("type", "lock.acquire")]
+        ),
         3.0
     );
     assert_eq!(

@@ -17,6 +17,7 @@
 
 pub mod drain;
 pub mod jsonl;
+pub mod metered;
 pub mod outbox;
 pub mod postgres;
 

@@ -89,8 +89,9 @@ use tokio_util::sync::CancellationToken;
 use super::AuditRecord;
 use super::postgres::{self, DeadLetter, WriteError};
 use crate::engine::redis::audit::{FIELD, MAXLEN, parse_entry_id, try_decode};
+use crate::engine::redis::call;
 use crate::engine::redis::keys::{self, SHARDS};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, RedisMetrics};
 
 /// The consumer group of the Postgres writers on every shard stream.
 pub const GROUP: &str = "lockstep-audit";
@@ -205,6 +206,7 @@ pub struct RedisOutboxWriter {
     consumer: String,
     settings: WriterSettings,
     metrics: Metrics,
+    redis_metrics: RedisMetrics,
     /// Per shard: when to read this consumer's own pending entries instead of new ones.
     history: Vec<Option<Instant>>,
     groups_ready: bool,
@@ -225,6 +227,7 @@ impl RedisOutboxWriter {
             db,
             consumer: consumer.to_owned(),
             settings,
+            redis_metrics: metrics.redis(),
             metrics,
             history: vec![Some(now); SHARDS as usize],
             groups_ready: false,
@@ -240,7 +243,7 @@ impl RedisOutboxWriter {
         let mut carried: Option<Vec<Entry>> = None;
         while !stop.is_cancelled() {
             if !self.groups_ready {
-                if let Err(e) = ensure_groups(&self.redis).await {
+                if let Err(e) = ensure_groups(&self.redis, &self.redis_metrics).await {
                     tracing::warn!(error = %e, "cannot create the audit consumer group");
                     if !pause(&stop, backoff.next()).await {
                         return;
@@ -316,19 +319,16 @@ impl RedisOutboxWriter {
     async fn claim(&self) -> Result<Vec<Entry>, fred::error::Error> {
         let idle_ms = self.settings.claim_idle.as_millis() as u64;
         let results = join_all((0..SHARDS).map(|shard| async move {
-            let v: Value = self
-                .redis
-                .next()
-                .xautoclaim(
-                    keys::audit_stream(shard),
-                    GROUP,
-                    self.consumer.as_str(),
-                    idle_ms,
-                    "0-0",
-                    Some(PER_SHARD),
-                    false,
-                )
-                .await?;
+            let claim = self.redis.next().xautoclaim(
+                keys::audit_stream(shard),
+                GROUP,
+                self.consumer.as_str(),
+                idle_ms,
+                "0-0",
+                Some(PER_SHARD),
+                false,
+            );
+            let v: Value = call(&self.redis_metrics, "outbox_claim", claim).await?;
             let mut parts = v.into_array().into_iter();
             let _cursor = parts.next();
             let entries = parts.next().map(parse_entries).unwrap_or_default();
@@ -351,21 +351,20 @@ impl RedisOutboxWriter {
             .collect();
         let consumer = self.consumer.as_str();
         let redis = &self.redis;
+        let m = &self.redis_metrics;
         let results = join_all((0..SHARDS).map(|shard| {
             let own = from_history[shard as usize];
             async move {
-                let v: Value = redis
-                    .next()
-                    .xreadgroup(
-                        GROUP,
-                        consumer,
-                        Some(PER_SHARD),
-                        None,
-                        false,
-                        keys::audit_stream(shard),
-                        if own { "0" } else { ">" },
-                    )
-                    .await?;
+                let read = redis.next().xreadgroup(
+                    GROUP,
+                    consumer,
+                    Some(PER_SHARD),
+                    None,
+                    false,
+                    keys::audit_stream(shard),
+                    if own { "0" } else { ">" },
+                );
+                let v: Value = call(m, "outbox_read", read).await?;
                 Ok::<_, fred::error::Error>(to_entries(shard, parse_read(v)))
             }
         }))
@@ -468,11 +467,10 @@ impl RedisOutboxWriter {
             }
         }
         let redis = &self.redis;
+        let m = &self.redis_metrics;
         let results = join_all(by_shard.into_iter().map(|(shard, ids)| async move {
-            let r: Result<i64, _> = redis
-                .next()
-                .xack(keys::audit_stream(shard), GROUP, ids)
-                .await;
+            let ack = redis.next().xack(keys::audit_stream(shard), GROUP, ids);
+            let r: Result<i64, _> = call(m, "outbox_ack", ack).await;
             (shard, r)
         }))
         .await;
@@ -486,15 +484,12 @@ impl RedisOutboxWriter {
 
     /// How many times the group delivered `e` (its `XPENDING` delivery count).
     async fn deliveries(&self, e: &Entry) -> Result<u64, fred::error::Error> {
-        let v: Value = self
-            .redis
-            .next()
-            .xpending(
-                keys::audit_stream(e.shard),
-                GROUP,
-                (e.id.as_str(), e.id.as_str(), 1),
-            )
-            .await?;
+        let pending = self.redis.next().xpending(
+            keys::audit_stream(e.shard),
+            GROUP,
+            (e.id.as_str(), e.id.as_str(), 1),
+        );
+        let v: Value = call(&self.redis_metrics, "outbox_pending", pending).await?;
         Ok(v.into_array()
             .into_iter()
             .next()
@@ -532,17 +527,24 @@ fn dedup(entries: &mut Vec<Entry>) {
 }
 
 /// Creates the writer group on every shard stream (at `0`, creating the streams).
-pub async fn ensure_groups(redis: &Pool) -> Result<(), fred::error::Error> {
+pub async fn ensure_groups(redis: &Pool, m: &RedisMetrics) -> Result<(), fred::error::Error> {
     for shard in 0..SHARDS {
-        let r: Result<Value, _> = redis
-            .next()
-            .xgroup_create(keys::audit_stream(shard), GROUP, "0", true)
-            .await;
-        match r {
-            Ok(_) => {}
-            Err(e) if e.details().contains("BUSYGROUP") || e.to_string().contains("BUSYGROUP") => {}
-            Err(e) => return Err(e),
-        }
+        // `BUSYGROUP` (the group exists) is the usual answer, not a failure of the call.
+        let create = async {
+            let r: Result<Value, _> = redis
+                .next()
+                .xgroup_create(keys::audit_stream(shard), GROUP, "0", true)
+                .await;
+            match r {
+                Err(e)
+                    if e.details().contains("BUSYGROUP") || e.to_string().contains("BUSYGROUP") =>
+                {
+                    Ok(())
+                }
+                other => other.map(|_| ()),
+            }
+        };
+        call(m, "outbox_group_create", create).await?;
     }
     Ok(())
 }
@@ -659,12 +661,21 @@ pub struct TrimPoint {
 
 /// Reads one stream's trim point: last-delivered first, then the pending summary (see the
 /// module docs for why in this order). `None` when the stream has no writer group.
-async fn trim_point(redis: &Pool, key: &str) -> Result<Option<TrimPoint>, fred::error::Error> {
-    let groups: Value = match redis.next().xinfo_groups(key).await {
-        Ok(v) => v,
-        // No such key: nothing to trim.
-        Err(e) if e.details().contains("no such key") => return Ok(None),
-        Err(e) => return Err(e),
+async fn trim_point(
+    redis: &Pool,
+    key: &str,
+    m: &RedisMetrics,
+) -> Result<Option<TrimPoint>, fred::error::Error> {
+    let info = async {
+        match redis.next().xinfo_groups::<Value, _>(key).await {
+            Ok(v) => Ok(Some(v)),
+            // No such key: nothing to trim (an answer, not a failed call).
+            Err(e) if e.details().contains("no such key") => Ok(None),
+            Err(e) => Err(e),
+        }
+    };
+    let Some(groups) = call(m, "outbox_info", info).await? else {
+        return Ok(None);
     };
     let mut ours = None;
     for g in groups.into_array() {
@@ -681,7 +692,7 @@ async fn trim_point(redis: &Pool, key: &str) -> Result<Option<TrimPoint>, fred::
     let Some((Some(last_delivered), lag)) = ours else {
         return Ok(None);
     };
-    let summary: Value = redis.next().xpending(key, GROUP, ()).await?;
+    let summary: Value = call(m, "outbox_pending", redis.next().xpending(key, GROUP, ())).await?;
     let mut parts = summary.into_array().into_iter();
     let pending = parts.next().and_then(|v| v.as_u64()).unwrap_or(0);
     let oldest_pending = parts
@@ -699,7 +710,7 @@ async fn trim_point(redis: &Pool, key: &str) -> Result<Option<TrimPoint>, fred::
     }
     let unread = match lag {
         Some(l) => l,
-        None => redis.next().xlen(key).await?,
+        None => call(m, "outbox_len", redis.next().xlen(key)).await?,
     };
     Ok(Some(TrimPoint {
         min_id,
@@ -710,14 +721,16 @@ async fn trim_point(redis: &Pool, key: &str) -> Result<Option<TrimPoint>, fred::
 /// With a database: trims every stream up to its oldest unacknowledged entry and records the
 /// backlog gauge. Returns the backlog (pending + unread over all shards).
 pub async fn trim_acknowledged(redis: &Pool, metrics: &Metrics) -> u64 {
+    let m = &metrics.redis();
     let results = join_all((0..SHARDS).map(|shard| async move {
         let key = keys::audit_stream(shard);
-        let point = trim_point(redis, &key).await?;
+        let point = trim_point(redis, &key, m).await?;
         if let Some(p) = point
             && p.min_id > (0, 0)
         {
             let min = format!("{}-{}", p.min_id.0, p.min_id.1);
-            let _: i64 = redis.next().xtrim(&key, ("MINID", "=", min)).await?;
+            let trim = redis.next().xtrim(&key, ("MINID", "=", min));
+            let _: i64 = call(m, "outbox_trim", trim).await?;
         }
         Ok::<_, fred::error::Error>(point.map_or(0, |p| p.backlog))
     }))
@@ -741,10 +754,10 @@ pub async fn trim_acknowledged(redis: &Pool, metrics: &Metrics) -> u64 {
 
 /// Without a database: trims every stream to about [`MAXLEN`] entries, except streams that a
 /// Postgres writer group drains (logged once in `warned`).
-pub async fn trim_ring(redis: &Pool, warned: &AtomicBool) {
+pub async fn trim_ring(redis: &Pool, warned: &AtomicBool, m: &RedisMetrics) {
     join_all((0..SHARDS).map(|shard| async move {
         let key = keys::audit_stream(shard);
-        match trim_point(redis, &key).await {
+        match trim_point(redis, &key, m).await {
             Ok(None) => {}
             Ok(Some(_)) => {
                 if !warned.swap(true, Ordering::Relaxed) {
@@ -760,10 +773,8 @@ pub async fn trim_ring(redis: &Pool, warned: &AtomicBool) {
                 return;
             }
         }
-        let r: Result<i64, _> = redis
-            .next()
-            .xtrim(&key, ("MAXLEN", "~", MAXLEN))
-            .await;
+        let trim = redis.next().xtrim(&key, ("MAXLEN", "~", MAXLEN));
+        let r: Result<i64, _> = call(m, "outbox_trim", trim).await;
         if let Err(e) = r {
             tracing::debug!(error = %e, "audit stream trim failed");
         }

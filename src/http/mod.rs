@@ -2,6 +2,10 @@
 //!
 //! Handlers are thin: they authenticate, parse, call the [`Node`] and map its errors to
 //! `{"code", "message"}` bodies with a fitting status.
+//!
+//! [`router`] is the main listener; [`admin_router`] the optional admin listener
+//! (`LOCKSTEP_METRICS_LISTEN`) with only `/metrics`, `/healthz` and `/readyz`. Every error
+//! response is counted in `lockstep_client_errors_total{code}`.
 
 mod api;
 mod ops;
@@ -48,7 +52,36 @@ pub fn router(node: Arc<Node>) -> Router {
             )
         })
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            node.clone(),
+            count_errors,
+        ))
         .with_state(node)
+}
+
+/// The admin listener's router (`LOCKSTEP_METRICS_LISTEN`): metrics and probes only, so it can
+/// be exposed to the cluster's monitoring without exposing the API.
+pub fn admin_router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint") })
+        .with_state(node)
+}
+
+/// Counts HTTP error responses in `lockstep_client_errors_total{code}`: every [`ApiError`]
+/// leaves its code in the response's extensions.
+async fn count_errors(
+    axum::extract::State(node): axum::extract::State<Arc<Node>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let resp = next.run(req).await;
+    if let Some(code) = resp.extensions().get::<ErrorCode>() {
+        node.metrics.client_error(code.as_str());
+    }
+    resp
 }
 
 /// An error answered as `{"code", "message", ...}`; `lock_held` adds holder and wait.
@@ -79,7 +112,9 @@ impl IntoResponse for ApiError {
         {
             obj.extend(extra);
         }
-        (status, Json(body)).into_response()
+        let mut resp = (status, Json(body)).into_response();
+        resp.extensions_mut().insert(self.code);
+        resp
     }
 }
 

@@ -50,9 +50,9 @@ pub fn spawn(node: &Arc<Node>, outbox: AuditOutbox) {
         AuditOutbox::None => {}
         AuditOutbox::RedisRing { redis } => {
             let warned = Arc::new(AtomicBool::new(false));
-            every(node, RING_TRIM_INTERVAL, move |_| {
+            every(node, RING_TRIM_INTERVAL, move |node| {
                 let (redis, warned) = (redis.clone(), warned.clone());
-                async move { outbox::trim_ring(&redis, &warned).await }
+                async move { outbox::trim_ring(&redis, &warned, &node.metrics.redis()).await }
             });
         }
         AuditOutbox::RedisToPostgres { redis, db } => {

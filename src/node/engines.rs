@@ -14,6 +14,7 @@ use super::NodeError;
 use super::audit_writer::AuditOutbox;
 use crate::audit::AuditSink;
 use crate::audit::jsonl::JsonlSink;
+use crate::audit::metered::Metered;
 use crate::audit::postgres::PgBackedSink;
 use crate::config::Config;
 use crate::engine::memory::{
@@ -81,6 +82,7 @@ pub async fn build(
             }
             None => (Arc::new(file), AuditOutbox::None),
         };
+        let audit: Arc<dyn AuditSink> = Arc::new(Metered::new(audit, metrics.clone()));
         return Ok(Engines {
             locks: Arc::new(MemoryLockStore::new(audit.clone())),
             presence: Arc::new(MemoryPresenceStore::new()),
@@ -93,11 +95,13 @@ pub async fn build(
         });
     };
     let pool = redis::connect(url).await?;
+    let m = metrics.redis();
     let (resync_tx, resync) = mpsc::channel(RESYNC_QUEUE);
-    let broker = RedisBroker::start(url, node_id, hub, resync_tx).await?;
+    let broker = RedisBroker::start_with_metrics(url, node_id, hub, resync_tx, m.clone()).await?;
     observe_broker(metrics, &broker);
+    metrics.cluster_started();
     let presence_ttl_ms = config.presence_ttl.as_millis() as u64;
-    let streams = RedisAuditSink::new(pool.clone());
+    let streams = RedisAuditSink::new(pool.clone()).with_metrics(m.clone());
     // Without a database, audit records stay in the Redis outbox streams (a bounded ring) and
     // `GET /v1/audit` reads them there; with one, they are drained to Postgres and read there.
     let (audit, audit_outbox): (Arc<dyn AuditSink>, _) = match &db {
@@ -115,14 +119,17 @@ pub async fn build(
             },
         ),
     };
+    let audit: Arc<dyn AuditSink> = Arc::new(Metered::new(audit, metrics.clone()));
     Ok(Engines {
-        locks: Arc::new(RedisLockStore::new(pool.clone())),
-        presence: Arc::new(RedisPresenceStore::new(pool.clone(), presence_ttl_ms)),
+        locks: Arc::new(RedisLockStore::new(pool.clone()).with_metrics(m.clone())),
+        presence: Arc::new(
+            RedisPresenceStore::new(pool.clone(), presence_ttl_ms).with_metrics(m.clone()),
+        ),
         broker,
-        resume: Arc::new(RedisResumeStore::new(pool.clone())),
+        resume: Arc::new(RedisResumeStore::new(pool.clone()).with_metrics(m.clone())),
         audit,
         cluster: Some(ClusterParts {
-            registry: NodeRegistry::new(pool, node_id),
+            registry: NodeRegistry::new(pool, node_id).with_metrics(m),
             resync,
         }),
         db,

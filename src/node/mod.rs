@@ -128,6 +128,7 @@ impl Node {
         let metrics = Metrics::new(&id)?;
         let auth = Authenticator::from_config(&config)?;
         let hub = Arc::new(Hub::new(metrics.clone()));
+        observe_hub(&metrics, &hub);
         let engines = engines::build(&config, &id, hub.clone(), &metrics).await?;
         let node = Arc::new(Node {
             id,
@@ -163,6 +164,7 @@ impl Node {
     /// close (at most `drain_timeout`), then stop background work and flush the audit log.
     pub async fn drain(&self) {
         self.ready.store(false, Ordering::Relaxed);
+        self.metrics.draining();
         self.draining.cancel();
         self.tasks.close();
         if tokio::time::timeout(self.config.drain_timeout, self.tasks.wait())
@@ -270,6 +272,34 @@ impl Node {
             }
         }
     }
+}
+
+/// Gauges read from the hub at every scrape: adding them up once per scrape costs less than
+/// tracking them on every message. The callbacks hold the hub weakly: the metrics live inside
+/// the hub, and a strong reference would keep both alive forever.
+fn observe_hub(metrics: &Metrics, hub: &Arc<Hub>) {
+    let read = |f: fn(&Hub) -> usize| {
+        let hub = Arc::downgrade(hub);
+        move || hub.upgrade().map_or(0, |h| f(&h) as u64)
+    };
+    metrics.observe_gauge(
+        "lockstep.rooms",
+        "",
+        "Rooms with at least one member connected to this node",
+        read(Hub::room_count),
+    );
+    metrics.observe_gauge(
+        "lockstep.outbound.queue",
+        "By",
+        "Bytes queued to clients across this node's sessions, not yet written",
+        read(Hub::queued_bytes),
+    );
+    metrics.observe_gauge(
+        "lockstep.lock.waiters",
+        "",
+        "Lock waits queued by this node's sessions",
+        read(Hub::waiters),
+    );
 }
 
 /// The node's periodic work, one task per duty so a slow one (ending parked sessions can wait

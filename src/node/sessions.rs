@@ -57,6 +57,21 @@ impl EndReason {
         }
     }
 
+    /// The `reason` label of `lockstep_sessions_closed_total` (one of
+    /// [`CLOSE_REASONS`](crate::telemetry::CLOSE_REASONS)). `GraceExpired` is never recorded:
+    /// its socket closed (and was counted) when the session was parked.
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            EndReason::ClientClosed => "client",
+            EndReason::ConnectionLost | EndReason::GraceExpired => "connection_lost",
+            EndReason::HeartbeatTimeout => "heartbeat",
+            EndReason::SlowConsumer => "slow_consumer",
+            EndReason::TooBig => "protocol",
+            EndReason::Draining => "drain",
+            EndReason::TakenOver => "superseded",
+        }
+    }
+
     /// Whether the session waits for a resume instead of ending now.
     fn parks(self) -> bool {
         matches!(
@@ -138,8 +153,8 @@ impl Node {
                 return Err(e);
             }
         }
-        self.metrics.session_opened();
         let resumed = claimed.is_some();
+        self.metrics.session_opened(resumed);
         self.send_welcome(&handle, resumed);
         if resumed {
             self.restore_rooms(&handle).await;
@@ -216,7 +231,7 @@ impl Node {
         handle.outbound.close();
         let grace = self.config.resume_grace;
         if reason.parks() && !grace.is_zero() && self.hub.park(handle, Instant::now() + grace) {
-            self.metrics.session_closed();
+            self.metrics.session_closed(reason.metric_label());
             self.park(handle, grace).await;
             handle.ended.cancel();
             tracing::debug!(session = %handle.id, reason = reason.as_str(), "session parked");
@@ -229,7 +244,7 @@ impl Node {
             return;
         }
         if was_attached {
-            self.metrics.session_closed();
+            self.metrics.session_closed(reason.metric_label());
         }
         let rooms = handle.rooms();
         self.sync_subscriptions(&rooms).await;

@@ -185,6 +185,11 @@ impl SessionHandle {
         self.lock().waits.retain(|r| r != resource);
     }
 
+    /// Resources this session is queued for.
+    pub fn wait_count(&self) -> usize {
+        self.lock().waits.len()
+    }
+
     pub fn take_waits(&self) -> Vec<Entity> {
         std::mem::take(&mut self.lock().waits)
     }

@@ -142,6 +142,7 @@ async fn drive(
             _ = heartbeat.tick() => {
                 if !seen_since_tick {
                     misses += 1;
+                    node.metrics.heartbeat_miss();
                     if misses >= cfg.heartbeat_misses {
                         node.metrics.heartbeat_timeout();
                         return EndReason::HeartbeatTimeout;

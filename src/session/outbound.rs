@@ -150,6 +150,12 @@ impl Outbound {
         Batch { messages, cursors }
     }
 
+    /// Bytes waiting to be written; 0 once closed or overflowed (nothing more will be sent).
+    pub fn queued_bytes(&self) -> usize {
+        let s = self.lock();
+        if s.closed || s.overflowed { 0 } else { s.bytes }
+    }
+
     /// True once the queue is closed or overflowed (nothing more will be sent).
     pub fn is_closed(&self) -> bool {
         let s = self.lock();

@@ -52,11 +52,12 @@ use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::keys;
+use super::{call, keys};
 use crate::audit::jsonl::{PageCollector, RecordFilter};
 use crate::audit::{
     AuditError, AuditKind, AuditPage, AuditQuery, AuditRecord, AuditSink, rfc3339_ms,
 };
+use crate::telemetry::RedisMetrics;
 
 /// The stream field holding a record's JSON.
 pub const FIELD: &str = "rec";
@@ -72,6 +73,7 @@ pub const CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
 /// The Redis [`AuditSink`].
 pub struct RedisAuditSink {
     pool: Pool,
+    metrics: RedisMetrics,
     /// Whether an unreadable entry was already logged.
     logged_bad: AtomicBool,
 }
@@ -80,8 +82,15 @@ impl RedisAuditSink {
     pub fn new(pool: Pool) -> RedisAuditSink {
         RedisAuditSink {
             pool,
+            metrics: RedisMetrics::default(),
             logged_bad: AtomicBool::new(false),
         }
+    }
+
+    /// Records every Redis call in `metrics` (see [`super::call`]).
+    pub fn with_metrics(mut self, metrics: RedisMetrics) -> RedisAuditSink {
+        self.metrics = metrics;
+        self
     }
 
     /// The newest records of one shard matching `filter`, at most `limit`.
@@ -97,12 +106,14 @@ impl RedisAuditSink {
         let mut out = Vec::new();
         let mut scanned = 0;
         loop {
-            let batch: Vec<(String, std::collections::HashMap<String, String>)> = self
+            let read = self
                 .pool
                 .next()
-                .xrevrange_values(&key, end.as_str(), "-", Some(READ_BATCH))
-                .await
-                .map_err(|e| AuditError::Unavailable(format!("redis: {e}")))?;
+                .xrevrange_values(&key, end.as_str(), "-", Some(READ_BATCH));
+            let batch: Vec<(String, std::collections::HashMap<String, String>)> =
+                call(&self.metrics, "audit_scan", read)
+                    .await
+                    .map_err(|e| AuditError::Unavailable(format!("redis: {e}")))?;
             let n = batch.len();
             let mut last = None;
             for (entry_id, fields) in batch {
@@ -167,7 +178,9 @@ impl AuditSink for RedisAuditSink {
                 .await
                 .map_err(unavailable)?;
         }
-        let _: Vec<Value> = pipe.all().await.map_err(unavailable)?;
+        let _: Vec<Value> = call(&self.metrics, "audit_append", pipe.all())
+            .await
+            .map_err(unavailable)?;
         Ok(())
     }
 

@@ -82,9 +82,10 @@ use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{engine_err, keys};
+use super::{call, engine_err, keys};
 use crate::engine::{Broker, EngineError, EngineResult, EventSink, RoomEvent};
 use crate::names::Entity;
+use crate::telemetry::RedisMetrics;
 
 /// What the node must rebuild because events may have been lost.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -144,6 +145,7 @@ pub struct RedisBroker {
     queue: mpsc::Sender<Outgoing>,
     sub_locks: Box<[tokio::sync::Mutex<()>]>,
     tasks: Vec<JoinHandle<()>>,
+    metrics: RedisMetrics,
 }
 
 /// State shared by the broker and its tasks.
@@ -169,6 +171,17 @@ impl RedisBroker {
         node_id: &str,
         sink: Arc<dyn EventSink>,
         resync: mpsc::Sender<Resync>,
+    ) -> Result<Arc<RedisBroker>, EngineError> {
+        Self::start_with_metrics(url, node_id, sink, resync, RedisMetrics::default()).await
+    }
+
+    /// [`start`](Self::start), recording every Redis call in `metrics` (see [`super::call`]).
+    pub async fn start_with_metrics(
+        url: &str,
+        node_id: &str,
+        sink: Arc<dyn EventSink>,
+        resync: mpsc::Sender<Resync>,
+        metrics: RedisMetrics,
     ) -> Result<Arc<RedisBroker>, EngineError> {
         let pool = super::connect(url).await?;
         let builder = super::builder(url)?;
@@ -204,6 +217,7 @@ impl RedisBroker {
                 sharded,
                 shared.node_id.clone(),
                 queue_rx,
+                metrics.clone(),
             )),
             tokio::spawn(reader(shared.clone(), message_rx)),
             tokio::spawn(on_reconnects(
@@ -211,6 +225,7 @@ impl RedisBroker {
                 subscriber.clone(),
                 sharded,
                 reconnect_rx,
+                metrics.clone(),
             )),
             tokio::spawn(forward_resyncs(shared.clone())),
         ];
@@ -224,6 +239,7 @@ impl RedisBroker {
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
             tasks,
+            metrics,
         }))
     }
 
@@ -323,15 +339,15 @@ impl Broker for RedisBroker {
             }
         };
         let channel = keys::room_channel(room.as_str());
-        let r = if self.sharded {
-            self.subscriber.ssubscribe(channel).await
-        } else {
-            self.subscriber.subscribe(channel).await
+        let subscribe = async {
+            if self.sharded {
+                self.subscriber.ssubscribe(channel).await
+            } else {
+                self.subscriber.subscribe(channel).await?;
+                live_barrier(&self.subscriber).await
+            }
         };
-        let r = match r {
-            Ok(()) if !self.sharded => live_barrier(&self.subscriber).await,
-            other => other,
-        };
+        let r = call(&self.metrics, "subscribe", subscribe).await;
         if let Err(e) = r {
             if fresh {
                 self.shared.rooms().remove(room);
@@ -345,12 +361,16 @@ impl Broker for RedisBroker {
         let _serial = self.sub_lock(room).lock().await;
         self.shared.rooms().remove(room);
         let channel = keys::room_channel(room.as_str());
-        let r = if self.sharded {
-            self.subscriber.sunsubscribe(channel).await
-        } else {
-            self.subscriber.unsubscribe(channel).await
+        let unsubscribe = async {
+            if self.sharded {
+                self.subscriber.sunsubscribe(channel).await
+            } else {
+                self.subscriber.unsubscribe(channel).await
+            }
         };
-        r.map_err(engine_err)
+        call(&self.metrics, "unsubscribe", unsubscribe)
+            .await
+            .map_err(engine_err)
     }
 }
 
@@ -426,6 +446,7 @@ async fn publisher(
     sharded: bool,
     node_id: Arc<str>,
     mut queue: mpsc::Receiver<Outgoing>,
+    metrics: RedisMetrics,
 ) {
     let mut seqs: HashMap<Entity, (u64, Instant)> = HashMap::new();
     let mut last_prune = Instant::now();
@@ -470,7 +491,18 @@ async fn publisher(
             }
         }
         if !waiting.is_empty() {
-            let results: Vec<Result<Value, fred::error::Error>> = pipeline.try_all().await;
+            // One pipeline is one measured call; it failed if any PUBLISH in it did.
+            let sent = async {
+                let results: Vec<Result<Value, fred::error::Error>> = pipeline.try_all().await;
+                if results.iter().any(Result::is_err) {
+                    Err(results)
+                } else {
+                    Ok(results)
+                }
+            };
+            let results = call(&metrics, "publish", sent)
+                .await
+                .unwrap_or_else(|results| results);
             let mut results = results.into_iter();
             for done in waiting {
                 let r = match results.next() {
@@ -517,6 +549,7 @@ async fn on_reconnects(
     subscriber: SubscriberClient,
     sharded: bool,
     mut events: broadcast::Receiver<fred::types::config::Server>,
+    metrics: RedisMetrics,
 ) {
     loop {
         let server = match events.recv().await {
@@ -529,7 +562,8 @@ async fn on_reconnects(
         tracing::info!(server = ?server, "broker: subscriber reconnected, resubscribing");
         shared.reset_sequences();
         loop {
-            match resubscribe(&shared, &subscriber, sharded).await {
+            let again = resubscribe(&shared, &subscriber, sharded);
+            match call(&metrics, "resubscribe", again).await {
                 Ok(()) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "broker: resubscribing failed, retrying");

@@ -101,12 +101,13 @@ use fred::types::scripts::Script;
 use futures_util::future::join_all;
 use serde::{Deserialize, Deserializer};
 
-use super::{engine_err, keys};
+use super::{call, engine_err, keys};
 use crate::engine::{
     AcquireOutcome, AcquireRequest, Actor, EngineError, EngineResult, Grant, Holder, LockInfo,
     LockStore, LockTransition, ReleaseReason, SessionId, TokenOutcome,
 };
 use crate::names::Entity;
+use crate::telemetry::RedisMetrics;
 
 /// Due resources one reap script handles per call.
 pub const REAP_BATCH: usize = 100;
@@ -118,26 +119,35 @@ pub const MAX_SPAN_MS: u64 = 10 * 366 * 24 * 3600 * 1000;
 /// The Redis [`LockStore`].
 pub struct RedisLockStore {
     pool: Pool,
+    metrics: RedisMetrics,
 }
 
 impl RedisLockStore {
     /// A store using `pool` (see [`super::connect`]). The node id of each grant comes with its
     /// request's holder.
     pub fn new(pool: Pool) -> RedisLockStore {
-        RedisLockStore { pool }
+        RedisLockStore {
+            pool,
+            metrics: RedisMetrics::default(),
+        }
     }
 
-    /// Runs `script` and parses its result.
+    /// Records every script call in `metrics` (see [`super::call`]).
+    pub fn with_metrics(mut self, metrics: RedisMetrics) -> RedisLockStore {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Runs `script` as operation `op` and parses its result.
     async fn run(
         &self,
+        op: &'static str,
         script: &Script,
         keys: Vec<String>,
         args: Vec<String>,
     ) -> EngineResult<Vec<Item>> {
-        let raw: Vec<String> = script
-            .evalsha_with_reload(self.pool.next(), keys, args)
-            .await
-            .map_err(engine_err)?;
+        let eval = script.evalsha_with_reload(self.pool.next(), keys, args);
+        let raw: Vec<String> = call(&self.metrics, op, eval).await.map_err(engine_err)?;
         parse_items(&raw)
     }
 
@@ -147,6 +157,7 @@ impl RedisLockStore {
         for _ in 0..REAP_ROUNDS {
             let items = self
                 .run(
+                    "lock_reap",
                     &scripts().reap,
                     vec![keys::due(shard), keys::audit_stream(shard)],
                     vec![keys::shard_prefix(shard), REAP_BATCH.to_string()],
@@ -175,6 +186,7 @@ impl RedisLockStore {
     ) -> EngineResult<Vec<LockTransition>> {
         let items = self
             .run(
+                "lock_release_session",
                 &scripts().release_session,
                 vec![
                     keys::session_locks(shard, session_id),
@@ -204,7 +216,12 @@ impl RedisLockStore {
             args.push(token.to_string());
         }
         let items = self
-            .run(&scripts().refresh_leases, vec![keys::due(shard)], args)
+            .run(
+                "lock_refresh_leases",
+                &scripts().refresh_leases,
+                vec![keys::due(shard)],
+                args,
+            )
             .await?;
         items
             .into_iter()
@@ -218,6 +235,7 @@ impl RedisLockStore {
     async fn list_room_shard(&self, shard: u32, room: &Entity) -> EngineResult<Vec<LockInfo>> {
         let items = self
             .run(
+                "lock_list_room",
                 &scripts().list_room,
                 vec![keys::room_locks(shard, room.as_str())],
                 vec![keys::shard_prefix(shard), room.to_string()],
@@ -544,7 +562,11 @@ impl LockStore for RedisLockStore {
                 .map(|id| id.to_string())
                 .unwrap_or_default(),
         ];
-        match single("acquire", self.run(&scripts().acquire, k, args).await?)? {
+        match single(
+            "acquire",
+            self.run("lock_acquire", &scripts().acquire, k, args)
+                .await?,
+        )? {
             Item::Granted { lock, reentrant } => Ok(AcquireOutcome::Granted {
                 lock: lock.into(),
                 reentrant,
@@ -575,7 +597,12 @@ impl LockStore for RedisLockStore {
             reason_str(reason).to_owned(),
         ];
         let items = self
-            .run(&scripts().release, resource_keys(resource), args)
+            .run(
+                "lock_release",
+                &scripts().release,
+                resource_keys(resource),
+                args,
+            )
             .await?;
         match single("release", items)? {
             Item::NotHeld { current } => Ok(TokenOutcome::NotHeld {
@@ -598,7 +625,12 @@ impl LockStore for RedisLockStore {
             span(ttl_ms),
         ];
         let items = self
-            .run(&scripts().extend, resource_keys(resource), args)
+            .run(
+                "lock_extend",
+                &scripts().extend,
+                resource_keys(resource),
+                args,
+            )
             .await?;
         match single("extend", items)? {
             Item::Extended { lock } => Ok(TokenOutcome::Done(lock.into())),
@@ -621,7 +653,8 @@ impl LockStore for RedisLockStore {
         let args = vec![prefix_of(resource), r.to_owned(), session_id.to_string()];
         match single(
             "cancel_wait",
-            self.run(&scripts().cancel_wait, k, args).await?,
+            self.run("lock_cancel_wait", &scripts().cancel_wait, k, args)
+                .await?,
         )? {
             Item::Cancelled { ok } => Ok(ok),
             other => Err(unexpected("cancel_wait", &other)),
@@ -639,7 +672,12 @@ impl LockStore for RedisLockStore {
             actor.user_id.to_string(),
         ];
         let items = self
-            .run(&scripts().force_release, resource_keys(resource), args)
+            .run(
+                "lock_force_release",
+                &scripts().force_release,
+                resource_keys(resource),
+                args,
+            )
             .await?;
         if items.is_empty() {
             return Ok(None);
@@ -706,6 +744,7 @@ impl LockStore for RedisLockStore {
     async fn get(&self, resource: &Entity) -> EngineResult<Option<LockInfo>> {
         let items = self
             .run(
+                "lock_get",
                 &scripts().get,
                 vec![keys::lock(resource.as_str())],
                 vec![prefix_of(resource), resource.to_string()],
@@ -745,6 +784,7 @@ impl LockStore for RedisLockStore {
             at_least.to_string(),
         ];
         self.run(
+            "lock_raise_fence",
             &scripts().raise_fence,
             vec![keys::fence(resource.as_str())],
             args,
@@ -756,7 +796,12 @@ impl LockStore for RedisLockStore {
     async fn reissue(&self, resource: &Entity, token: u64) -> EngineResult<TokenOutcome<LockInfo>> {
         let args = vec![prefix_of(resource), resource.to_string(), token.to_string()];
         let items = self
-            .run(&scripts().reissue, resource_keys(resource), args)
+            .run(
+                "lock_reissue",
+                &scripts().reissue,
+                resource_keys(resource),
+                args,
+            )
             .await?;
         match single("reissue", items)? {
             Item::Reissued { lock } => Ok(TokenOutcome::Done(lock.into())),

@@ -3,6 +3,11 @@
 //! Only this module knows key names ([`keys`]) and Lua (`scripts/*.lua`). Standalone,
 //! Sentinel and Cluster deployments are all reached through fred's URL forms
 //! (`redis://`, `redis-sentinel://…?sentinelServiceName=`, `redis-cluster://…?node=`).
+//!
+//! Every call the engines make to Redis goes through [`call`]: a `redis` tracing span named
+//! after the operation, and `lockstep_redis_command_duration_seconds{op}` /
+//! `lockstep_redis_errors_total{op}`. `op` is a fixed name per call site (`lock_acquire`,
+//! `presence_update`, `publish`, …), never built at run time, so recording does not allocate.
 
 pub mod audit;
 pub mod broker;
@@ -12,11 +17,14 @@ pub mod nodes;
 pub mod presence;
 pub mod resume;
 
-use std::time::Duration;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 use fred::prelude::*;
+use tracing::Instrument;
 
 use crate::engine::EngineError;
+use crate::telemetry::RedisMetrics;
 
 /// Commands from one node go over a small pool; blocking reads and pub/sub use their own
 /// connections (fred's subscriber client), so a slow command never stalls fan-out.
@@ -57,4 +65,113 @@ pub fn builder(url: &str) -> Result<Builder, EngineError> {
 /// Maps a fred error to the engine's error.
 pub fn engine_err(e: fred::error::Error) -> EngineError {
     EngineError::Unavailable(format!("redis: {e}"))
+}
+
+/// Runs one Redis call (a command, a script or a pipeline) as operation `op`: inside a
+/// `redis` span, timed, its failure counted. A call abandoned before it finished (its caller
+/// timed out) is not recorded.
+pub async fn call<T, E>(
+    metrics: &RedisMetrics,
+    op: &'static str,
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let started = Instant::now();
+    let r = fut
+        .instrument(tracing::info_span!("redis", otel.name = op, op))
+        .await;
+    metrics.record(op, started.elapsed().as_secs_f64(), r.is_err());
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tracing::field::{Field, Visit};
+    use tracing_subscriber::layer::{Context, SubscriberExt};
+
+    use super::*;
+    use crate::telemetry::Metrics;
+
+    /// Records each new span's name and fields.
+    #[derive(Clone, Default)]
+    struct Spans(Arc<Mutex<Vec<(String, Vec<(String, String)>)>>>);
+
+    struct Fields(Vec<(String, String)>);
+    impl Visit for Fields {
+        fn record_debug(&mut self, f: &Field, v: &dyn std::fmt::Debug) {
+            self.0.push((f.name().to_owned(), format!("{v:?}")));
+        }
+        fn record_str(&mut self, f: &Field, v: &str) {
+            self.0.push((f.name().to_owned(), v.to_owned()));
+        }
+    }
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Spans {
+        fn on_new_span(
+            &self,
+            attrs: &tracing::span::Attributes<'_>,
+            _: &tracing::span::Id,
+            _: Context<'_, S>,
+        ) {
+            let mut fields = Fields(Vec::new());
+            attrs.record(&mut fields);
+            let name = attrs.metadata().name().to_owned();
+            self.0.lock().unwrap().push((name, fields.0));
+        }
+    }
+
+    #[test]
+    fn a_call_is_a_redis_span_and_is_timed_and_counted() {
+        let spans = Spans::default();
+        let subscriber = tracing_subscriber::registry().with(spans.clone());
+        let metrics = Metrics::new("t").unwrap();
+        let m = metrics.redis();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        tracing::subscriber::with_default(subscriber, || {
+            rt.block_on(async {
+                assert_eq!(
+                    call(&m, "lock_acquire", async { Ok::<_, ()>(1) }).await,
+                    Ok(1)
+                );
+                assert!(
+                    call(&m, "lock_acquire", async { Err::<(), _>("down") })
+                        .await
+                        .is_err()
+                );
+                call(&m, "publish", async { Ok::<_, ()>(()) })
+                    .await
+                    .unwrap();
+            })
+        });
+        let seen = spans.0.lock().unwrap().clone();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        let (name, fields) = &seen[0];
+        assert_eq!(name, "redis");
+        let field = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.as_str());
+        assert_eq!(field("otel.name"), Some("lock_acquire"));
+        assert_eq!(field("op"), Some("lock_acquire"));
+
+        let text = metrics.render();
+        let line = |prefix: &str| {
+            text.lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+                .rsplit_once(' ')
+                .unwrap()
+                .1
+                .to_owned()
+        };
+        let count = "lockstep_redis_command_duration_seconds_count";
+        assert_eq!(line(&format!("{count}{{op=\"lock_acquire\"}}")), "2");
+        assert_eq!(line(&format!("{count}{{op=\"publish\"}}")), "1");
+        assert_eq!(
+            line("lockstep_redis_errors_total{op=\"lock_acquire\"}"),
+            "1"
+        );
+        // Present, at zero, for an op that never failed.
+        assert_eq!(line("lockstep_redis_errors_total{op=\"publish\"}"), "0");
+    }
 }

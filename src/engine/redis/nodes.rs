@@ -7,12 +7,14 @@
 
 use fred::prelude::*;
 
-use super::{engine_err, keys};
+use super::{call, engine_err, keys};
 use crate::engine::EngineResult;
+use crate::telemetry::RedisMetrics;
 
 pub struct NodeRegistry {
     pool: Pool,
     id: String,
+    metrics: RedisMetrics,
 }
 
 impl NodeRegistry {
@@ -20,50 +22,64 @@ impl NodeRegistry {
         NodeRegistry {
             pool,
             id: id.to_owned(),
+            metrics: RedisMetrics::default(),
         }
+    }
+
+    /// Records every Redis call in `metrics` (see [`super::call`]).
+    pub fn with_metrics(mut self, metrics: RedisMetrics) -> NodeRegistry {
+        self.metrics = metrics;
+        self
     }
 
     /// Marks this node alive for `ttl_ms`.
     pub async fn beat(&self, ttl_ms: u64) -> EngineResult<()> {
-        let _: () = self
-            .pool
-            .set(
-                keys::node(&self.id),
-                "1",
-                Some(Expiration::PX(ttl_ms as i64)),
-                None,
-                false,
-            )
+        let set = self.pool.set(
+            keys::node(&self.id),
+            "1",
+            Some(Expiration::PX(ttl_ms as i64)),
+            None,
+            false,
+        );
+        let _: () = call(&self.metrics, "node_beat", set)
             .await
             .map_err(engine_err)?;
-        let _: i64 = self
-            .pool
-            .sadd(keys::nodes(), &self.id)
-            .await
-            .map_err(engine_err)?;
+        let _: i64 = call(
+            &self.metrics,
+            "node_register",
+            self.pool.sadd(keys::nodes(), &self.id),
+        )
+        .await
+        .map_err(engine_err)?;
         Ok(())
     }
 
     /// Node ids listed as members whose liveness key is gone; they are removed from the list.
     pub async fn reap_dead(&self) -> EngineResult<Vec<String>> {
-        let ids: Vec<String> = self
-            .pool
-            .smembers(keys::nodes())
-            .await
-            .map_err(engine_err)?;
+        let ids: Vec<String> = call(
+            &self.metrics,
+            "node_list",
+            self.pool.smembers(keys::nodes()),
+        )
+        .await
+        .map_err(engine_err)?;
         let mut dead = Vec::new();
         for id in ids.into_iter().filter(|id| *id != self.id) {
-            let alive: i64 = self
-                .pool
-                .exists(keys::node(&id))
+            let alive: i64 = call(
+                &self.metrics,
+                "node_exists",
+                self.pool.exists(keys::node(&id)),
+            )
+            .await
+            .map_err(engine_err)?;
+            if alive == 0 {
+                let removed: i64 = call(
+                    &self.metrics,
+                    "node_remove",
+                    self.pool.srem(keys::nodes(), &id),
+                )
                 .await
                 .map_err(engine_err)?;
-            if alive == 0 {
-                let removed: i64 = self
-                    .pool
-                    .srem(keys::nodes(), &id)
-                    .await
-                    .map_err(engine_err)?;
                 // Only the node that removed it reports it, so each death is counted once.
                 if removed > 0 {
                     dead.push(id);
@@ -75,18 +91,22 @@ impl NodeRegistry {
 
     /// Ids of the nodes whose liveness key is present (this one included).
     pub async fn alive(&self) -> EngineResult<Vec<String>> {
-        let ids: Vec<String> = self
-            .pool
-            .smembers(keys::nodes())
-            .await
-            .map_err(engine_err)?;
+        let ids: Vec<String> = call(
+            &self.metrics,
+            "node_list",
+            self.pool.smembers(keys::nodes()),
+        )
+        .await
+        .map_err(engine_err)?;
         let mut alive = Vec::new();
         for id in ids {
-            let n: i64 = self
-                .pool
-                .exists(keys::node(&id))
-                .await
-                .map_err(engine_err)?;
+            let n: i64 = call(
+                &self.metrics,
+                "node_exists",
+                self.pool.exists(keys::node(&id)),
+            )
+            .await
+            .map_err(engine_err)?;
             if n > 0 {
                 alive.push(id);
             }
@@ -96,16 +116,20 @@ impl NodeRegistry {
 
     /// Removes this node's liveness key (clean shutdown).
     pub async fn leave(&self) -> EngineResult<()> {
-        let _: i64 = self
-            .pool
-            .del(keys::node(&self.id))
-            .await
-            .map_err(engine_err)?;
-        let _: i64 = self
-            .pool
-            .srem(keys::nodes(), &self.id)
-            .await
-            .map_err(engine_err)?;
+        let _: i64 = call(
+            &self.metrics,
+            "node_leave",
+            self.pool.del(keys::node(&self.id)),
+        )
+        .await
+        .map_err(engine_err)?;
+        let _: i64 = call(
+            &self.metrics,
+            "node_remove",
+            self.pool.srem(keys::nodes(), &self.id),
+        )
+        .await
+        .map_err(engine_err)?;
         Ok(())
     }
 }

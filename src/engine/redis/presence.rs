@@ -58,9 +58,10 @@ use fred::types::scripts::Script;
 use fred::types::sorted_sets::Ordering;
 use futures_util::StreamExt;
 
-use super::{engine_err, keys};
+use super::{call, engine_err, keys};
 use crate::engine::{EngineError, EngineResult, Member, PresencePatch, PresenceStore, SessionId};
 use crate::names::Entity;
+use crate::telemetry::RedisMetrics;
 
 /// Default lifetime of a presence entry without refresh (ms).
 pub const DEFAULT_MEMBER_TTL_MS: u64 = 30_000;
@@ -106,6 +107,7 @@ pub struct RedisPresenceStore {
     pool: Pool,
     member_ttl_ms: u64,
     scripts: Scripts,
+    metrics: RedisMetrics,
 }
 
 impl RedisPresenceStore {
@@ -117,7 +119,14 @@ impl RedisPresenceStore {
             pool,
             member_ttl_ms: member_ttl_ms.max(1),
             scripts: Scripts::load(),
+            metrics: RedisMetrics::default(),
         }
+    }
+
+    /// Records every Redis call in `metrics` (see [`super::call`]).
+    pub fn with_metrics(mut self, metrics: RedisMetrics) -> RedisPresenceStore {
+        self.metrics = metrics;
+        self
     }
 
     /// Connects a pool to `url` and builds a store over it.
@@ -151,14 +160,13 @@ impl RedisPresenceStore {
 
     async fn eval(
         &self,
+        op: &'static str,
         script: &Script,
         keys: Vec<String>,
         args: Vec<String>,
     ) -> EngineResult<Value> {
-        script
-            .evalsha_with_reload(self.client(), keys, args)
-            .await
-            .map_err(engine_err)
+        let eval = script.evalsha_with_reload(self.client(), keys, args);
+        call(&self.metrics, op, eval).await.map_err(engine_err)
     }
 
     /// Live members of `room` (all, or those of `sessions`), unordered.
@@ -168,7 +176,12 @@ impl RedisPresenceStore {
         sessions: Vec<String>,
     ) -> EngineResult<Vec<Member>> {
         let reply = self
-            .eval(&self.scripts.members, Self::room_keys(room), sessions)
+            .eval(
+                "presence_members",
+                &self.scripts.members,
+                Self::room_keys(room),
+                sessions,
+            )
             .await?;
         let mut items = reply.into_array().into_iter();
         // The first item is the server clock.
@@ -215,10 +228,10 @@ impl RedisPresenceStore {
         if let Some((m, expiry)) = new
             && let Some(focus) = &m.focus
         {
-            let r: Result<(), _> = self
+            let set = self
                 .client()
-                .hset(keys::focus(focus.as_str()), (field, expiry as i64))
-                .await;
+                .hset(keys::focus(focus.as_str()), (field, expiry as i64));
+            let r: Result<(), _> = call(&self.metrics, "presence_focus_set", set).await;
             if let Err(e) = r {
                 tracing::warn!(error = %e, %room, %focus, "presence: focus index write failed");
             }
@@ -230,6 +243,7 @@ impl RedisPresenceStore {
         args.push(bound.to_string());
         args.extend(fields);
         self.eval(
+            "presence_focus_del",
             &self.scripts.focus_del,
             vec![keys::focus(focus.as_str())],
             args,
@@ -240,16 +254,15 @@ impl RedisPresenceStore {
 
     /// Makes sure `room` is in `ps:rooms` no later than `at` (lowers, never raises).
     async fn schedule_room(&self, room: &Entity, at: u64) -> EngineResult<()> {
-        let _: Value = self
-            .client()
-            .zadd(
-                keys::presence_rooms(),
-                None,
-                Some(Ordering::LessThan),
-                false,
-                false,
-                (at as f64, room.as_str()),
-            )
+        let add = self.client().zadd(
+            keys::presence_rooms(),
+            None,
+            Some(Ordering::LessThan),
+            false,
+            false,
+            (at as f64, room.as_str()),
+        );
+        let _: Value = call(&self.metrics, "presence_schedule", add)
             .await
             .map_err(engine_err)?;
         Ok(())
@@ -268,30 +281,27 @@ impl RedisPresenceStore {
                 // Capped at now + ttl: a member joining (score now + ttl) between the sweep
                 // script and this write is then never scheduled later than its own expiry.
                 let at = next.min(now + self.member_ttl_ms);
-                let _: Value = self
-                    .client()
-                    .zadd(
-                        rooms_key,
-                        None,
-                        None,
-                        false,
-                        false,
-                        (at as f64, room.as_str()),
-                    )
+                let add = self.client().zadd(
+                    rooms_key,
+                    None,
+                    None,
+                    false,
+                    false,
+                    (at as f64, room.as_str()),
+                );
+                let _: Value = call(&self.metrics, "presence_schedule", add)
                     .await
                     .map_err(engine_err)?;
             }
             None => {
-                let _: Value = self
-                    .client()
-                    .zrem(rooms_key, room.as_str())
+                let rem = self.client().zrem(rooms_key, room.as_str());
+                let _: Value = call(&self.metrics, "presence_unschedule", rem)
                     .await
                     .map_err(engine_err)?;
                 // A join between the sweep script and the ZREM would be lost from ps:rooms:
                 // look again after the removal and put the room back if it has anybody.
-                let exists: u64 = self
-                    .client()
-                    .exists(keys::member_expiry(room.as_str()))
+                let check = self.client().exists(keys::member_expiry(room.as_str()));
+                let exists: u64 = call(&self.metrics, "presence_exists", check)
                     .await
                     .map_err(engine_err)?;
                 if exists > 0 {
@@ -312,6 +322,7 @@ impl RedisPresenceStore {
     ) -> EngineResult<Vec<(Entity, Member)>> {
         let reply = self
             .eval(
+                "presence_sweep",
                 &self.scripts.sweep,
                 Self::room_keys(&room),
                 vec![max.max(1).to_string()],
@@ -366,7 +377,12 @@ impl PresenceStore for RedisPresenceStore {
             self.member_ttl_ms.to_string(),
         ];
         let reply = self
-            .eval(&self.scripts.join, Self::room_keys(room), args)
+            .eval(
+                "presence_join",
+                &self.scripts.join,
+                Self::room_keys(room),
+                args,
+            )
             .await?;
         let mut items = reply.into_array().into_iter();
         let (old, old_expiry, expiry) = (items.next(), items.next(), items.next());
@@ -400,9 +416,8 @@ impl PresenceStore for RedisPresenceStore {
         patch: PresencePatch,
     ) -> EngineResult<Option<Member>> {
         let members_key = keys::members(room.as_str());
-        let current: Option<String> = self
-            .client()
-            .hget(&members_key, session_id.as_ref())
+        let get = self.client().hget(&members_key, session_id.as_ref());
+        let current: Option<String> = call(&self.metrics, "presence_get", get)
             .await
             .map_err(engine_err)?;
         let Some(mut current) = current else {
@@ -424,7 +439,12 @@ impl PresenceStore for RedisPresenceStore {
                 self.member_ttl_ms.to_string(),
             ];
             let reply = self
-                .eval(&self.scripts.update, Self::room_keys(room), args)
+                .eval(
+                    "presence_update",
+                    &self.scripts.update,
+                    Self::room_keys(room),
+                    args,
+                )
                 .await?;
             let mut items = reply.into_array().into_iter();
             match items.next().and_then(|v| v.as_i64()) {
@@ -461,6 +481,7 @@ impl PresenceStore for RedisPresenceStore {
     async fn leave(&self, room: &Entity, session_id: &SessionId) -> EngineResult<Option<Member>> {
         let reply = self
             .eval(
+                "presence_leave",
                 &self.scripts.leave,
                 Self::room_keys(room),
                 vec![session_id.to_string()],
@@ -489,9 +510,8 @@ impl PresenceStore for RedisPresenceStore {
         let mut out = self.members(entity).await?;
         let mut seen: HashSet<SessionId> = out.iter().map(|m| m.session_id.clone()).collect();
 
-        let entries: HashMap<String, String> = self
-            .client()
-            .hgetall(keys::focus(entity.as_str()))
+        let get = self.client().hgetall(keys::focus(entity.as_str()));
+        let entries: HashMap<String, String> = call(&self.metrics, "presence_focus_get", get)
             .await
             .map_err(engine_err)?;
         // Room → sessions listed as focused on `entity`.
@@ -589,6 +609,7 @@ impl PresenceStore for RedisPresenceStore {
         }
         let reply = self
             .eval(
+                "presence_due",
                 &self.scripts.due,
                 vec![keys::presence_rooms()],
                 vec![max.to_string(), SWEEP_CLAIM_MS.to_string()],
@@ -607,8 +628,8 @@ impl PresenceStore for RedisPresenceStore {
                 Err(_) => {
                     // Not ours (one Redis may host other data under the prefix): drop it.
                     tracing::warn!(room = %name, "presence: dropping a bad room name from ps:rooms");
-                    let _: Result<Value, _> =
-                        self.client().zrem(keys::presence_rooms(), name).await;
+                    let rem = self.client().zrem(keys::presence_rooms(), name);
+                    let _: Result<Value, _> = call(&self.metrics, "presence_unschedule", rem).await;
                 }
             }
         }
@@ -630,17 +651,15 @@ impl PresenceStore for RedisPresenceStore {
         }
         let left: Vec<(f64, String)> = rooms.map(|r| (now as f64, r.to_string())).collect();
         if !left.is_empty() {
-            let r: Result<Value, _> = self
-                .client()
-                .zadd(
-                    keys::presence_rooms(),
-                    Some(fred::types::SetOptions::XX),
-                    None,
-                    false,
-                    false,
-                    left,
-                )
-                .await;
+            let add = self.client().zadd(
+                keys::presence_rooms(),
+                Some(fred::types::SetOptions::XX),
+                None,
+                false,
+                false,
+                left,
+            );
+            let r: Result<Value, _> = call(&self.metrics, "presence_schedule", add).await;
             if let Err(e) = r {
                 // Their claims run out instead.
                 tracing::debug!(error = %e, "presence: releasing unswept rooms failed");
@@ -665,7 +684,12 @@ impl RedisPresenceStore {
         args: Vec<String>,
     ) -> EngineResult<Vec<(Entity, SessionId)>> {
         let reply = self
-            .eval(&self.scripts.refresh, Self::room_keys(&room), args)
+            .eval(
+                "presence_refresh",
+                &self.scripts.refresh,
+                Self::room_keys(&room),
+                args,
+            )
             .await?;
         let mut items = reply.into_array().into_iter();
         let expiry = items
@@ -695,7 +719,8 @@ impl RedisPresenceStore {
             }
         }
         for (key, fields) in by_focus {
-            let r: Result<(), _> = self.client().hset(key, fields).await;
+            let set = self.client().hset(key, fields);
+            let r: Result<(), _> = call(&self.metrics, "presence_focus_set", set).await;
             if let Err(e) = r {
                 tracing::warn!(error = %e, %room, "presence: focus index refresh failed");
             }

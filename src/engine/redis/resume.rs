@@ -7,14 +7,16 @@ use async_trait::async_trait;
 use fred::prelude::*;
 use fred::types::scripts::Script;
 
-use super::{engine_err, keys};
+use super::{call, engine_err, keys};
 use crate::engine::{EngineError, EngineResult, ParkedSession, ResumeStore};
+use crate::telemetry::RedisMetrics;
 
 const CLAIM: &str = include_str!("scripts/resume_claim.lua");
 
 pub struct RedisResumeStore {
     pool: Pool,
     claim: Script,
+    metrics: RedisMetrics,
 }
 
 impl RedisResumeStore {
@@ -22,7 +24,14 @@ impl RedisResumeStore {
         RedisResumeStore {
             pool,
             claim: Script::from_lua(CLAIM),
+            metrics: RedisMetrics::default(),
         }
+    }
+
+    /// Records every Redis call in `metrics` (see [`super::call`]).
+    pub fn with_metrics(mut self, metrics: RedisMetrics) -> RedisResumeStore {
+        self.metrics = metrics;
+        self
     }
 }
 
@@ -32,22 +41,22 @@ impl ResumeStore for RedisResumeStore {
         let json =
             serde_json::to_string(session).map_err(|e| EngineError::Internal(e.to_string()))?;
         let expire = Some(Expiration::PX(grace_ms.max(1) as i64));
-        let _: () = self
+        let set = self
             .pool
-            .set(keys::resume(token), json, expire, None, false)
+            .set(keys::resume(token), json, expire, None, false);
+        let _: () = call(&self.metrics, "resume_park", set)
             .await
             .map_err(engine_err)?;
         Ok(())
     }
 
     async fn claim(&self, token: &str, user_id: &str) -> EngineResult<Option<ParkedSession>> {
-        let json: Option<String> = self
-            .claim
-            .evalsha_with_reload(
-                self.pool.next(),
-                vec![keys::resume(token)],
-                vec![user_id.to_owned()],
-            )
+        let eval = self.claim.evalsha_with_reload(
+            self.pool.next(),
+            vec![keys::resume(token)],
+            vec![user_id.to_owned()],
+        );
+        let json: Option<String> = call(&self.metrics, "resume_claim", eval)
             .await
             .map_err(engine_err)?;
         json.map(|j| {
@@ -58,9 +67,8 @@ impl ResumeStore for RedisResumeStore {
     }
 
     async fn expire(&self, token: &str) -> EngineResult<bool> {
-        let removed: i64 = self
-            .pool
-            .del(keys::resume(token))
+        let del = self.pool.del(keys::resume(token));
+        let removed: i64 = call(&self.metrics, "resume_expire", del)
             .await
             .map_err(engine_err)?;
         Ok(removed > 0)

@@ -16,7 +16,8 @@
 # gateway binary), LOCKSTEP_K6=path (a k6 binary; else scripts/ensure-k6.sh finds or installs
 # one), SUMMARY_JSON=path (also write k6's end-of-test summary as JSON there), KEEP_LOGS=1
 # (print the nodes' logs dir and keep it), and any studio.js knob (CURSOR_HZ, EDITOR_PERCENT,
-# SCENES, SEGMENTS, P99_LOCK_MS, P99_PRESENCE_MS, RAMP_SECONDS) is passed on to k6.
+# SCENES, SEGMENTS, P99_LOCK_MS, P99_PRESENCE_MS, P50_LOCK_MS, P50_PRESENCE_MS, RAMP_SECONDS)
+# is passed on to k6.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -43,10 +44,12 @@ WORK=""
 REDIS_PID=""
 NODE_PIDS=()
 DRAIN_PID=""
+K6_PID=""
 
 cleanup() {
     local p
     [[ -n "$DRAIN_PID" ]] && kill "$DRAIN_PID" 2>/dev/null || true
+    [[ -n "$K6_PID" ]] && kill "$K6_PID" 2>/dev/null || true
     for p in "${NODE_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${NODE_PIDS[@]}"; do
         # A node drains its sessions before it exits; do not wait for ever.
@@ -121,16 +124,31 @@ fi
 
 k6_env=(-e "LOCKSTEP_URLS=$(IFS=,; echo "${URLS[*]}")" -e "LOCKSTEP_JWT_SECRET=$SECRET"
         -e "VUS=$VUS" -e "DURATION=$DURATION")
-for knob in CURSOR_HZ EDITOR_PERCENT SCENES SEGMENTS P99_LOCK_MS P99_PRESENCE_MS RAMP_SECONDS LOG_ERRORS; do
+for knob in CURSOR_HZ EDITOR_PERCENT SCENES SEGMENTS P99_LOCK_MS P99_PRESENCE_MS P50_LOCK_MS P50_PRESENCE_MS RAMP_SECONDS LOG_ERRORS; do
     [[ -n "${!knob:-}" ]] && k6_env+=(-e "$knob=${!knob}")
 done
 [[ -n "${SUMMARY_JSON:-}" ]] && K6_ARGS+=(--summary-export "$SUMMARY_JSON")
 
 echo "== k6 run studio.js: $VUS VUs, $DURATION, $NODES nodes" >&2
+# Where the CPU went (user + system seconds, from /proc; k6's sampled every 0.5 s while it runs).
+cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.1f", ($14 + $15) / hz }' "/proc/$1/stat" 2>/dev/null; }
+"$K6" run --no-usage-report "${k6_env[@]}" "${K6_ARGS[@]}" "$ROOT/loadtest/k6/studio.js" &
+K6_PID=$!
+k6_cpu="?"
+while kill -0 "$K6_PID" 2>/dev/null; do
+    k6_cpu="$(cpu_of "$K6_PID" || echo "$k6_cpu")"
+    sleep 0.5
+done
 set +e
-"$K6" run --no-usage-report "${k6_env[@]}" "${K6_ARGS[@]}" "$ROOT/loadtest/k6/studio.js"
+wait "$K6_PID"
 code=$?
 set -e
+K6_PID=""
+cpu_line="cpu seconds: k6 ~$k6_cpu, redis $(cpu_of "$REDIS_PID")"
+for i in $(seq 1 "$NODES"); do
+    cpu_line+=", node-$i $(cpu_of "${NODE_PIDS[$((i - 1))]}" || echo "exited")"
+done
+echo "$cpu_line" >&2
 for i in $(seq 1 "$NODES"); do
     n="$(grep -c -E ' (ERROR|WARN) ' "$WORK/node-$i.log" || true)"
     [[ "$n" != 0 ]] && echo "node $i logged $n warnings/errors (KEEP_LOGS=1 keeps $WORK)" >&2

@@ -184,6 +184,8 @@ async fn sigterm_under_k6_load_loses_no_lock_and_no_client_errs() {
         // A debug build on 2 shared cores: this test is about correctness, not latency.
         .env("P99_LOCK_MS", "2000")
         .env("P99_PRESENCE_MS", "2000")
+        .env("P50_LOCK_MS", "500")
+        .env("P50_PRESENCE_MS", "500")
         .env("RUN_ID", "drain")
         .stdout(Stdio::from(out.try_clone().expect("k6 out")))
         .stderr(Stdio::from(out))

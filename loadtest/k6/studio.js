@@ -47,12 +47,18 @@
 //   studio_locks_lost           locks held before a move and not ours after the resume
 //   studio_locks_kept           locks checked after a resume (snapshot token + lock.extend)
 //   studio_lock_grants, studio_lock_denials, studio_wait_timeouts, studio_waits_dropped
-// Latencies are Date.now() at send against the receive event's timestamp: one clock (one k6
-// process), millisecond resolution at the send side.
+// Latencies are Date.now() just before the send against the receive event's timestamp (taken
+// when k6 read the frame, before the VU's JS handles it, so a busy VU does not inflate it): one
+// clock (one k6 process), millisecond resolution at the send side.
 //
-// Thresholds (override with -e): P99_LOCK_MS (default 250) for studio_lock_acquire_ms,
-// P99_PRESENCE_MS (default 250) for studio_presence_ms, studio_unexpected_errors == 0,
-// studio_locks_lost == 0. A crossed threshold makes k6 exit with 99.
+// Thresholds (override with -e): studio_lock_acquire_ms p99 < P99_LOCK_MS (default 100) and
+// median < P50_LOCK_MS (20); studio_presence_ms p99 < P99_PRESENCE_MS (100) and median <
+// P50_PRESENCE_MS (20); studio_unexpected_errors == 0; studio_locks_lost == 0. A crossed
+// threshold makes k6 exit with 99. Why these numbers: the contract's goal is presence "within
+// milliseconds" for everyone in the room and a lock answer in a round trip or two to Redis;
+// the closed-loop benchmark measures 3-4 ms p99 for both on two nodes (docs/benchmarks.md).
+// Here k6's JavaScript shares the 2 cores with the nodes and Redis, so the defaults leave room
+// for that; on separate load-generator hardware, tighten them with -e.
 
 import { WebSocket } from 'k6/experimental/websockets';
 import { Counter, Trend } from 'k6/metrics';
@@ -127,8 +133,8 @@ export const options = {
     },
   },
   thresholds: {
-    studio_lock_acquire_ms: [`p(99)<${envNum('P99_LOCK_MS', 250)}`],
-    studio_presence_ms: [`p(99)<${envNum('P99_PRESENCE_MS', 250)}`],
+    studio_lock_acquire_ms: [`p(99)<${envNum('P99_LOCK_MS', 100)}`, `med<${envNum('P50_LOCK_MS', 20)}`],
+    studio_presence_ms: [`p(99)<${envNum('P99_PRESENCE_MS', 100)}`, `med<${envNum('P50_PRESENCE_MS', 20)}`],
     studio_unexpected_errors: ['count==0'],
     studio_locks_lost: ['count==0'],
   },
@@ -204,8 +210,11 @@ export default function () {
   function request(msg, meta) {
     const id = nextId++;
     msg.id = id;
+    // The clock is read before the send: the reply's receive timestamp is taken on another
+    // goroutine, which may run while this VU's JS is descheduled right after the send.
+    const sentAt = Date.now();
     if (!send(msg)) return null;
-    pending.set(id, Object.assign({ sentAt: Date.now() }, meta));
+    pending.set(id, Object.assign({ sentAt }, meta));
     return id;
   }
 

@@ -179,7 +179,7 @@ export default function () {
   let ticker = null;
 
   const pending = new Map(); // request id -> {kind, resource, sentAt, wait}
-  const held = new Map(); // resource -> {token, releaseAt, extended}
+  const held = new Map(); // resource -> {token, releaseAt, extended, releasing}
   const waiting = new Map(); // resource -> {id, queuedAt}
   let mustKeep = null; // Map resource -> token, while a resume is being checked
   let presenceSeq = 0;

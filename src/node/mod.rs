@@ -177,6 +177,7 @@ impl Node {
             );
         }
         self.stop_background.cancel();
+        self.hand_over_parked().await;
         if let Err(e) = self.audit.flush().await {
             tracing::error!(error = %e, "audit flush on shutdown failed");
         }

@@ -304,6 +304,28 @@ impl Node {
         }
     }
 
+    /// Called by a draining node once its sockets are closed and its lease renewals stopped.
+    /// Its parked sessions may still be resumed on another node until their grace ends, but
+    /// nobody renews their leases once this process exits: with a lease shorter than the
+    /// grace (or a client slower to come back than the lease), the locks would lapse as
+    /// `disconnected` before the resume. So their leases are stretched over the grace here;
+    /// the hold limit still caps each lock, the resuming node goes back to normal renewals, and
+    /// a session never resumed ends at its grace as usual (wherever its record is expired).
+    pub(crate) async fn hand_over_parked(&self) {
+        let held: Vec<(Entity, u64)> = self.hub.sessions().iter().flat_map(|h| h.held()).collect();
+        if held.is_empty() {
+            return;
+        }
+        let lease = self.config.lock_lease.max(self.config.resume_grace);
+        if let Err(e) = self
+            .locks
+            .refresh_leases(&held, lease.as_millis() as u64)
+            .await
+        {
+            tracing::warn!(error = %e, "stretching parked sessions' leases over the resume grace failed");
+        }
+    }
+
     /// The grace of a parked session is over: end it, unless it was resumed (here or on
     /// another node) in the meantime, in which case this node just forgets its copy.
     pub async fn expire_parked(&self, handle: &Arc<SessionHandle>) {

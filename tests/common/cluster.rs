@@ -135,6 +135,23 @@ impl Gateway {
         false
     }
 
+    /// SIGTERM and wait up to `within` for the process to exit; returns its exit status, or
+    /// `None` if it was still running then (it is left running: `Drop` kills it).
+    pub async fn terminate_status(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        self.signal("TERM");
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                self.child = None;
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
     pub async fn restart(&mut self) {
         self.kill9();
         self.spawn().await;

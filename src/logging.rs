@@ -33,7 +33,7 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::{Event, Subscriber};
-use tracing_subscriber::filter::{EnvFilter, FilterExt, filter_fn};
+use tracing_subscriber::filter::{EnvFilter, FilterExt, LevelFilter, filter_fn};
 use tracing_subscriber::fmt::format::{JsonFields, Writer};
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormattedFields};
@@ -146,7 +146,10 @@ fn console_filter() -> impl tracing_subscriber::layer::Filter<Registry> + Send +
             && *m.level() <= tracing::Level::INFO
             && m.target().starts_with("lockstep")
             && CONTEXT_SPANS.contains(&m.name())
-    });
+    })
+    // The hint keeps the global maximum level at `RUST_LOG`'s, so disabled `debug!`/`trace!`
+    // call sites (the cursor path's) stay a single comparison.
+    .with_max_level_hint(LevelFilter::INFO);
     env.or(context)
 }
 
@@ -190,12 +193,7 @@ fn otlp_layer(
         "http/json" => opentelemetry_otlp::Protocol::HttpJson,
         other => return Err(TraceSetupError::Protocol(other.to_owned())),
     };
-    let filter = match std::env::var("LOCKSTEP_TRACE_FILTER") {
-        Ok(s) if !s.trim().is_empty() => EnvFilter::builder()
-            .parse(s.trim())
-            .map_err(|e| TraceSetupError::Filter(e.to_string()))?,
-        _ => EnvFilter::new(DEFAULT_TRACE_FILTER),
-    };
+    let filter = otlp_filter(std::env::var("LOCKSTEP_TRACE_FILTER").ok().as_deref())?;
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| TraceSetupError::NoRuntime)?;
     let client = OnRuntime {
         client: Arc::new(
@@ -218,8 +216,6 @@ fn otlp_layer(
         .with_resource(resource(node_id))
         .build();
     let tracer = provider.tracer("lockstep");
-    // The long-lived `node` span would make every background batch one endless trace.
-    let not_node = filter_fn(|m| !(m.is_span() && m.name() == "node"));
     let layer = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         // Per-poll bookkeeping (busy/idle time, thread ids, activating an OpenTelemetry
@@ -228,9 +224,27 @@ fn otlp_layer(
         .with_tracked_inactivity(false)
         .with_threads(false)
         .with_context_activation(false)
-        .with_filter(filter.and(not_node))
+        .with_filter(filter)
         .boxed();
     Ok((layer, provider))
+}
+
+/// What the OTLP layer sees: `spec` (`LOCKSTEP_TRACE_FILTER`, default [`DEFAULT_TRACE_FILTER`]),
+/// never the `node` span: that long-lived span would make all background work one endless
+/// trace.
+fn otlp_filter(
+    spec: Option<&str>,
+) -> Result<impl tracing_subscriber::layer::Filter<Registry> + Send + Sync + use<>, TraceSetupError>
+{
+    let env = match spec.map(str::trim) {
+        Some(s) if !s.is_empty() => EnvFilter::builder()
+            .parse(s)
+            .map_err(|e| TraceSetupError::Filter(e.to_string()))?,
+        _ => EnvFilter::new(DEFAULT_TRACE_FILTER),
+    };
+    let not_node =
+        filter_fn(|m| !(m.is_span() && m.name() == "node")).with_max_level_hint(LevelFilter::TRACE);
+    Ok(env.and(not_node))
 }
 
 /// `service.name` (from `OTEL_SERVICE_NAME` / `OTEL_RESOURCE_ATTRIBUTES`, else `lockstep`),
@@ -362,5 +376,74 @@ impl tracing::field::Visit for JsonVisitor<'_> {
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
         self.0
             .insert(field.name().into(), format!("{value:?}").into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tracing::span::{Attributes, Id};
+    use tracing_subscriber::layer::{Context, SubscriberExt};
+
+    use super::*;
+
+    /// Records `target/name` of every span it is told about.
+    #[derive(Clone, Default)]
+    struct Seen(Arc<Mutex<Vec<String>>>);
+
+    impl<S: Subscriber> Layer<S> for Seen {
+        fn on_new_span(&self, attrs: &Attributes<'_>, _: &Id, _: Context<'_, S>) {
+            let m = attrs.metadata();
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("{}/{}", m.target(), m.name()));
+        }
+    }
+
+    fn seen_through(spec: Option<&str>, emit: impl FnOnce()) -> Vec<String> {
+        let seen = Seen::default();
+        let filter = otlp_filter(spec).expect("filter");
+        let subscriber = tracing_subscriber::registry().with(seen.clone().with_filter(filter));
+        tracing::subscriber::with_default(subscriber, emit);
+        let out = seen.0.lock().unwrap().clone();
+        out
+    }
+
+    fn emit_all() {
+        // What the Redis wrapper opens around every engine call, from its own module.
+        let _redis =
+            tracing::info_span!(target: "lockstep::engine::redis::locks", "redis", op = "x");
+        let _node = tracing::info_span!(target: "lockstep::node", "node", node_id = "n");
+        let _request = tracing::info_span!(target: "lockstep::session", "request");
+        let _cursor = tracing::trace_span!(target: "lockstep::session", "request");
+        let _dep = tracing::info_span!(target: "hyper::client", "connect");
+    }
+
+    #[test]
+    fn the_otlp_layer_gets_lockstep_info_spans_but_not_the_node_span() {
+        let seen = seen_through(None, emit_all);
+        assert_eq!(
+            seen,
+            [
+                "lockstep::engine::redis::locks/redis",
+                "lockstep::session/request"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_trace_filter_can_add_cursor_spans_and_never_the_node_span() {
+        let seen = seen_through(Some("lockstep=trace"), emit_all);
+        assert_eq!(
+            seen,
+            [
+                "lockstep::engine::redis::locks/redis",
+                "lockstep::session/request",
+                "lockstep::session/request"
+            ]
+        );
+        assert!(otlp_filter(Some("lockstep=nonsense[")).is_err());
     }
 }

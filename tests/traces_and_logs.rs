@@ -5,7 +5,8 @@
 //!   requests with the official `opentelemetry-proto` messages). A real WebSocket session
 //!   (join, lock.acquire, a denied acquire, release, close) and an HTTP API call must arrive as
 //!   `session`, `request` and `audit.append` spans with their attributes, under a resource with
-//!   `service.name` and `node_id`, flushed by the SIGTERM drain.
+//!   `service.name` and `node_id`, flushed by the SIGTERM drain. With Postgres, the batches the
+//!   node drains into it are `audit.drain` spans.
 //! - JSON logs: every stdout/stderr line of a node run at `RUST_LOG=debug` is a JSON object,
 //!   and a session's lines carry `session_id`, `user_id`, `room` and `node_id`.
 
@@ -360,6 +361,59 @@ async fn spans_reach_an_otlp_collector() {
     assert_eq!(http.attrs["node_id"], "trace-node-1");
     // Probes are debug spans, not exported by default.
     assert!(!names.iter().any(|n| n.ends_with("/readyz")), "{names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_batches_drained_into_postgres_are_spans() {
+    let pg = common::postgres::PostgresServer::start();
+    let (rport, received) = otlp_receiver().await;
+    let node = Node::start(
+        "trace-node-pg",
+        &[
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("http://127.0.0.1:{rport}"),
+            ),
+            ("LOCKSTEP_DATABASE_URL", pg.url()),
+            ("RUST_LOG", "warn".to_owned()),
+        ],
+    )
+    .await;
+    scripted_session(node.addr()).await;
+    // The records reach Postgres (the drainer tails the JSON-lines file) before the drain.
+    let mut rows = 0;
+    for _ in 0..100 {
+        rows = pg
+            .psql("SELECT count(*) FROM lockstep.audit_events WHERE kind = 'lock_acquired'")
+            .trim()
+            .parse::<i64>()
+            .unwrap_or(0);
+        if rows > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(rows, 1, "the grant never reached Postgres");
+    let (stdout, stderr) = node.terminate().await;
+    let spans = flatten(&received);
+    let drains: Vec<&Got> = spans.iter().filter(|s| s.name == "audit.drain").collect();
+    assert!(
+        !drains.is_empty(),
+        "no audit.drain span: {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
+    let drained: i64 = drains
+        .iter()
+        .filter(|d| d.attrs["outcome"] == "ok")
+        .map(|d| d.attrs["records"].as_i64().unwrap_or(0))
+        .sum();
+    for d in &drains {
+        assert_eq!(d.attrs["source"], "jsonl_file", "{d:?}");
+        assert!(d.parent.is_empty(), "a drain batch is a root span: {d:?}");
+        assert_eq!(d.resource["node_id"], "trace-node-pg");
+    }
+    // Two sessions opened and closed, a grant, a denial and a release.
+    assert!(drained >= 5, "drained records in ok spans: {drained}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -407,8 +407,7 @@ mod tests {
         let filter = otlp_filter(spec).expect("filter");
         let subscriber = tracing_subscriber::registry().with(seen.clone().with_filter(filter));
         tracing::subscriber::with_default(subscriber, emit);
-        let out = seen.0.lock().unwrap().clone();
-        out
+        seen.0.lock().unwrap().clone()
     }
 
     fn emit_all() {

@@ -20,7 +20,8 @@
 //! - [`hub`]: this node's live sessions and their rooms; local fan-out.
 //! - [`session`]: one WebSocket connection: read loop, outbound queue, heartbeat, resume.
 //! - [`http`]: the router: WebSocket upgrade, REST API, health, metrics, demo page.
-//! - [`telemetry`]: logging and OpenTelemetry metrics exported in Prometheus text.
+//! - [`telemetry`]: OpenTelemetry metrics exported in Prometheus text.
+//! - [`logging`]: the `tracing` subscriber: console logs (text or flat JSON) and OTLP traces.
 //!
 //! [`start`] is shared by `main` and the tests, which run the same code on `127.0.0.1:0`.
 
@@ -32,6 +33,7 @@ pub mod engine;
 pub mod error;
 pub mod http;
 pub mod hub;
+pub mod logging;
 pub mod names;
 pub mod node;
 pub mod protocol;
@@ -92,7 +94,9 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
         Some(a) => Some(bind(a).await?),
         None => None,
     };
-    let node = Node::start(config).await?;
+    // Start-up and the node's background tasks log inside its span, so they carry `node_id`.
+    let span = node::node_span(&config.node_id);
+    let node = tracing::Instrument::instrument(Node::start(config), span.clone()).await?;
     let stop_admin = CancellationToken::new();
     let metrics_addr = admin.map(|(listener, addr)| {
         let app = http::admin_router(node.clone());
@@ -116,13 +120,16 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
             tracing::debug!(error = %e, "TCP_NODELAY not set");
         }
     });
-    let server = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "server failed");
-        }
-    });
-    tracing::info!(%addr, node_id = %node.id, "lockstep listening");
+    let server = tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "server failed");
+            }
+        },
+        node.span(),
+    ));
+    span.in_scope(|| tracing::info!(%addr, "lockstep listening"));
     Ok(Running {
         addr,
         metrics_addr,
@@ -147,6 +154,11 @@ impl Running {
     /// Graceful stop: readiness fails, sessions get `reconnect` + close 1012, the listener
     /// stops, and the call returns once sessions closed (or `drain_timeout` passed).
     pub async fn shutdown(self) {
+        let span = self.node.span();
+        tracing::Instrument::instrument(self.shutdown_inner(), span).await
+    }
+
+    async fn shutdown_inner(self) {
         let node = self.node.clone();
         let stop = self.stop_accepting.clone();
         // Stop accepting and drain sessions at the same time: axum's graceful shutdown waits

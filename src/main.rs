@@ -1,16 +1,46 @@
-//! `lockstep`: parse settings, start logging, run the gateway until SIGTERM/Ctrl-C, drain.
+//! `lockstep`: parse settings, start logging and tracing, run the gateway until SIGTERM/Ctrl-C,
+//! drain, flush buffered spans.
 
 use anyhow::Context;
 use clap::Parser;
-use lockstep::config::{Cli, Command, Config};
+use lockstep::config::{Cli, Command, Config, LogFormat};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let config =
-        Config::load(cli.settings, cli.config.as_deref()).context("invalid configuration")?;
-    lockstep::telemetry::init_logging(config.log_format);
-    match cli.command.unwrap_or(Command::Serve) {
+    let config = match Config::load(cli.settings, cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            // No configuration, so the log format comes straight from the environment: a JSON
+            // log stays JSON even for this line.
+            let json =
+                std::env::var("LOCKSTEP_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+            let format = if json {
+                LogFormat::Json
+            } else {
+                LogFormat::Text
+            };
+            let telemetry = lockstep::logging::init(format, "-");
+            tracing::error!(error = %e, "invalid configuration");
+            telemetry.shutdown().await;
+            std::process::exit(1);
+        }
+    };
+    let telemetry = lockstep::logging::init(config.log_format, &config.node_id);
+    let result = run(cli.command.unwrap_or(Command::Serve), config).await;
+    // Buffered spans (the drain's included) go out before the process ends.
+    if let Err(e) = result {
+        // Logged rather than returned, so a JSON log stays JSON to its last line.
+        tracing::error!(error = format!("{e:#}"), "exiting on error");
+        telemetry.shutdown().await;
+        std::process::exit(1);
+    }
+    telemetry.shutdown().await;
+    Ok(())
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
         Command::Migrate => {
             let url = config
                 .database_url

@@ -23,20 +23,6 @@ use opentelemetry_sdk::metrics::SdkMeterProvider;
 use prometheus::{Encoder, TextEncoder};
 use std::any::Any;
 
-use crate::config::LogFormat;
-
-/// Installs the global tracing subscriber (`RUST_LOG` filter, default `info`). Safe to call
-/// more than once: later calls are ignored, as tests start many nodes in one process.
-pub fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
-}
-
 /// Every instrument the node records, created once at start-up.
 #[derive(Clone)]
 pub struct Metrics {

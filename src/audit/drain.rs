@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::AuditRecord;
 use super::postgres::{self, DeadLetter, WriteError};
@@ -161,7 +162,16 @@ impl FileDrainer {
             self.metrics
                 .audit_backlog(chunk.lines.len() as u64 + chunk.more);
             let started = Instant::now();
-            match self.write(&chunk).await {
+            let span = super::outbox::drain_span("jsonl_file", chunk.lines.len());
+            let written = self.write(&chunk).instrument(span.clone()).await;
+            let outcome = match written {
+                Ok(true) => "ok",
+                // Some line was refused and is retried; the others are written.
+                Ok(false) => "partial",
+                Err(_) => "error",
+            };
+            super::traced::record_outcome(&span, outcome);
+            match written {
                 Ok(true) => {
                     backoff = BACKOFF_MIN;
                     if let Some(d) = self.ack_delay {

@@ -103,11 +103,13 @@ impl JsonlSink {
         let sync_file = file
             .try_clone()
             .map_err(|e| unavailable("cannot open audit file in", e))?;
+        // The threads log inside the opener's span (the node's): their lines carry `node_id`.
+        let span = tracing::Span::current();
         let syncer = {
-            let (dirty, stop) = (dirty.clone(), stop.clone());
+            let (dirty, stop, span) = (dirty.clone(), stop.clone(), span.clone());
             std::thread::Builder::new()
                 .name("audit-fsync".into())
-                .spawn(move || periodic_sync(sync_file, dirty, stop))
+                .spawn(move || span.in_scope(|| periodic_sync(sync_file, dirty, stop)))
                 .map_err(|e| unavailable("cannot start the audit syncer for", e))?
         };
         let writer = Writer {
@@ -119,7 +121,7 @@ impl JsonlSink {
         };
         std::thread::Builder::new()
             .name("audit-jsonl".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || span.in_scope(|| writer.run(rx)))
             .map_err(|e| unavailable("cannot start the audit writer for", e))?;
         Ok(JsonlSink {
             tx,

@@ -20,6 +20,7 @@ pub mod jsonl;
 pub mod metered;
 pub mod outbox;
 pub mod postgres;
+pub mod traced;
 
 use std::sync::Arc;
 

@@ -85,6 +85,7 @@ use std::time::{Duration, Instant};
 use fred::prelude::*;
 use futures_util::future::join_all;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::AuditRecord;
 use super::postgres::{self, DeadLetter, WriteError};
@@ -283,7 +284,11 @@ impl RedisOutboxWriter {
                 continue;
             }
             idle = IDLE_MIN;
-            match self.write(&batch).await {
+            let span = drain_span("redis_outbox", batch.len());
+            let written = self.write(&batch).instrument(span.clone()).await;
+            let outcome = if written.is_ok() { "ok" } else { "error" };
+            super::traced::record_outcome(&span, outcome);
+            match written {
                 Ok(()) => backoff.reset(),
                 Err(e) => {
                     self.metrics.audit_write_failure();
@@ -780,6 +785,17 @@ pub async fn trim_ring(redis: &Pool, warned: &AtomicBool, m: &RedisMetrics) {
         }
     }))
     .await;
+}
+
+/// The span of one batch drained into Postgres (`source`: `redis_outbox` or `jsonl_file`).
+pub(crate) fn drain_span(source: &'static str, records: usize) -> tracing::Span {
+    tracing::info_span!(
+        "audit.drain",
+        source,
+        records = records as i64,
+        outcome = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    )
 }
 
 #[cfg(test)]

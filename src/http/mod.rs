@@ -56,6 +56,10 @@ pub fn router(node: Arc<Node>) -> Router {
             node.clone(),
             count_errors,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            node.clone(),
+            trace_request,
+        ))
         .with_state(node)
 }
 
@@ -82,6 +86,50 @@ async fn count_errors(
         node.metrics.client_error(code.as_str());
     }
     resp
+}
+
+/// One `request` span per HTTP request, named `{method} {route}` in traces (OpenTelemetry's
+/// HTTP convention). Probes and scrapes (`/healthz`, `/readyz`, `/metrics`) get `debug` spans,
+/// so the default trace filter does not export one span per probe.
+async fn trace_request(
+    axum::extract::State(node): axum::extract::State<Arc<Node>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use tracing::Instrument;
+    use tracing::field::Empty;
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |p| p.as_str());
+    let method = req.method().as_str();
+    macro_rules! span {
+        ($level:ident) => {
+            tracing::$level!(
+                "request",
+                otel.name = format!("{method} {route}"),
+                otel.kind = "server",
+                otel.status_code = Empty,
+                "type" = "http",
+                http.request.method = method,
+                http.route = route,
+                http.response.status_code = Empty,
+                node_id = &*node.id,
+                user_id = Empty,
+            )
+        };
+    }
+    let span = match route {
+        "/healthz" | "/readyz" | "/metrics" => span!(debug_span),
+        _ => span!(info_span),
+    };
+    let response = next.run(req).instrument(span.clone()).await;
+    let status = response.status();
+    span.record("http.response.status_code", i64::from(status.as_u16()));
+    if status.is_server_error() {
+        span.record("otel.status_code", "error");
+    }
+    response
 }
 
 /// An error answered as `{"code", "message", ...}`; `lock_held` adds holder and wait.
@@ -191,7 +239,10 @@ impl FromRequestParts<Arc<Node>> for Authed {
         let token = bearer(parts)
             .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "missing bearer token"))?;
         match node.auth.verify_bearer(token) {
-            Ok(p) => Ok(Authed(p)),
+            Ok(p) => {
+                tracing::Span::current().record("user_id", &*p.user_id);
+                Ok(Authed(p))
+            }
             Err(e) => {
                 ws::record_auth_failure(node, &e).await;
                 Err(e.into())

@@ -57,6 +57,9 @@ pub async fn upgrade(
         .max_message_size(max)
         .max_frame_size(max);
     let tasks = node.tasks.clone();
+    if let Ok(p) = &verified {
+        tracing::Span::current().record("user_id", &*p.user_id);
+    }
     match verified {
         Ok(principal) => ws.on_upgrade(move |socket| {
             let codec = Codec::from_subprotocol(socket.protocol().and_then(|p| p.to_str().ok()));

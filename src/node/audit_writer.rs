@@ -15,6 +15,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use tracing::Instrument;
 
 use super::{Node, every};
 use crate::audit::drain::FileDrainer;
@@ -63,7 +64,7 @@ pub fn spawn(node: &Arc<Node>, outbox: AuditOutbox) {
                 WriterSettings::from_env(),
                 node.metrics.clone(),
             );
-            tokio::spawn(writer.run(stop));
+            tokio::spawn(writer.run(stop).instrument(node.span()));
             every(node, TRIM_INTERVAL, move |node| {
                 let redis = redis.clone();
                 async move {
@@ -74,7 +75,7 @@ pub fn spawn(node: &Arc<Node>, outbox: AuditOutbox) {
         AuditOutbox::FileToPostgres { file, db, appended } => {
             let ack_delay = WriterSettings::from_env().ack_delay;
             let drainer = FileDrainer::new(&file, db, node.metrics.clone(), appended, ack_delay);
-            tokio::spawn(drainer.run(stop));
+            tokio::spawn(drainer.run(stop).instrument(node.span()));
         }
     }
     if let (Some(db), Some(keep)) = (node.db.clone(), node.config.audit_retention) {

@@ -16,6 +16,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tracing::Instrument;
+
 use super::engines::ClusterParts;
 use super::{Node, every};
 use crate::engine::RoomEventKind;
@@ -31,11 +33,14 @@ pub fn spawn(node: &Arc<Node>, parts: ClusterParts) {
         mut resync,
     } = parts;
     let resyncer = node.clone();
-    tokio::spawn(async move {
-        while let Some(r) = resync.recv().await {
-            resync_views(&resyncer, r).await;
+    tokio::spawn(
+        async move {
+            while let Some(r) = resync.recv().await {
+                resync_views(&resyncer, r).await;
+            }
         }
-    });
+        .instrument(node.span()),
+    );
     let refresh = node.config.presence_ttl / 3;
     every(node, refresh, |node| async move {
         refresh_presence(&node).await
@@ -50,12 +55,15 @@ pub fn spawn(node: &Arc<Node>, parts: ClusterParts) {
         async move { liveness(&node, &registry).await }
     });
     let leaving = node.clone();
-    tokio::spawn(async move {
-        leaving.stop_background.cancelled().await;
-        if let Err(e) = registry.leave().await {
-            tracing::debug!(error = %e, "could not remove the liveness key");
+    tokio::spawn(
+        async move {
+            leaving.stop_background.cancelled().await;
+            if let Err(e) = registry.leave().await {
+                tracing::debug!(error = %e, "could not remove the liveness key");
+            }
         }
-    });
+        .instrument(node.span()),
+    );
 }
 
 async fn resync_views(node: &Node, r: Resync) {

@@ -16,6 +16,7 @@ use crate::audit::AuditSink;
 use crate::audit::jsonl::JsonlSink;
 use crate::audit::metered::Metered;
 use crate::audit::postgres::PgBackedSink;
+use crate::audit::traced::Traced;
 use crate::config::Config;
 use crate::engine::memory::{
     MemoryBroker, MemoryLockStore, MemoryPresenceStore, MemoryResumeStore,
@@ -78,9 +79,9 @@ pub async fn build(
                     appended: appended.clone(),
                 };
                 let sink = PgBackedSink::new(file, db.clone()).notify_on_append(appended);
-                (Arc::new(sink), outbox)
+                (Traced::wrap(Arc::new(sink), "jsonl"), outbox)
             }
-            None => (Arc::new(file), AuditOutbox::None),
+            None => (Traced::wrap(Arc::new(file), "jsonl"), AuditOutbox::None),
         };
         let audit: Arc<dyn AuditSink> = Arc::new(Metered::new(audit, metrics.clone()));
         return Ok(Engines {
@@ -106,14 +107,17 @@ pub async fn build(
     // `GET /v1/audit` reads them there; with one, they are drained to Postgres and read there.
     let (audit, audit_outbox): (Arc<dyn AuditSink>, _) = match &db {
         Some(db) => (
-            Arc::new(PgBackedSink::new(streams, db.clone())),
+            Traced::wrap(
+                Arc::new(PgBackedSink::new(streams, db.clone())),
+                "redis_outbox",
+            ),
             AuditOutbox::RedisToPostgres {
                 redis: pool.clone(),
                 db: db.clone(),
             },
         ),
         None => (
-            Arc::new(streams),
+            Traced::wrap(Arc::new(streams), "redis_outbox"),
             AuditOutbox::RedisRing {
                 redis: pool.clone(),
             },

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::audit::{AuditKind, AuditRecord, AuditSink};
 use crate::auth::{Authenticator, Principal};
@@ -123,6 +124,8 @@ impl From<crate::engine::EngineError> for OpError {
 
 impl Node {
     /// Builds a node with the engines the configuration asks for and starts its background loop.
+    /// Called inside the node's span ([`node_span`]): the engine tasks spawned while building
+    /// (the Redis broker's) keep it.
     pub async fn start(config: Config) -> Result<Arc<Node>, NodeError> {
         let id: Arc<str> = Arc::from(config.node_id.as_str());
         let metrics = Metrics::new(&id)?;
@@ -154,6 +157,12 @@ impl Node {
             cluster::spawn(&node, parts);
         }
         Ok(node)
+    }
+
+    /// The span of this node's background work: its logs carry `node_id` (several nodes
+    /// share a test process, so it cannot be a global). Not exported as a trace.
+    pub fn span(&self) -> tracing::Span {
+        node_span(&self.id)
     }
 
     pub fn is_ready(&self) -> bool {
@@ -303,6 +312,11 @@ fn observe_hub(metrics: &Metrics, hub: &Arc<Hub>) {
     );
 }
 
+/// The `node` span (`node_id`): the context of a node's background work and start-up.
+pub fn node_span(id: &str) -> tracing::Span {
+    tracing::info_span!("node", node_id = id)
+}
+
 /// The node's periodic work, one task per duty so a slow one (ending parked sessions can wait
 /// on the audit log) never delays lease renewal into a false expiry. All stop after the drain.
 fn spawn_background(node: &Arc<Node>) {
@@ -333,16 +347,20 @@ where
     Fut: std::future::Future<Output = ()> + Send,
 {
     let node = node.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = node.stop_background.cancelled() => return,
-                _ = tick.tick() => duty(node.clone()).await,
+    let span = node.span();
+    tokio::spawn(
+        async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = node.stop_background.cancelled() => return,
+                    _ = tick.tick() => duty(node.clone()).await,
+                }
             }
         }
-    });
+        .instrument(span),
+    );
 }
 
 /// Renews the leases of every lock held by this node's sessions (attached or parked). A lock

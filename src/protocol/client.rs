@@ -52,6 +52,30 @@ impl ClientMessage {
             ClientMessage::Ping => "ping",
         }
     }
+
+    /// The room the message is about, if it names one (for spans and logs).
+    pub fn room(&self) -> Option<&Entity> {
+        match self {
+            ClientMessage::Join(Join { room, .. })
+            | ClientMessage::Leave(Leave { room, .. })
+            | ClientMessage::Presence(PresenceMsg { room, .. })
+            | ClientMessage::Cursor(CursorMsg { room, .. })
+            | ClientMessage::Broadcast(BroadcastMsg { room, .. })
+            | ClientMessage::LockAcquire(LockAcquire { room, .. }) => Some(room),
+            _ => None,
+        }
+    }
+
+    /// The locked resource the message is about, if any (for spans and logs).
+    pub fn resource(&self) -> Option<&Entity> {
+        match self {
+            ClientMessage::LockAcquire(LockAcquire { resource, .. })
+            | ClientMessage::LockRelease(LockRelease { resource, .. })
+            | ClientMessage::LockExtend(LockExtend { resource, .. })
+            | ClientMessage::LockCancelWait(LockCancelWait { resource, .. }) => Some(resource),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

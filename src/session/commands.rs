@@ -93,6 +93,8 @@ pub async fn handle(node: &Node, session: &Arc<SessionHandle>, req: Request) {
         }
     };
     if let Err(e) = result {
+        // Inside the request span: the line carries session, user, room and node.
+        tracing::debug!(code = e.code().as_str(), error = %e, "request refused");
         send_error(node, session, id, &e);
     }
 }
@@ -137,5 +139,6 @@ pub fn send_error(node: &Node, session: &SessionHandle, id: Option<u32>, e: &OpE
         frame.queue_position = d.queue_position;
     }
     node.metrics.client_error(e.code().as_str());
+    crate::session::record_error(e.code());
     session.send(&ServerMessage::Error(frame));
 }

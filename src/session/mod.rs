@@ -15,13 +15,15 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::auth::Principal;
 use crate::error::{ErrorCode, close};
 use crate::node::Node;
 use crate::node::sessions::EndReason;
 use crate::protocol::server::ErrorFrame;
-use crate::protocol::{ClientMessage, Codec, ServerMessage};
+use crate::protocol::{ClientMessage, Codec, Request, ServerMessage};
 use handle::SessionHandle;
 use ratelimit::TokenBucket;
 
@@ -31,7 +33,7 @@ type Stream = futures_util::stream::SplitStream<WebSocket>;
 /// How long the final frames (close, reconnect) may take to reach a client.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Runs a connection from its upgrade to its end.
+/// Runs a connection from its upgrade to its end, inside its `session` span.
 pub async fn run(
     node: Arc<Node>,
     socket: WebSocket,
@@ -39,12 +41,44 @@ pub async fn run(
     codec: Codec,
     resume: Option<String>,
 ) {
+    // One span (one trace) per connection: opened or resumed, closed with a reason. Requests
+    // are its children, so log lines inside them carry session, user and node.
+    let span = tracing::info_span!(
+        "session",
+        session_id = Empty,
+        user_id = &*principal.user_id,
+        node_id = &*node.id,
+        codec = match codec {
+            Codec::Json => "json",
+            Codec::MsgPack => "msgpack",
+        },
+        kind = Empty,
+        reason = Empty,
+    );
+    run_session(node, socket, principal, codec, resume)
+        .instrument(span)
+        .await
+}
+
+async fn run_session(
+    node: Arc<Node>,
+    socket: WebSocket,
+    principal: Principal,
+    codec: Codec,
+    resume: Option<String>,
+) {
     let (mut sink, mut stream) = socket.split();
+    let span = tracing::Span::current();
     // The rarely-run, large futures (lock paths carry Postgres and timeout futures) are boxed,
     // so the state every idle session keeps alive stays small (7 KB → 1.6 KB per task).
     let handle = match Box::pin(node.open_session(principal, codec, resume.as_deref())).await {
-        Ok((handle, _)) => handle,
+        Ok((handle, resumed)) => {
+            span.record("session_id", &*handle.id);
+            span.record("kind", if resumed { "resumed" } else { "new" });
+            handle
+        }
         Err(e) => {
+            span.record("reason", "too_many_sessions");
             let message = e.to_string();
             let frame = ErrorFrame::new(None, ErrorCode::TooManySessions, &message);
             let _ = sink.send(codec.encode(&ServerMessage::Error(frame))).await;
@@ -59,12 +93,52 @@ pub async fn run(
         }
     };
     let reason = drive(&node, &handle, &mut sink, &mut stream).await;
+    span.record("reason", reason.as_str());
     let close = Box::pin(last_words(&node, &handle, &mut sink, reason)).await;
     // End (or park) the session before the closing handshake, which may take a while: its
     // locks and presence must not wait on a client that is slow to say goodbye.
     Box::pin(node.end_session(&handle, reason)).await;
     if let Some((code, text)) = close {
         close_with(&mut sink, &mut stream, code, text).await;
+    }
+}
+
+/// The span of one client request, a child of its session's. Cursor frames are the hot path
+/// (tens per second per member): their span is at `trace` and presence updates at `debug`, so
+/// at the default filters neither costs more than a cached "disabled" check.
+fn request_span(req: &Request) -> tracing::Span {
+    let m = &req.message;
+    let ty = m.type_name();
+    let room = m.room().map(|e| e.as_str());
+    let resource = m.resource().map(|e| e.as_str());
+    macro_rules! span {
+        ($level:ident) => {
+            tracing::$level!(
+                "request",
+                "type" = ty,
+                // Integers as i64: OpenTelemetry has no unsigned type (u64 would become text).
+                id = req.id.map(i64::from),
+                room,
+                resource,
+                error = Empty,
+                otel.status_code = Empty,
+            )
+        };
+    }
+    match m {
+        ClientMessage::Cursor(_) => span!(trace_span),
+        ClientMessage::Presence(_) => span!(debug_span),
+        _ => span!(info_span),
+    }
+}
+
+/// Marks the current request span with the error code it answered; server-side failures
+/// (`unavailable`) also set the OpenTelemetry status to error.
+pub fn record_error(code: ErrorCode) {
+    let span = tracing::Span::current();
+    span.record("error", code.as_str());
+    if code == ErrorCode::Unavailable {
+        span.record("otel.status_code", "error");
     }
 }
 
@@ -214,7 +288,10 @@ async fn handle_frame(
     match decoded {
         Ok(req) => {
             let ty = req.message.type_name();
-            Box::pin(commands::handle(node, handle, req)).await;
+            let span = request_span(&req);
+            Box::pin(commands::handle(node, handle, req))
+                .instrument(span)
+                .await;
             ty
         }
         Err(e) => {

@@ -30,7 +30,7 @@ impl Server {
 
     /// A dev-mode node (tokens minted over HTTP) with test-friendly timers, tweaked by `f`.
     pub async fn start_with(f: impl FnOnce(&mut Config)) -> Server {
-        lockstep::telemetry::init_logging(lockstep::config::LogFormat::Text);
+        let _ = lockstep::logging::init(lockstep::config::LogFormat::Text, "test");
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = Config::for_tests(dir.path().to_owned());
         config.drain_timeout = Duration::from_secs(3);

@@ -81,6 +81,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::{call, engine_err, keys};
 use crate::engine::{Broker, EngineError, EngineResult, EventSink, RoomEvent};
@@ -212,22 +213,29 @@ impl RedisBroker {
         });
         let (queue, queue_rx) = mpsc::channel(PUBLISH_QUEUE);
         let tasks = vec![
-            tokio::spawn(publisher(
-                pool.clone(),
-                sharded,
-                shared.node_id.clone(),
-                queue_rx,
-                metrics.clone(),
-            )),
-            tokio::spawn(reader(shared.clone(), message_rx)),
-            tokio::spawn(on_reconnects(
-                shared.clone(),
-                subscriber.clone(),
-                sharded,
-                reconnect_rx,
-                metrics.clone(),
-            )),
-            tokio::spawn(forward_resyncs(shared.clone())),
+            // In the caller's span (the node's), so their logs carry `node_id`.
+            tokio::spawn(
+                publisher(
+                    pool.clone(),
+                    sharded,
+                    shared.node_id.clone(),
+                    queue_rx,
+                    metrics.clone(),
+                )
+                .in_current_span(),
+            ),
+            tokio::spawn(reader(shared.clone(), message_rx).in_current_span()),
+            tokio::spawn(
+                on_reconnects(
+                    shared.clone(),
+                    subscriber.clone(),
+                    sharded,
+                    reconnect_rx,
+                    metrics.clone(),
+                )
+                .in_current_span(),
+            ),
+            tokio::spawn(forward_resyncs(shared.clone()).in_current_span()),
         ];
         Ok(Arc::new(RedisBroker {
             shared,

@@ -56,6 +56,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve => {
+            raise_open_file_limit();
             let running = lockstep::start(config).await?;
             shutdown_signal().await;
             tracing::info!("shutdown signal: draining");
@@ -63,6 +64,16 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             tracing::info!("drained, exiting");
             Ok(())
         }
+    }
+}
+
+/// Each WebSocket is a file descriptor, and runtimes often start containers at a soft limit
+/// of 1024 while allowing far more: raise the soft limit to the hard one, as Go's runtime and
+/// most servers do, so the pod's capacity is set by the operator's hard limit.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(open_files = limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
 }
 

@@ -41,8 +41,23 @@ pub async fn connect(url: &str) -> Result<Pool, EngineError> {
         .map_err(|e| EngineError::Internal(format!("redis pool: {e}")))?;
     pool.init()
         .await
-        .map_err(|e| EngineError::Unavailable(format!("redis connect {url}: {e}")))?;
+        .map_err(|e| EngineError::Unavailable(format!("redis connect {}: {e}", redacted(url))))?;
     Ok(pool)
+}
+
+/// `url` with any password replaced by `***`, for error messages and logs: connect errors end
+/// up in logs, and the Redis URL often carries the password (`redis://:secret@host`).
+pub fn redacted(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        // Not parseable as a URL: say nothing of it rather than risk echoing a secret.
+        Err(_) => "(unparseable URL)".to_owned(),
+    }
 }
 
 /// A fred builder with the project's reconnect policy and timeouts.
@@ -173,5 +188,19 @@ mod tests {
         );
         // Present, at zero, for an op that never failed.
         assert_eq!(line("lockstep_redis_errors_total{op=\"publish\"}"), "0");
+    }
+
+    #[test]
+    fn redacted_hides_passwords_only() {
+        assert_eq!(
+            redacted("redis://:s3cret@cache:6379/0"),
+            "redis://:***@cache:6379/0"
+        );
+        assert_eq!(
+            redacted("redis-sentinel://user:pw@h:26379/0?sentinelServiceName=m"),
+            "redis-sentinel://user:***@h:26379/0?sentinelServiceName=m"
+        );
+        assert_eq!(redacted("redis://cache:6379"), "redis://cache:6379");
+        assert_eq!(redacted("not a url :pw@"), "(unparseable URL)");
     }
 }

@@ -125,6 +125,9 @@ pub struct Settings {
     /// Rooms one session may have joined at once.
     #[arg(long, env = "LOCKSTEP_MAX_ROOMS_PER_SESSION")]
     pub max_rooms_per_session: Option<usize>,
+    /// Locks one session may hold plus waits it may have queued, together.
+    #[arg(long, env = "LOCKSTEP_MAX_LOCKS_PER_SESSION")]
+    pub max_locks_per_session: Option<usize>,
     /// Sustained messages per second per session (token bucket refill rate).
     #[arg(long, env = "LOCKSTEP_MESSAGES_PER_SECOND")]
     pub messages_per_second: Option<u32>,
@@ -175,6 +178,7 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub max_frame_bytes: usize,
     pub max_rooms_per_session: usize,
+    pub max_locks_per_session: usize,
     pub messages_per_second: u32,
     pub message_burst: u32,
     pub max_sessions_per_user: usize,
@@ -225,6 +229,7 @@ impl Settings {
             drain_timeout: self.drain_timeout.or(other.drain_timeout),
             max_frame_bytes: self.max_frame_bytes.or(other.max_frame_bytes),
             max_rooms_per_session: self.max_rooms_per_session.or(other.max_rooms_per_session),
+            max_locks_per_session: self.max_locks_per_session.or(other.max_locks_per_session),
             messages_per_second: self.messages_per_second.or(other.messages_per_second),
             message_burst: self.message_burst.or(other.message_burst),
             max_sessions_per_user: self.max_sessions_per_user.or(other.max_sessions_per_user),
@@ -284,6 +289,7 @@ impl Config {
             drain_timeout: d(s.drain_timeout, Duration::from_secs(10)),
             max_frame_bytes: s.max_frame_bytes.unwrap_or(64 * 1024),
             max_rooms_per_session: s.max_rooms_per_session.unwrap_or(32),
+            max_locks_per_session: s.max_locks_per_session.unwrap_or(64),
             messages_per_second: s.messages_per_second.unwrap_or(100),
             message_burst: s.message_burst.unwrap_or(200),
             max_sessions_per_user: s.max_sessions_per_user.unwrap_or(16),

@@ -26,6 +26,8 @@ pub enum ErrorCode {
     NotInRoom,
     /// `join` beyond the per-session room limit.
     TooManyRooms,
+    /// `lock.acquire` beyond the per-session limit of held locks and queued waits.
+    TooManyLocks,
     /// Connection refused: the user already has the maximum number of sessions.
     TooManySessions,
     /// The session sends faster than its message budget; the message was dropped.
@@ -50,7 +52,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, so metrics can expose each one's series from the start.
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::Malformed,
         ErrorCode::UnknownType,
         ErrorCode::BadRequest,
@@ -58,6 +60,7 @@ impl ErrorCode {
         ErrorCode::Forbidden,
         ErrorCode::NotInRoom,
         ErrorCode::TooManyRooms,
+        ErrorCode::TooManyLocks,
         ErrorCode::TooManySessions,
         ErrorCode::RateLimited,
         ErrorCode::TooLarge,
@@ -79,6 +82,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::NotInRoom => "not_in_room",
             ErrorCode::TooManyRooms => "too_many_rooms",
+            ErrorCode::TooManyLocks => "too_many_locks",
             ErrorCode::TooManySessions => "too_many_sessions",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::TooLarge => "too_large",
@@ -103,7 +107,10 @@ impl ErrorCode {
             ErrorCode::LockHeld | ErrorCode::LockNotHeld => 409,
             ErrorCode::WaitTimeout => 408,
             ErrorCode::TooLarge => 413,
-            ErrorCode::TooManyRooms | ErrorCode::TooManySessions | ErrorCode::RateLimited => 429,
+            ErrorCode::TooManyRooms
+            | ErrorCode::TooManyLocks
+            | ErrorCode::TooManySessions
+            | ErrorCode::RateLimited => 429,
             ErrorCode::Unavailable => 503,
             ErrorCode::Internal => 500,
         }

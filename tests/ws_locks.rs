@@ -240,3 +240,62 @@ async fn snapshot_lists_locks_with_the_token_only_for_the_holder() {
     let own = a.recv_type("room.snapshot").await;
     assert_eq!(own["locks"][0]["token"], g["token"]);
 }
+
+/// One session's held locks plus queued waits are capped: past the cap an acquire is refused
+/// with `too_many_locks` and nothing is granted or queued; retrying a lock it holds or waits
+/// for is not a new one; releasing frees budget; another session has its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_and_waits_per_session_are_capped() {
+    let server = Server::start_with(|c| c.max_locks_per_session = 3).await;
+    let mut alice = joined(&server, "alice").await;
+    let mut bob = joined(&server, "bob").await;
+    let b = bob.request(acquire("segment:9-9", json!({}))).await;
+    assert_eq!(b["type"], "reply", "{b}");
+
+    let t1 = alice.request(acquire("segment:9-1", json!({}))).await["token"]
+        .as_u64()
+        .unwrap();
+    alice.request(acquire("segment:9-2", json!({}))).await;
+    // A wait counts too.
+    let w = alice
+        .request(acquire(
+            "segment:9-9",
+            json!({"wait": true, "wait_timeout_ms": 30_000}),
+        ))
+        .await;
+    assert_eq!(w["code"], "lock_held", "{w}");
+    let e = alice
+        .expect_error(acquire("segment:9-3", json!({})), "too_many_locks")
+        .await;
+    assert!(e["id"].is_u64(), "{e}");
+    // Nothing was granted: bob can take it.
+    let g = bob.request(acquire("segment:9-3", json!({}))).await;
+    assert_eq!(
+        g["type"], "reply",
+        "refused acquire left no lock behind: {g}"
+    );
+    // Retrying a held lock is not a new lock.
+    let again = alice.request(acquire("segment:9-1", json!({}))).await;
+    assert_eq!(again["token"].as_u64(), Some(t1), "{again}");
+
+    let r = alice
+        .request(json!({"type":"lock.release","resource":"segment:9-1","token":t1}))
+        .await;
+    assert_eq!(r["type"], "reply", "{r}");
+    let ok = alice.request(acquire("segment:9-4", json!({}))).await;
+    assert_eq!(ok["type"], "reply", "released budget is reusable: {ok}");
+    alice
+        .expect_error(acquire("segment:9-5", json!({})), "too_many_locks")
+        .await;
+    // Cancelling the wait frees its slot.
+    let c = alice
+        .request(json!({"type":"lock.cancel_wait","resource":"segment:9-9"}))
+        .await;
+    assert_eq!(c["type"], "reply", "{c}");
+    let ok = alice.request(acquire("segment:9-5", json!({}))).await;
+    assert_eq!(ok["type"], "reply", "{ok}");
+    // Another session of the same user has its own budget.
+    let mut alice2 = joined(&server, "alice").await;
+    let ok = alice2.request(acquire("segment:9-6", json!({}))).await;
+    assert_eq!(ok["type"], "reply", "{ok}");
+}

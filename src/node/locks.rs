@@ -73,6 +73,12 @@ impl Node {
                 if !h.is_joined(&p.room) {
                     return Err(OpError::NotInRoom(p.room.clone()));
                 }
+                // Every lock and wait costs the engine state until it ends: one session must
+                // not be able to grow that without bound.
+                let max = self.config.max_locks_per_session;
+                if !h.has_lock_budget(&p.resource, max) {
+                    return Err(OpError::TooManyLocks(max));
+                }
                 let wait = p.wait.then(|| WaitSpec {
                     timeout_ms: self.clamp_ttl(p.wait_timeout_ms),
                     request_id: p.request_id,

@@ -90,6 +90,8 @@ pub enum OpError {
     NotInRoom(Entity),
     #[error("at most {0} rooms per session")]
     TooManyRooms(usize),
+    #[error("at most {0} locks and waits per session")]
+    TooManyLocks(usize),
     #[error("{} holds {}", .0.current.holder.name, .0.current.resource)]
     LockHeld(Box<locks::Denied>),
     #[error("that token does not hold the lock (stale, released or expired)")]
@@ -107,6 +109,7 @@ impl OpError {
             OpError::Forbidden(_) => ErrorCode::Forbidden,
             OpError::NotInRoom(_) => ErrorCode::NotInRoom,
             OpError::TooManyRooms(_) => ErrorCode::TooManyRooms,
+            OpError::TooManyLocks(_) => ErrorCode::TooManyLocks,
             OpError::LockHeld(_) => ErrorCode::LockHeld,
             OpError::LockNotHeld => ErrorCode::LockNotHeld,
             OpError::NotFound(_) => ErrorCode::NotFound,

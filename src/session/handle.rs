@@ -185,6 +185,15 @@ impl SessionHandle {
         self.lock().waits.retain(|r| r != resource);
     }
 
+    /// Whether this session may take on one more lock or wait on `resource` within `max`:
+    /// a lock it already holds or waits for is not a new one (a retried acquire).
+    pub fn has_lock_budget(&self, resource: &Entity, max: usize) -> bool {
+        let s = self.lock();
+        s.held.contains_key(resource)
+            || s.waits.contains(resource)
+            || s.held.len() + s.waits.len() < max
+    }
+
     /// Resources this session is queued for.
     pub fn wait_count(&self) -> usize {
         self.lock().waits.len()

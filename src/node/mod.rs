@@ -316,8 +316,10 @@ fn observe_hub(metrics: &Metrics, hub: &Arc<Hub>) {
 }
 
 /// The `node` span (`node_id`): the context of a node's background work and start-up.
+/// Always a root: tasks spawned during start-up (already inside a `node` span) would otherwise
+/// nest a second `node` span in the first, and every log line would name the node twice.
 pub fn node_span(id: &str) -> tracing::Span {
-    tracing::info_span!("node", node_id = id)
+    tracing::info_span!(parent: None, "node", node_id = id)
 }
 
 /// The node's periodic work, one task per duty so a slow one (ending parked sessions can wait

@@ -40,6 +40,9 @@ use crate::telemetry::Metrics;
 
 /// How often expired locks and timed-out waiters are reaped: the precision of expiry.
 pub const REAP_INTERVAL: Duration = Duration::from_millis(100);
+/// How long the drain waits for a running periodic duty to finish: a little over fred's
+/// 5 s command timeout, so only a duty stuck on a dead Redis is left behind.
+const BACKGROUND_STOP_TIMEOUT: Duration = Duration::from_secs(6);
 
 pub struct Node {
     pub id: Arc<str>,
@@ -60,6 +63,9 @@ pub struct Node {
     pub tasks: TaskTracker,
     ready: AtomicBool,
     stop_background: CancellationToken,
+    /// The periodic duties ([`every`]), waited for after `stop_background` so that none is
+    /// still running (a lease renewal, say) once the drain hands the parked sessions over.
+    background: TaskTracker,
     /// Serializes broker (un)subscriptions: each re-reads the hub under it, so racing joins
     /// and leaves always converge on "subscribed iff there are local members".
     subscriptions: tokio::sync::Mutex<()>,
@@ -152,6 +158,7 @@ impl Node {
             tasks: TaskTracker::new(),
             ready: AtomicBool::new(true),
             stop_background: CancellationToken::new(),
+            background: TaskTracker::new(),
             subscriptions: tokio::sync::Mutex::new(()),
         });
         spawn_background(&node);
@@ -189,6 +196,15 @@ impl Node {
             );
         }
         self.stop_background.cancel();
+        // A renewal still in flight would shorten the leases the hand-over stretches. A duty
+        // stuck on an unreachable Redis must not hold the exit up past its command timeout.
+        self.background.close();
+        if tokio::time::timeout(BACKGROUND_STOP_TIMEOUT, self.background.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("background duties still running after the drain");
+        }
         self.hand_over_parked().await;
         if let Err(e) = self.audit.flush().await {
             tracing::error!(error = %e, "audit flush on shutdown failed");
@@ -353,7 +369,8 @@ where
 {
     let node = node.clone();
     let span = node.span();
-    tokio::spawn(
+    let background = node.background.clone();
+    background.spawn(
         async move {
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -4,6 +4,8 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use super::free_port;
+
 /// The HS256 secret every test node shares, so a token works on any node.
 pub const SECRET: &str = "lockstep-test-secret-0123456789abcdef";
 
@@ -13,13 +15,6 @@ pub struct Gateway {
     child: Option<Child>,
     env: Vec<(String, String)>,
     _dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 impl Gateway {
@@ -121,18 +116,7 @@ impl Gateway {
 
     /// SIGTERM and wait for the process to exit (drain); returns whether it exited in time.
     pub async fn terminate(&mut self, within: Duration) -> bool {
-        self.signal("TERM");
-        let deadline = tokio::time::Instant::now() + within;
-        while tokio::time::Instant::now() < deadline {
-            if let Some(c) = self.child.as_mut()
-                && let Ok(Some(_)) = c.try_wait()
-            {
-                self.child = None;
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        false
+        self.terminate_status(within).await.is_some()
     }
 
     /// SIGTERM and wait up to `within` for the process to exit; returns its exit status, or

@@ -16,6 +16,14 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 pub const WAIT: Duration = Duration::from_secs(5);
 
+/// A loopback port nobody listens on right now, for the servers the tests start.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
 pub struct Server {
     pub running: Option<lockstep::Running>,
     pub addr: std::net::SocketAddr,

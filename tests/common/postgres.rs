@@ -6,17 +6,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use super::free_port;
+
 pub struct PostgresServer {
     pub port: u16,
     dir: tempfile::TempDir,
     bin: PathBuf,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 fn bin_dir() -> PathBuf {

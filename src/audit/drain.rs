@@ -170,7 +170,7 @@ impl FileDrainer {
                 Ok(false) => "partial",
                 Err(_) => "error",
             };
-            super::traced::record_outcome(&span, outcome);
+            super::instrumented::record_outcome(&span, outcome);
             match written {
                 Ok(true) => {
                     backoff = BACKOFF_MIN;

@@ -16,11 +16,10 @@
 //! (`ON CONFLICT (id) DO NOTHING`). See [`outbox`] and [`drain`] for the arguments.
 
 pub mod drain;
+pub mod instrumented;
 pub mod jsonl;
-pub mod metered;
 pub mod outbox;
 pub mod postgres;
-pub mod traced;
 
 use std::sync::Arc;
 

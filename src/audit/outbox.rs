@@ -287,7 +287,7 @@ impl RedisOutboxWriter {
             let span = drain_span("redis_outbox", batch.len());
             let written = self.write(&batch).instrument(span.clone()).await;
             let outcome = if written.is_ok() { "ok" } else { "error" };
-            super::traced::record_outcome(&span, outcome);
+            super::instrumented::record_outcome(&span, outcome);
             match written {
                 Ok(()) => backoff.reset(),
                 Err(e) => {

@@ -13,10 +13,9 @@ use tokio::sync::{Notify, mpsc};
 use super::NodeError;
 use super::audit_writer::AuditOutbox;
 use crate::audit::AuditSink;
+use crate::audit::instrumented::Instrumented;
 use crate::audit::jsonl::JsonlSink;
-use crate::audit::metered::Metered;
 use crate::audit::postgres::PgBackedSink;
-use crate::audit::traced::Traced;
 use crate::config::Config;
 use crate::engine::memory::{
     MemoryBroker, MemoryLockStore, MemoryPresenceStore, MemoryResumeStore,
@@ -79,11 +78,16 @@ pub async fn build(
                     appended: appended.clone(),
                 };
                 let sink = PgBackedSink::new(file, db.clone()).notify_on_append(appended);
-                (Traced::wrap(Arc::new(sink), "jsonl"), outbox)
+                (
+                    Instrumented::wrap(Arc::new(sink), "jsonl", metrics.clone()),
+                    outbox,
+                )
             }
-            None => (Traced::wrap(Arc::new(file), "jsonl"), AuditOutbox::None),
+            None => (
+                Instrumented::wrap(Arc::new(file), "jsonl", metrics.clone()),
+                AuditOutbox::None,
+            ),
         };
-        let audit: Arc<dyn AuditSink> = Arc::new(Metered::new(audit, metrics.clone()));
         return Ok(Engines {
             locks: Arc::new(MemoryLockStore::new(audit.clone())),
             presence: Arc::new(MemoryPresenceStore::new()),
@@ -107,9 +111,10 @@ pub async fn build(
     // `GET /v1/audit` reads them there; with one, they are drained to Postgres and read there.
     let (audit, audit_outbox): (Arc<dyn AuditSink>, _) = match &db {
         Some(db) => (
-            Traced::wrap(
+            Instrumented::wrap(
                 Arc::new(PgBackedSink::new(streams, db.clone())),
                 "redis_outbox",
+                metrics.clone(),
             ),
             AuditOutbox::RedisToPostgres {
                 redis: pool.clone(),
@@ -117,13 +122,12 @@ pub async fn build(
             },
         ),
         None => (
-            Traced::wrap(Arc::new(streams), "redis_outbox"),
+            Instrumented::wrap(Arc::new(streams), "redis_outbox", metrics.clone()),
             AuditOutbox::RedisRing {
                 redis: pool.clone(),
             },
         ),
     };
-    let audit: Arc<dyn AuditSink> = Arc::new(Metered::new(audit, metrics.clone()));
     Ok(Engines {
         locks: Arc::new(RedisLockStore::new(pool.clone()).with_metrics(m.clone())),
         presence: Arc::new(

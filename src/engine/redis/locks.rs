@@ -12,7 +12,7 @@
 //! its shard's audit stream carry the shard tag `{ls<N>}`, so each script touches one Cluster
 //! slot. Scripts live in `scripts/*.lua`; `scripts/lib.lua` (the data model, the shared
 //! helpers: grant, hand-off, audit, due index) is prepended to each, and each file's header
-//! lists its `KEYS`, `ARGV` and result. They are built into [`Script`]s once per process and run
+//! lists its `KEYS`, `ARGV` and result. They are built into [`LuaScript`]s once per process and run
 //! with `evalsha_with_reload`, which reloads them after a `NOSCRIPT` (an empty script cache
 //! after a Redis restart or a `SCRIPT FLUSH`). Keys a script finds only while it runs (the
 //! resources in a session's index, the due resources of a shard, a waiter's session index) are
@@ -97,10 +97,10 @@ use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
 use fred::prelude::*;
-use fred::types::scripts::Script;
 use futures_util::future::join_all;
 use serde::{Deserialize, Deserializer};
 
+use super::script::LuaScript;
 use super::{call, engine_err, keys};
 use crate::engine::{
     AcquireOutcome, AcquireRequest, Actor, EngineError, EngineResult, Grant, Holder, LockInfo,
@@ -142,11 +142,11 @@ impl RedisLockStore {
     async fn run(
         &self,
         op: &'static str,
-        script: &Script,
+        script: &LuaScript,
         keys: Vec<String>,
         args: Vec<String>,
     ) -> EngineResult<Vec<Item>> {
-        let eval = script.evalsha_with_reload(self.pool.next(), keys, args);
+        let eval = script.eval(self.pool.next(), keys, args);
         let raw: Vec<String> = call(&self.metrics, op, eval).await.map_err(engine_err)?;
         parse_items(&raw)
     }
@@ -259,38 +259,53 @@ impl RedisLockStore {
 const LIB: &str = include_str!("scripts/lib.lua");
 
 struct Scripts {
-    acquire: Script,
-    release: Script,
-    extend: Script,
-    cancel_wait: Script,
-    force_release: Script,
-    release_session: Script,
-    refresh_leases: Script,
-    reap: Script,
-    get: Script,
-    list_room: Script,
-    raise_fence: Script,
-    reissue: Script,
+    acquire: LuaScript,
+    release: LuaScript,
+    extend: LuaScript,
+    cancel_wait: LuaScript,
+    force_release: LuaScript,
+    release_session: LuaScript,
+    refresh_leases: LuaScript,
+    reap: LuaScript,
+    get: LuaScript,
+    list_room: LuaScript,
+    raise_fence: LuaScript,
+    reissue: LuaScript,
 }
 
-/// The scripts, built (and hashed) once per process.
+/// The scripts, built (and hashed) once per process. fred may re-send a script after a
+/// reconnect, so every one whose second run would change the outcome runs `once` per call
+/// ([`super::script`]); the `plain` ones land the same when repeated.
 fn scripts() -> &'static Scripts {
     static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
     SCRIPTS.get_or_init(|| {
-        let s = |body: &str| Script::from_lua(format!("{LIB}\n{body}"));
+        let once = |body: &str| LuaScript::once(LIB, body);
+        let plain = |body: &str| LuaScript::plain(format!("{LIB}\n{body}"));
         Scripts {
-            acquire: s(include_str!("scripts/acquire.lua")),
-            release: s(include_str!("scripts/release.lua")),
-            extend: s(include_str!("scripts/extend.lua")),
-            cancel_wait: s(include_str!("scripts/cancel_wait.lua")),
-            force_release: s(include_str!("scripts/force_release.lua")),
-            release_session: s(include_str!("scripts/release_session.lua")),
-            refresh_leases: s(include_str!("scripts/refresh_leases.lua")),
-            reap: s(include_str!("scripts/reap.lua")),
-            get: s(include_str!("scripts/get.lua")),
-            list_room: s(include_str!("scripts/list_room.lua")),
-            raise_fence: s(include_str!("scripts/raise_fence.lua")),
-            reissue: s(include_str!("scripts/reissue.lua")),
+            // Re-run: a grant turns "reentrant" (not announced, not registered), a denial or
+            // wait is audited twice.
+            acquire: once(include_str!("scripts/acquire.lua")),
+            // Re-run: `not_held` after a release that happened; its hand-off is lost.
+            release: once(include_str!("scripts/release.lua")),
+            // Re-run: a second `lock_extended` record, a later end.
+            extend: once(include_str!("scripts/extend.lua")),
+            // Re-run: "was not waiting" after it cancelled the wait.
+            cancel_wait: once(include_str!("scripts/cancel_wait.lua")),
+            // Re-run: frees the lock it just handed to the next waiter.
+            force_release: once(include_str!("scripts/force_release.lua")),
+            // Re-run: returns nothing, so the first run's releases and hand-offs go unannounced.
+            release_session: once(include_str!("scripts/release_session.lua")),
+            // Re-run renews the same leases again and reports the same lost grants.
+            refresh_leases: plain(include_str!("scripts/refresh_leases.lua")),
+            // Re-run: the expiries and hand-offs of the first run go unannounced.
+            reap: once(include_str!("scripts/reap.lua")),
+            get: plain(include_str!("scripts/get.lua")),
+            // Writes only to drop index entries of vanished locks: the same on a re-run.
+            list_room: plain(include_str!("scripts/list_room.lua")),
+            // `fence = max(fence, at_least)`: the same on a re-run.
+            raise_fence: plain(include_str!("scripts/raise_fence.lua")),
+            // Re-run: `not_held` (the token changed) after it reissued, and a second token.
+            reissue: once(include_str!("scripts/reissue.lua")),
         }
     })
 }

@@ -16,6 +16,7 @@ pub mod locks;
 pub mod nodes;
 pub mod presence;
 pub mod resume;
+pub mod script;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -33,6 +34,10 @@ const POOL_SIZE: usize = 4;
 /// Broadcast capacity of fred's event channels (default 32 is far too small for room fan-out;
 /// a lagging receiver is counted and triggers a resync).
 pub const EVENT_CAPACITY: usize = 16 * 1024;
+
+/// How long fred waits for a command's reply, its re-sends after a reconnect included. Lua
+/// scripts that change state are made safe to re-send ([`script`]).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Builds a connected command pool for `url`.
 pub async fn connect(url: &str) -> Result<Pool, EngineError> {
@@ -66,7 +71,7 @@ pub fn builder(url: &str) -> Result<Builder, EngineError> {
         Config::from_url(url).map_err(|e| EngineError::Internal(format!("bad redis URL: {e}")))?;
     let mut b = Builder::from_config(config);
     b.with_performance_config(|p| {
-        p.default_command_timeout = Duration::from_secs(5);
+        p.default_command_timeout = COMMAND_TIMEOUT;
         p.broadcast_channel_capacity = EVENT_CAPACITY;
     })
     .with_connection_config(|c| {

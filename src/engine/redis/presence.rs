@@ -54,10 +54,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use async_trait::async_trait;
 use fred::clients::Pool;
 use fred::prelude::*;
-use fred::types::scripts::Script;
 use fred::types::sorted_sets::Ordering;
 use futures_util::StreamExt;
 
+use super::script::LuaScript;
 use super::{call, engine_err, keys};
 use crate::engine::{EngineError, EngineResult, Member, PresencePatch, PresenceStore, SessionId};
 use crate::names::Entity;
@@ -77,27 +77,37 @@ const CONCURRENCY: usize = 16;
 const UPDATE_ATTEMPTS: usize = 16;
 
 struct Scripts {
-    join: Script,
-    update: Script,
-    leave: Script,
-    members: Script,
-    refresh: Script,
-    sweep: Script,
-    due: Script,
-    focus_del: Script,
+    join: LuaScript,
+    update: LuaScript,
+    leave: LuaScript,
+    members: LuaScript,
+    refresh: LuaScript,
+    sweep: LuaScript,
+    due: LuaScript,
+    focus_del: LuaScript,
 }
 
 impl Scripts {
+    /// fred may re-send a script after a reconnect; those whose second run would change the
+    /// outcome run `once` per call ([`super::script`]).
     fn load() -> Scripts {
+        let once = |body: &str| LuaScript::once("", body);
         Scripts {
-            join: Script::from_lua(include_str!("scripts/presence_join.lua")),
-            update: Script::from_lua(include_str!("scripts/presence_update.lua")),
-            leave: Script::from_lua(include_str!("scripts/presence_leave.lua")),
-            members: Script::from_lua(include_str!("scripts/presence_members.lua")),
-            refresh: Script::from_lua(include_str!("scripts/presence_refresh.lua")),
-            sweep: Script::from_lua(include_str!("scripts/presence_sweep.lua")),
-            due: Script::from_lua(include_str!("scripts/presence_due.lua")),
-            focus_del: Script::from_lua(include_str!("scripts/presence_focus_del.lua")),
+            // Re-run: the member just written comes back as "previous" (a rejoin, not a join).
+            join: once(include_str!("scripts/presence_join.lua")),
+            // Re-run: a conflict with itself; the retry then loses the old focus to clear.
+            update: once(include_str!("scripts/presence_update.lua")),
+            // Re-run: nothing removed, so the departure is never announced.
+            leave: once(include_str!("scripts/presence_leave.lua")),
+            members: LuaScript::plain(include_str!("scripts/presence_members.lua")),
+            // Re-run renews the same expiries and reports the same missing sessions.
+            refresh: LuaScript::plain(include_str!("scripts/presence_refresh.lua")),
+            // Re-run: the removed members are never announced.
+            sweep: once(include_str!("scripts/presence_sweep.lua")),
+            // Re-run: the rooms claimed by the first run are not returned and wait a claim.
+            due: once(include_str!("scripts/presence_due.lua")),
+            // Compare-and-delete: the same on a re-run (the count is not used).
+            focus_del: LuaScript::plain(include_str!("scripts/presence_focus_del.lua")),
         }
     }
 }
@@ -161,11 +171,11 @@ impl RedisPresenceStore {
     async fn eval(
         &self,
         op: &'static str,
-        script: &Script,
+        script: &LuaScript,
         keys: Vec<String>,
         args: Vec<String>,
     ) -> EngineResult<Value> {
-        let eval = script.evalsha_with_reload(self.client(), keys, args);
+        let eval = script.eval(self.client(), keys, args);
         call(&self.metrics, op, eval).await.map_err(engine_err)
     }
 

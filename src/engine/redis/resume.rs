@@ -5,8 +5,8 @@
 
 use async_trait::async_trait;
 use fred::prelude::*;
-use fred::types::scripts::Script;
 
+use super::script::LuaScript;
 use super::{call, engine_err, keys};
 use crate::engine::{EngineError, EngineResult, ParkedSession, ResumeStore};
 use crate::telemetry::RedisMetrics;
@@ -15,7 +15,7 @@ const CLAIM: &str = include_str!("scripts/resume_claim.lua");
 
 pub struct RedisResumeStore {
     pool: Pool,
-    claim: Script,
+    claim: LuaScript,
     metrics: RedisMetrics,
 }
 
@@ -23,7 +23,8 @@ impl RedisResumeStore {
     pub fn new(pool: Pool) -> RedisResumeStore {
         RedisResumeStore {
             pool,
-            claim: Script::from_lua(CLAIM),
+            // Re-run after a lost reply: the record is gone and the resume would fail.
+            claim: LuaScript::once("", CLAIM),
             metrics: RedisMetrics::default(),
         }
     }
@@ -51,7 +52,7 @@ impl ResumeStore for RedisResumeStore {
     }
 
     async fn claim(&self, token: &str, user_id: &str) -> EngineResult<Option<ParkedSession>> {
-        let eval = self.claim.evalsha_with_reload(
+        let eval = self.claim.eval(
             self.pool.next(),
             vec![keys::resume(token)],
             vec![user_id.to_owned()],

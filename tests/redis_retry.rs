@@ -1,0 +1,356 @@
+//! Lock scripts are safe to re-send: a TCP proxy between the Redis lock store and a private
+//! `redis-server` forwards one script call to Redis, then cuts the client's connection before
+//! the reply comes back. fred reconnects and sends the same call again; the script must answer
+//! the re-send with the first run's reply and change nothing a second time
+//! (`src/engine/redis/script.rs`).
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::redis::RedisServer;
+use lockstep::audit::{AuditQuery, AuditSink};
+use lockstep::engine::redis::audit::RedisAuditSink;
+use lockstep::engine::redis::keys;
+use lockstep::engine::redis::locks::RedisLockStore;
+use lockstep::engine::{
+    AcquireOutcome, AcquireRequest, Holder, LockInfo, LockStore, LockTransition, ReleaseReason,
+    TokenOutcome, WaitSpec,
+};
+use lockstep::names::Entity;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A proxy that passes everything through until armed with a marker; then the first `EVALSHA`
+/// whose bytes contain the marker reaches Redis, and its connection to the client is cut as
+/// soon as Redis answers (a `NOSCRIPT` answer is passed on: fred loads the script and sends
+/// the call again, which is then cut).
+struct CutProxy {
+    port: u16,
+    armed: Arc<Mutex<Option<Vec<u8>>>>,
+    cuts: Arc<AtomicUsize>,
+}
+
+impl CutProxy {
+    async fn start(redis_port: u16) -> CutProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
+        let cuts = Arc::new(AtomicUsize::new(0));
+        let (a, c) = (armed.clone(), cuts.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", redis_port)).await else {
+                    continue;
+                };
+                tokio::spawn(pipe(client, server, a.clone(), c.clone()));
+            }
+        });
+        CutProxy { port, armed, cuts }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Cuts the next script call whose bytes contain `marker`.
+    fn arm(&self, marker: &str) {
+        *self.armed.lock().unwrap() = Some(marker.as_bytes().to_vec());
+    }
+
+    fn cuts(&self) -> usize {
+        self.cuts.load(Ordering::SeqCst)
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Whether `needle` occurs in `hay` ending past `from` (in bytes not seen before).
+fn ends_after(hay: &[u8], needle: &[u8], from: usize) -> bool {
+    !needle.is_empty()
+        && hay
+            .windows(needle.len())
+            .enumerate()
+            .any(|(i, w)| w == needle && i + needle.len() > from)
+}
+
+async fn pipe(
+    client: TcpStream,
+    server: TcpStream,
+    armed: Arc<Mutex<Option<Vec<u8>>>>,
+    cuts: Arc<AtomicUsize>,
+) {
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let mut cbuf = vec![0u8; 64 * 1024];
+    let mut sbuf = vec![0u8; 64 * 1024];
+    // The last bytes from the client, so a marker split over two reads is still seen.
+    let mut window: Vec<u8> = Vec::new();
+    let mut pending_cut = false;
+    loop {
+        tokio::select! {
+            n = cr.read(&mut cbuf) => {
+                let n = match n { Ok(0) | Err(_) => return, Ok(n) => n };
+                let old = window.len();
+                window.extend_from_slice(&cbuf[..n]);
+                if let Some(marker) = armed.lock().unwrap().as_ref()
+                    && contains(&window, b"EVALSHA")
+                    && ends_after(&window, marker, old)
+                {
+                    pending_cut = true;
+                }
+                let keep = window.len().saturating_sub(4096);
+                window.drain(..keep);
+                if sw.write_all(&cbuf[..n]).await.is_err() {
+                    return;
+                }
+            }
+            n = sr.read(&mut sbuf) => {
+                let n = match n { Ok(0) | Err(_) => return, Ok(n) => n };
+                if pending_cut {
+                    if sbuf[..n].starts_with(b"-NOSCRIPT") {
+                        pending_cut = false;
+                    } else if armed.lock().unwrap().take().is_some() {
+                        cuts.fetch_add(1, Ordering::SeqCst);
+                        // The client loses the connection and the reply. The Redis side stays
+                        // open a little (closing a socket with unread data resets it).
+                        drop((cr, cw));
+                        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                            while matches!(sr.read(&mut sbuf).await, Ok(n) if n > 0) {}
+                        })
+                        .await;
+                        return;
+                    }
+                    pending_cut = false;
+                }
+                if cw.write_all(&sbuf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+struct Setup {
+    _redis: RedisServer,
+    proxy: CutProxy,
+    store: RedisLockStore,
+    /// Reads the audit outbox directly, not through the proxy.
+    audit: RedisAuditSink,
+}
+
+async fn setup() -> Setup {
+    let redis = RedisServer::start();
+    let proxy = CutProxy::start(redis.port).await;
+    let pool = lockstep::engine::redis::connect(&proxy.url())
+        .await
+        .expect("connect through the proxy");
+    let direct = lockstep::engine::redis::connect(&redis.url())
+        .await
+        .expect("connect to redis");
+    Setup {
+        _redis: redis,
+        proxy,
+        store: RedisLockStore::new(pool),
+        audit: RedisAuditSink::new(direct),
+    }
+}
+
+fn unique(ty: &str) -> Entity {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    Entity::parse(&format!("{ty}:r-{}", &id[..16])).unwrap()
+}
+
+fn holder(user: &str) -> Holder {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    Holder {
+        user_id: user.into(),
+        name: format!("User {user}").into(),
+        session_id: format!("{user}-{}", &id[..12]).into(),
+        node_id: "node-test".into(),
+    }
+}
+
+fn request(room: &Entity, resource: &Entity, who: &Holder, ttl_ms: u64) -> AcquireRequest {
+    AcquireRequest {
+        room: room.clone(),
+        resource: resource.clone(),
+        action: "trim".into(),
+        holder: who.clone(),
+        ttl_ms,
+        lease_ms: None,
+        wait: None,
+    }
+}
+
+async fn grant(store: &dyn LockStore, req: AcquireRequest) -> LockInfo {
+    match store.acquire(req).await.expect("acquire") {
+        AcquireOutcome::Granted {
+            lock,
+            reentrant: false,
+        } => lock,
+        other => panic!("expected a fresh grant, got {other:?}"),
+    }
+}
+
+/// The kinds of the audit records of `resource`, oldest first.
+async fn audit_kinds(audit: &RedisAuditSink, resource: &Entity) -> Vec<String> {
+    let page = audit
+        .query(&AuditQuery {
+            resource: Some(resource.to_string()),
+            limit: Some(1000),
+            ..AuditQuery::default()
+        })
+        .await
+        .expect("audit query");
+    let mut kinds: Vec<String> = page
+        .records
+        .iter()
+        .map(|r| r.kind.as_str().to_owned())
+        .collect();
+    kinds.reverse();
+    kinds
+}
+
+/// A release whose reply is lost still succeeds, and its hand-off to the queued waiter is
+/// returned (so announced) exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_resent_after_a_lost_reply_succeeds_once_with_its_hand_off() {
+    let s = setup().await;
+    let (room, res) = (unique("scene"), unique("segment"));
+    let (a, b) = (holder("a"), holder("b"));
+    // Loads the script cache, so the cut call is the first send of the release under test.
+    let other = unique("segment");
+    let warm = grant(&s.store, request(&room, &other, &a, 60_000)).await;
+    s.store
+        .release(&other, warm.token, ReleaseReason::Released)
+        .await
+        .unwrap();
+    let held = grant(&s.store, request(&room, &res, &a, 60_000)).await;
+    let mut wait = request(&room, &res, &b, 60_000);
+    wait.wait = Some(WaitSpec {
+        timeout_ms: 60_000,
+        request_id: Some(7),
+    });
+    match s.store.acquire(wait).await.unwrap() {
+        AcquireOutcome::Held {
+            queue_position: Some(1),
+            ..
+        } => {}
+        other => panic!("expected b queued first, got {other:?}"),
+    }
+
+    s.proxy.arm(&held.token.to_string());
+    let out = s
+        .store
+        .release(&res, held.token, ReleaseReason::Released)
+        .await
+        .expect("the release succeeds");
+    assert_eq!(s.proxy.cuts(), 1, "the proxy cut the release's reply");
+    let granted = match out {
+        TokenOutcome::Done(LockTransition::Released {
+            lock,
+            reason: ReleaseReason::Released,
+            granted: Some(g),
+        }) => {
+            assert_eq!(lock.token, held.token);
+            g
+        }
+        other => panic!("expected the release with b's hand-off, got {other:?}"),
+    };
+    assert_eq!(&*granted.lock.holder.session_id, &*b.session_id);
+    assert_eq!(granted.request_id, Some(7));
+    assert!(granted.lock.token > held.token);
+
+    let now = s.store.get(&res).await.unwrap().expect("b holds it");
+    assert_eq!(now.token, granted.lock.token, "handed off once, not twice");
+    assert_eq!(
+        audit_kinds(&s.audit, &res).await,
+        [
+            "lock_acquired",
+            "lock_waiting",
+            "lock_released",
+            "lock_acquired"
+        ]
+    );
+}
+
+/// An acquire whose reply is lost is one fresh grant (not "reentrant", which a node would not
+/// announce or register), with one token and one audit record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_resent_after_a_lost_reply_is_one_fresh_grant() {
+    let s = setup().await;
+    let (room, res) = (unique("scene"), unique("segment"));
+    let a = holder("a");
+    // Loads the script cache, so the cut call is the first send of the acquire under test.
+    grant(&s.store, request(&room, &unique("segment"), &a, 60_000)).await;
+
+    s.proxy.arm(res.as_str());
+    let lock = grant(&s.store, request(&room, &res, &a, 60_000)).await;
+    assert_eq!(s.proxy.cuts(), 1, "the proxy cut the acquire's reply");
+    let now = s.store.get(&res).await.unwrap().expect("held");
+    assert_eq!(now.token, lock.token);
+    assert_eq!(audit_kinds(&s.audit, &res).await, ["lock_acquired"]);
+}
+
+/// A reap whose reply is lost still reports the expiry (and the hand-off) it performed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reap_resent_after_a_lost_reply_reports_its_expiries() {
+    let s = setup().await;
+    let (room, res) = (unique("scene"), unique("segment"));
+    let (a, b) = (holder("a"), holder("b"));
+    // Loads the script cache, so the cut call is the first send of the reap under test.
+    s.store.reap(0).await.unwrap();
+    let held = grant(&s.store, request(&room, &res, &a, 300)).await;
+    let mut wait = request(&room, &res, &b, 60_000);
+    wait.wait = Some(WaitSpec {
+        timeout_ms: 60_000,
+        request_id: Some(9),
+    });
+    assert!(matches!(
+        s.store.acquire(wait).await.unwrap(),
+        AcquireOutcome::Held { .. }
+    ));
+    // Past the hold limit (Redis' clock decides; poll rather than guess).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.store.get(&res).await.unwrap().unwrap().expires_at > lockstep::engine::now_ms() {
+        assert!(Instant::now() < deadline, "the lock never reached its end");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    // The reap call of the resource's shard names that shard's due index first.
+    s.proxy.arm(&keys::due(keys::shard_of(res.as_str())));
+    let out = s.store.reap(lockstep::engine::now_ms()).await.expect("reap");
+    assert_eq!(s.proxy.cuts(), 1, "the proxy cut the reap's reply");
+    let mine: Vec<&LockTransition> = out
+        .iter()
+        .filter(|t| matches!(t, LockTransition::Released { lock, .. } if lock.resource == res))
+        .collect();
+    match mine.as_slice() {
+        [
+            LockTransition::Released {
+                lock,
+                reason: ReleaseReason::Expired,
+                granted: Some(g),
+            },
+        ] => {
+            assert_eq!(lock.token, held.token);
+            assert_eq!(&*g.lock.holder.session_id, &*b.session_id);
+        }
+        other => panic!("expected the expiry with b's hand-off once, got {other:?}"),
+    }
+    assert_eq!(
+        audit_kinds(&s.audit, &res).await,
+        [
+            "lock_acquired",
+            "lock_waiting",
+            "lock_expired",
+            "lock_acquired"
+        ]
+    );
+}

@@ -76,9 +76,15 @@ impl Format for Json {
     }
 }
 
+/// Nesting rmp-serde follows before refusing a frame, as serde_json's (128). Its own default
+/// (1024) overflows a 2 MiB task stack: a 1 KB frame of nested arrays aborted the process.
+const MSGPACK_MAX_DEPTH: usize = 128;
+
 impl Format for MsgPack {
     fn from_slice<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, String> {
-        rmp_serde::from_slice(bytes).map_err(|e| e.to_string())
+        let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+        de.set_max_depth(MSGPACK_MAX_DEPTH);
+        T::deserialize(&mut de).map_err(|e| e.to_string())
     }
 
     fn is_object(bytes: &[u8]) -> bool {

@@ -364,7 +364,11 @@ fn check_token(token: &str) -> Result<(), TestCaseError> {
             );
             let text = e.to_string();
             prop_assert!(!text.contains(SECRET));
-            prop_assert!(text.len() < 4096, "a long error message: {} bytes", text.len());
+            prop_assert!(
+                text.len() < 4096,
+                "a long error message: {} bytes",
+                text.len()
+            );
         }
         Ok(p) => {
             let sub = p.user_id.chars().count();
@@ -395,7 +399,11 @@ fn weird_claim() -> impl Strategy<Value = Value> {
         any::<String>().prop_map(Value::String),
         (1usize..3000).prop_map(|n| Value::String("x".repeat(n))),
         (1usize..1500).prop_map(|n| {
-            Value::Object((0..n).map(|i| (format!("scene:{i}"), json!("editor"))).collect())
+            Value::Object(
+                (0..n)
+                    .map(|i| (format!("scene:{i}"), json!("editor")))
+                    .collect(),
+            )
         }),
         (1usize..120).prop_map(|d| {
             let mut v = json!(1);
@@ -534,12 +542,17 @@ fn name_like() -> impl Strategy<Value = String> {
         "[a-zA-Z0-9:_.~*-]{0,40}",
         "[a-z]{1,40}:[A-Za-z0-9._~-]{100,140}",
         "[a-z][a-z0-9_]{28,36}:x",
-        (entity_strategy(), any::<char>(), any::<prop::sample::Index>()).prop_map(|(s, c, i)| {
-            let mut chars: Vec<char> = s.chars().collect();
-            let at = i.index(chars.len() + 1);
-            chars.insert(at, c);
-            chars.into_iter().collect()
-        }),
+        (
+            entity_strategy(),
+            any::<char>(),
+            any::<prop::sample::Index>()
+        )
+            .prop_map(|(s, c, i)| {
+                let mut chars: Vec<char> = s.chars().collect();
+                let at = i.index(chars.len() + 1);
+                chars.insert(at, c);
+                chars.into_iter().collect()
+            }),
     ]
 }
 

@@ -388,12 +388,7 @@ impl Case {
         }
     }
 
-    fn token_outcome(
-        &mut self,
-        r: usize,
-        token: u64,
-        out: TokenOutcome<LockTransition>,
-    ) {
+    fn token_outcome(&mut self, r: usize, token: u64, out: TokenOutcome<LockTransition>) {
         match out {
             TokenOutcome::Done(t) => {
                 assert_eq!(self.model[r].holder.map(|h| h.1), Some(token));

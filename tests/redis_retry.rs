@@ -325,7 +325,11 @@ async fn a_reap_resent_after_a_lost_reply_reports_its_expiries() {
 
     // The reap call of the resource's shard names that shard's due index first.
     s.proxy.arm(&keys::due(keys::shard_of(res.as_str())));
-    let out = s.store.reap(lockstep::engine::now_ms()).await.expect("reap");
+    let out = s
+        .store
+        .reap(lockstep::engine::now_ms())
+        .await
+        .expect("reap");
     assert_eq!(s.proxy.cuts(), 1, "the proxy cut the reap's reply");
     let mine: Vec<&LockTransition> = out
         .iter()
@@ -352,5 +356,53 @@ async fn a_reap_resent_after_a_lost_reply_reports_its_expiries() {
             "lock_expired",
             "lock_acquired"
         ]
+    );
+}
+
+/// Presence join and leave whose replies are lost: the join is still a fresh join (not a
+/// rejoin of itself) and the leave still returns the member, so its departure is announced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_join_and_leave_resent_after_a_lost_reply_are_announced_once() {
+    use lockstep::auth::Role;
+    use lockstep::engine::redis::presence::RedisPresenceStore;
+    use lockstep::engine::{Member, PresenceStore};
+
+    let s = setup().await;
+    let pool = lockstep::engine::redis::connect(&s.proxy.url())
+        .await
+        .unwrap();
+    let presence = RedisPresenceStore::new(pool, 60_000);
+    let room = unique("scene");
+    let member = |session: &str| Member {
+        user_id: "u-1".into(),
+        session_id: session.into(),
+        name: "Somebody".into(),
+        avatar: None,
+        color: "#112233".into(),
+        role: Role::Editor,
+        focus: None,
+        state: None,
+        since: 1,
+    };
+    // Loads the script cache, so the cut calls are the first sends of the calls under test.
+    presence.join(&room, member("warm-up")).await.unwrap();
+    presence.leave(&room, &"warm-up".into()).await.unwrap();
+
+    let sid = format!("sess-{}", uuid::Uuid::new_v4().simple());
+    s.proxy.arm(&sid);
+    let previous = presence.join(&room, member(&sid)).await.expect("join");
+    assert_eq!(s.proxy.cuts(), 1, "the proxy cut the join's reply");
+    assert_eq!(previous, None, "a fresh join, not a rejoin of itself");
+
+    s.proxy.arm(&sid);
+    let left = presence
+        .leave(&room, &sid.clone().into())
+        .await
+        .expect("leave");
+    assert_eq!(s.proxy.cuts(), 2, "the proxy cut the leave's reply");
+    assert_eq!(
+        left.map(|m| m.session_id),
+        Some(sid.into()),
+        "the departure"
     );
 }

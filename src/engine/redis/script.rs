@@ -157,7 +157,10 @@ mod tests {
                 redis_keyslot(first.as_bytes()),
                 "{first} vs {op}"
             );
-            assert!(op.contains(":op:") || op.starts_with("lockstep:op:"), "{op}");
+            assert!(
+                op.contains(":op:") || op.starts_with("lockstep:op:"),
+                "{op}"
+            );
         }
         assert_eq!(
             op_key("lockstep:ls:{ls3}:lock:scene:1", "i"),
@@ -177,7 +180,10 @@ mod tests {
     #[test]
     fn the_body_is_a_function_and_its_last_comment_cannot_swallow_end() {
         let text = wrap("local X = 1", "return {X} -- trailing comment");
-        assert!(text.contains("return {X} -- trailing comment\nend\n"), "{text}");
+        assert!(
+            text.contains("return {X} -- trailing comment\nend\n"),
+            "{text}"
+        );
         assert!(text.contains("'PX', 60000"), "{text}");
     }
 }

@@ -5,8 +5,9 @@
 //! - the store's holder of each resource (`get`) is the model's: never two holders, never a
 //!   grant of a held lock, a release only by the live token;
 //! - tokens only rise per resource;
-//! - each kind of audit record of each resource counts exactly the state changes seen;
-//! and at the end, once every hold limit and wait deadline has passed and reaps ran, every
+//! - each kind of audit record of each resource counts exactly the state changes seen.
+//!
+//! And at the end, once every hold limit and wait deadline has passed and reaps ran, every
 //! waiter was served or told (granted, timed out, cancelled, or its session ended).
 //!
 //! The model is fed only by what the store answers, never by guessed timing, so the test holds on

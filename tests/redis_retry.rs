@@ -113,7 +113,7 @@ async fn pipe(
                 let n = match n { Ok(0) | Err(_) => return, Ok(n) => n };
                 if pending_cut {
                     if sbuf[..n].starts_with(b"-NOSCRIPT") {
-                        pending_cut = false;
+                        // Passed on below; fred loads the script and sends the call again.
                     } else if armed.lock().unwrap().take().is_some() {
                         cuts.fetch_add(1, Ordering::SeqCst);
                         // The client loses the connection and the reply. The Redis side stays

@@ -136,7 +136,7 @@ async fn pipe(
 }
 
 struct Setup {
-    _redis: RedisServer,
+    redis: RedisServer,
     proxy: CutProxy,
     store: RedisLockStore,
     /// Reads the audit outbox directly, not through the proxy.
@@ -153,7 +153,7 @@ async fn setup() -> Setup {
         .await
         .expect("connect to redis");
     Setup {
-        _redis: redis,
+        redis,
         proxy,
         store: RedisLockStore::new(pool),
         audit: RedisAuditSink::new(direct),
@@ -405,4 +405,43 @@ async fn presence_join_and_leave_resent_after_a_lost_reply_are_announced_once() 
         Some(sid.into()),
         "the departure"
     );
+}
+
+/// Op keys cost memory only for calls that report something: idle reaps store nothing, a
+/// release stores its reply for 60 s, beside its data (same shard tag).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_calls_that_report_a_change_keep_an_op_key() {
+    let s = setup().await;
+    let op_keys = || {
+        let out = s.redis.cli(&["--scan", "--pattern", "lockstep:*op:*"]);
+        out.lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    for _ in 0..3 {
+        assert!(
+            s.store
+                .reap(lockstep::engine::now_ms())
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    assert_eq!(op_keys(), Vec::<String>::new(), "idle reaps");
+
+    let (room, res) = (unique("scene"), unique("segment"));
+    let held = grant(&s.store, request(&room, &res, &holder("a"), 60_000)).await;
+    s.store
+        .release(&res, held.token, ReleaseReason::Released)
+        .await
+        .unwrap();
+    let keys = op_keys();
+    assert_eq!(keys.len(), 2, "acquire and release: {keys:?}");
+    let tag = format!("lockstep:ls:{{ls{}}}:op:", keys::shard_of(res.as_str()));
+    for k in &keys {
+        assert!(k.starts_with(&tag), "{k}");
+        let ttl: u64 = s.redis.cli(&["PTTL", k]).parse().unwrap();
+        assert!(ttl > 0 && ttl <= 60_000, "{k}: {ttl}");
+    }
 }

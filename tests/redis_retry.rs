@@ -445,3 +445,113 @@ async fn only_calls_that_report_a_change_keep_an_op_key() {
         assert!(ttl > 0 && ttl <= 60_000, "{k}: {ttl}");
     }
 }
+
+/// A holder and a queued waiter on a fresh resource; returns (resource, holder's lock, waiter).
+async fn held_with_waiter(s: &Setup) -> (Entity, LockInfo, Holder) {
+    let (room, res) = (unique("scene"), unique("segment"));
+    let (a, b) = (holder("a"), holder("b"));
+    let held = grant(&s.store, request(&room, &res, &a, 60_000)).await;
+    let mut wait = request(&room, &res, &b, 60_000);
+    wait.wait = Some(WaitSpec {
+        timeout_ms: 60_000,
+        request_id: Some(3),
+    });
+    assert!(matches!(
+        s.store.acquire(wait).await.unwrap(),
+        AcquireOutcome::Held { .. }
+    ));
+    (res, held, b)
+}
+
+/// A forced release whose reply is lost does not, on its re-send, free the lock it had just
+/// handed to the waiter; a session release re-sent still reports its release and hand-off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_and_session_releases_resent_after_a_lost_reply_act_once() {
+    use lockstep::engine::Actor;
+
+    let s = setup().await;
+    // Loads the script cache.
+    let (warm, _, _) = held_with_waiter(&s).await;
+    let admin = Actor {
+        user_id: "admin".into(),
+        session_id: None,
+        node_id: "node-test".into(),
+    };
+    s.store.force_release(&warm, &admin).await.unwrap();
+
+    let (res, held, b) = held_with_waiter(&s).await;
+    let actor = Actor {
+        user_id: format!("owner-{}", uuid::Uuid::new_v4().simple()).into(),
+        session_id: None,
+        node_id: "node-test".into(),
+    };
+    s.proxy.arm(&actor.user_id);
+    let out = s.store.force_release(&res, &actor).await.unwrap();
+    assert_eq!(
+        s.proxy.cuts(),
+        1,
+        "the proxy cut the forced release's reply"
+    );
+    match out {
+        Some(LockTransition::Released {
+            lock,
+            reason: ReleaseReason::Forced,
+            granted: Some(g),
+        }) => {
+            assert_eq!(lock.token, held.token, "the holder's lock was forced");
+            assert_eq!(&*g.lock.holder.session_id, &*b.session_id);
+        }
+        other => panic!("expected the forced release with b's hand-off, got {other:?}"),
+    }
+    let now = s.store.get(&res).await.unwrap().expect("b holds it");
+    assert_eq!(&*now.holder.session_id, &*b.session_id);
+
+    // Session loss of b (now the holder) hands nothing on, so add a waiter c first.
+    let c = holder("c");
+    let mut wait = request(&now.room, &res, &c, 60_000);
+    wait.wait = Some(WaitSpec {
+        timeout_ms: 60_000,
+        request_id: Some(4),
+    });
+    assert!(matches!(
+        s.store.acquire(wait).await.unwrap(),
+        AcquireOutcome::Held { .. }
+    ));
+    let shard = keys::shard_of(res.as_str());
+    s.proxy.arm(&keys::session_locks(shard, &b.session_id));
+    let out = s
+        .store
+        .release_session(&b.session_id, ReleaseReason::Disconnected, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.proxy.cuts(),
+        2,
+        "the proxy cut the session release's reply"
+    );
+    match out.as_slice() {
+        [
+            LockTransition::Released {
+                lock,
+                reason: ReleaseReason::Disconnected,
+                granted: Some(g),
+            },
+        ] => {
+            assert_eq!(lock.token, now.token);
+            assert_eq!(&*g.lock.holder.session_id, &*c.session_id);
+        }
+        other => panic!("expected b's release with c's hand-off, got {other:?}"),
+    }
+    assert_eq!(
+        audit_kinds(&s.audit, &res).await,
+        [
+            "lock_acquired",
+            "lock_waiting",
+            "lock_forced",
+            "lock_acquired",
+            "lock_waiting",
+            "lock_disconnected",
+            "lock_acquired"
+        ]
+    );
+}

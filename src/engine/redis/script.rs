@@ -32,13 +32,14 @@
 //! of `KEYS[1]` (see [`op_key`]), so Cluster accepts it and fred's routing on the first key is
 //! unchanged. Bodies are untouched: the wrapper is text around them, and a body's locals become
 //! the function's locals (the prelude's locals are its upvalues; Lua 5.1 allows 60 per function,
-//! the largest body uses about 20).
+//! the largest body, acquire, uses about a dozen).
 //!
 //! # Limits
 //!
 //! The stored reply lives [`OP_TTL`]; fred gives up on a command after the client's command
 //! timeout ([`super::COMMAND_TIMEOUT`], far shorter), so every re-send of a call arrives while its
-//! reply is kept. Each call that reports a change costs one small key for [`OP_TTL`] (its reply,
+//! reply is kept (one arriving later would run as a new call). Evicting op keys (an `allkeys-*`
+//! maxmemory policy) reopens the window for the evicted calls. Each call that reports a change costs one small key for [`OP_TTL`] (its reply,
 //! a few hundred bytes; a reap batch more).
 
 use std::time::Duration;

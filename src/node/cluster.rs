@@ -89,10 +89,15 @@ async fn resync_views(node: &Node, r: Resync) {
     }
 }
 
-/// Puts back the presence entries of this node's sessions that the store lost, announcing
-/// each as a join (other nodes' snapshots may have been taken without it).
+/// Puts back the presence entries of this node's attached sessions that the store lost,
+/// announcing each as a join (other nodes' snapshots may have been taken without it).
+///
+/// Parked sessions are never re-registered, here or by the refresh and sweep below: a parked
+/// copy may be stale, its session resumed on another node and gone from rooms there (and
+/// only the end of its grace tells this node). A parked session whose entry was lost shows
+/// again when it resumes, as an attached session missing from the store.
 async fn reregister_presence(node: &Node) {
-    for handle in node.hub.sessions() {
+    for handle in node.hub.attached() {
         for (room, member) in handle.members() {
             match node.presence.join(&room, member.clone()).await {
                 Ok(None) => {
@@ -126,8 +131,9 @@ async fn refresh_presence(node: &Node) {
     };
     // Alive here but gone from the store (swept after a stall, or an emptied Redis): put the
     // entry back and announce it, since others saw it leave.
+    let attached = node.hub.attached();
     for (room, session) in missing {
-        let Some(handle) = node.hub.sessions().into_iter().find(|h| h.id == session) else {
+        let Some(handle) = attached.iter().find(|h| h.id == session) else {
             continue;
         };
         let Some(member) = handle
@@ -159,7 +165,7 @@ async fn sweep_presence(node: &Node) {
     for (room, member) in swept {
         let alive_here = node
             .hub
-            .sessions()
+            .attached()
             .into_iter()
             .find(|h| h.id == member.session_id && h.is_joined(&room));
         if let Some(handle) = alive_here {

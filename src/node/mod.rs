@@ -359,6 +359,9 @@ fn spawn_background(node: &Arc<Node>) {
             node.expire_parked(&handle).await;
         }
     });
+    every(node, sessions::ADMISSION_TTL / 3, |node| async move {
+        node.keep_admitted().await
+    });
 }
 
 /// Runs `duty` every `period` (skipping missed ticks) until the node stops its background work.

@@ -25,6 +25,10 @@ use crate::session::handle::{HandleState, SessionHandle};
 
 /// How long a resuming connection waits for the old socket of its session to be parked.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
+/// How long a session's entry in its user's session count lives unless its node renews it
+/// (every third of this, for attached and parked sessions alike): the count forgets the
+/// sessions of a crashed node within this.
+pub const ADMISSION_TTL: Duration = Duration::from_secs(15);
 
 /// Why a session's socket ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +131,29 @@ impl Node {
             Some((_, rec)) => rec.session_id.clone(),
             None => Arc::from(uuid::Uuid::new_v4().to_string()),
         };
+        // Parked sessions count too, on every node: dropping the socket in a loop must not
+        // pile up sessions that each keep presence and locks for the grace.
+        let limit = self.config.max_sessions_per_user;
+        let ttl = ADMISSION_TTL.as_millis() as u64;
+        let admitted = match self.resume.admit(&principal.user_id, &id, limit, ttl).await {
+            Ok(a) => a,
+            Err(e) => {
+                // The store is down: every other operation fails too; refusing all
+                // connections would only add a reconnect storm.
+                tracing::warn!(error = %e, "session count unavailable; admitting");
+                true
+            }
+        };
+        if !admitted {
+            if let Some((token, rec)) = &claimed {
+                // Give the parked session back (the local copy never left the hub).
+                let grace = self.config.resume_grace.as_millis() as u64;
+                if let Err(e) = self.resume.park(token, rec, grace).await {
+                    tracing::warn!(error = %e, "re-parking a session failed");
+                }
+            }
+            return Err(TooManySessions(limit));
+        }
         let handle = Arc::new(SessionHandle::new(
             id,
             principal,
@@ -136,22 +163,8 @@ impl Node {
             state,
         ));
         let replaces = claimed.as_ref().map(|(token, _)| token.as_str());
-        match self
-            .hub
-            .register(handle.clone(), self.config.max_sessions_per_user, replaces)
-        {
-            Ok(Some(old)) => old.outbound.close(),
-            Ok(None) => {}
-            Err(e) => {
-                if let Some((token, rec)) = &claimed {
-                    // Give the parked session back (the local copy never left the hub).
-                    let grace = self.config.resume_grace.as_millis() as u64;
-                    if let Err(e) = self.resume.park(token, rec, grace).await {
-                        tracing::warn!(error = %e, "re-parking a session failed");
-                    }
-                }
-                return Err(e);
-            }
+        if let Some(old) = self.hub.register(handle.clone(), replaces) {
+            old.outbound.close();
         }
         let resumed = claimed.is_some();
         self.metrics.session_opened(resumed);
@@ -262,6 +275,13 @@ impl Node {
             Err(e) => tracing::warn!(error = %e, "releasing locks of ended session failed"),
         }
         self.leave_presence(handle, &rooms).await;
+        if let Err(e) = self
+            .resume
+            .dismiss(&handle.principal.user_id, &handle.id)
+            .await
+        {
+            tracing::warn!(error = %e, "removing an ended session from its user's count failed");
+        }
         let mut r = self.audit_record(AuditKind::SessionClosed);
         r.user_id = Some(handle.principal.user_id.clone());
         r.session_id = Some(handle.id.clone());
@@ -337,6 +357,23 @@ impl Node {
             Err(e) => {
                 tracing::warn!(error = %e, session = %handle.id, "resume store unavailable; retrying")
             }
+        }
+    }
+
+    /// Renews the per-user count entries of every session this node holds.
+    pub(crate) async fn keep_admitted(&self) {
+        let sessions: Vec<_> = self
+            .hub
+            .sessions()
+            .iter()
+            .map(|h| (h.principal.user_id.clone(), h.id.clone()))
+            .collect();
+        if sessions.is_empty() {
+            return;
+        }
+        let ttl = ADMISSION_TTL.as_millis() as u64;
+        if let Err(e) = self.resume.keep_admitted(&sessions, ttl).await {
+            tracing::warn!(error = %e, "renewing the per-user session count failed");
         }
     }
 

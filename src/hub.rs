@@ -147,10 +147,10 @@ impl Hub {
         true
     }
 
-    /// Removes a session for good (attached or parked). `None` if `handle` is no longer this
-    /// node's current handle for its session (it was resumed): the caller must then leave the
-    /// session alone.
-    pub fn remove(&self, handle: &Arc<SessionHandle>) -> Option<()> {
+    /// Removes a session for good (attached or parked); `Some(true)` if it was parked. `None`
+    /// if `handle` is no longer this node's current handle for its session (it was resumed):
+    /// the caller must then leave the session alone.
+    pub fn remove(&self, handle: &Arc<SessionHandle>) -> Option<bool> {
         let mut s = self.write();
         let token = handle.resume_token();
         let parked = s
@@ -165,7 +165,7 @@ impl Hub {
             return None;
         }
         s.sessions.remove(&handle.id);
-        Some(())
+        Some(parked)
     }
 
     /// Parked sessions whose grace has ended (they stay until `remove`d).

@@ -272,3 +272,322 @@ async fn the_old_nodes_parked_copy_does_not_bring_back_a_room_left_after_resume(
         .collect();
     assert!(back.is_empty(), "re-announced by the old node: {back:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Item 6: token expiry, refresh, roles on resume, revocation; item 10c: the reserved `sub`.
+
+const SECRET: &str = common::cluster::SECRET;
+
+/// A node verifying HS256 tokens signed with [`SECRET`] (so tests choose `exp`, roles, `jti`).
+async fn jwt_server(grace: Duration) -> Server {
+    Server::start_with(|c| {
+        c.jwt_secret = Some(SECRET.into());
+        c.admin_token = Some(ADMIN.into());
+        c.resume_grace = grace;
+    })
+    .await
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+fn jwt(sub: &str, rooms: Value, exp: u64, jti: &str) -> String {
+    let claims = json!({"sub": sub, "name": sub, "rooms": rooms, "exp": exp, "jti": jti});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign")
+}
+
+fn editor() -> Value {
+    json!({"*": "editor"})
+}
+
+async fn connect(server: &Server, token: &str) -> Client {
+    Client::connect(server.addr, token, Codec::Json, None).await
+}
+
+/// A refresh whose token makes the user a viewer of the room and drops another room: its lock
+/// there is released as `revoked` (the waiter served), the other room is left, the old lock
+/// token no longer extends, and it is all audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_re_evaluates_roles() {
+    let server = jwt_server(Duration::from_secs(5)).await;
+    let exp = now_s() + 3600;
+    let mut user = connect(&server, &jwt("ursula", editor(), exp, "u-1")).await;
+    user.join(ROOM).await;
+    user.join("story:9").await;
+    let mut waiter = connect(&server, &jwt("walt", editor(), exp, "w-1")).await;
+    waiter.join(ROOM).await;
+    let mut reader = connect(&server, &jwt("rita", editor(), exp, "r-1")).await;
+    reader.join("story:9").await;
+    let g = user.request(acquire("segment:77-5", json!({}))).await;
+    let w = waiter
+        .request(acquire("segment:77-5", json!({"wait": true})))
+        .await;
+    assert_eq!(w["queue_position"], 1, "{w}");
+
+    let viewer = jwt("ursula", json!({ROOM: "viewer"}), exp + 60, "u-2");
+    let r = user
+        .request(json!({"type":"auth.refresh","token":viewer}))
+        .await;
+    assert_eq!(r["type"], "reply", "{r}");
+    assert_eq!(r["expires_at"], (exp + 60) * 1000);
+    let rel = waiter.recv_type("lock.released").await;
+    assert_eq!(rel["reason"], "revoked", "{rel}");
+    waiter.recv_type("lock.granted").await;
+    let left = reader.recv_type("presence.leave").await;
+    assert_eq!(left["member"]["user_id"], "ursula");
+    let ext = user
+        .request(json!({"type":"lock.extend","resource":"segment:77-5","token":g["token"],"ttl_ms":60000}))
+        .await;
+    assert_eq!(ext["code"], "lock_not_held", "{ext}");
+    let again = user.request(acquire("segment:77-6", json!({}))).await;
+    assert_eq!(again["code"], "forbidden", "a viewer cannot lock: {again}");
+    let revoked = audit_until(&server.url(""), ADMIN, "lock_revoked", "ursula", |r| {
+        !r.is_empty()
+    })
+    .await;
+    assert_eq!(revoked.len(), 1, "{revoked:?}");
+    let refreshed = audit_until(&server.url(""), ADMIN, "session_refreshed", "ursula", |r| {
+        !r.is_empty()
+    })
+    .await;
+    assert_eq!(refreshed[0]["detail"]["rooms_left"][0], "story:9");
+}
+
+/// Another user's token, a bad one and an expired one are refused with stable codes, and
+/// the session keeps what it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_refresh_changes_nothing() {
+    let server = jwt_server(Duration::from_secs(5)).await;
+    let exp = now_s() + 3600;
+    let mut user = connect(&server, &jwt("ursula", editor(), exp, "u-1")).await;
+    user.join(ROOM).await;
+    let g = user.request(acquire("segment:77-7", json!({}))).await;
+    for (token, code) in [
+        (jwt("mallory", editor(), exp, "m-1"), "forbidden"),
+        ("not-a-jwt".to_owned(), "unauthorized"),
+        (
+            jwt("ursula", editor(), now_s() - 60, "u-old"),
+            "unauthorized",
+        ),
+    ] {
+        let r = user
+            .request(json!({"type":"auth.refresh","token":token}))
+            .await;
+        assert_eq!(r["code"], code, "{r}");
+    }
+    let ext = user
+        .request(json!({"type":"lock.extend","resource":"segment:77-7","token":g["token"],"ttl_ms":60000}))
+        .await;
+    assert_eq!(ext["type"], "reply", "still the holder: {ext}");
+}
+
+/// `auth.expiring` comes ahead of `exp` (half the life of a short token), and at `exp`
+/// without a refresh the session ends with 4012, its lock released as `disconnected`; a
+/// refreshed session lives on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ends_at_its_token_exp_unless_refreshed() {
+    let server = jwt_server(Duration::from_secs(30)).await;
+    let mut observer = connect(&server, &jwt("otto", editor(), now_s() + 3600, "o-1")).await;
+    observer.join(ROOM).await;
+    let exp = now_s() + 4;
+    let mut short = connect(&server, &jwt("sam", editor(), exp, "s-1")).await;
+    short.join(ROOM).await;
+    short.request(acquire("segment:77-8", json!({}))).await;
+    let warn = short.recv_type("auth.expiring").await;
+    assert_eq!(warn["expires_at"], exp * 1000, "{warn}");
+    let in_ms = warn["in_ms"].as_u64().expect("in_ms");
+    assert!(in_ms > 0 && in_ms <= 4000, "{warn}");
+    let (how, _) = short.closed_within(Duration::from_secs(8)).await;
+    assert_eq!(how, common::Closed::Code(4012));
+    let rel = observer.recv_type("lock.released").await;
+    assert_eq!(rel["reason"], "disconnected", "{rel}");
+    let closed = audit_until(&server.url(""), ADMIN, "session_closed", "sam", |r| {
+        !r.is_empty()
+    })
+    .await;
+    assert_eq!(closed[0]["detail"]["reason"], "token_expired");
+
+    let mut kept = connect(&server, &jwt("kim", editor(), now_s() + 3, "k-1")).await;
+    kept.recv_type("auth.expiring").await;
+    let r = kept
+        .request(json!({"type":"auth.refresh","token":jwt("kim", editor(), now_s() + 3600, "k-2")}))
+        .await;
+    assert_eq!(r["type"], "reply", "{r}");
+    let later = kept.drain_for(Duration::from_secs(4)).await;
+    assert!(
+        later.iter().all(|m| m["type"] != "auth.expiring"),
+        "{later:?}"
+    );
+    kept.ping().await;
+}
+
+/// A resume with a token that now says `viewer` loses its locks (`revoked`) instead of
+/// keeping and extending them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_applies_the_resuming_tokens_roles() {
+    let server = jwt_server(Duration::from_secs(10)).await;
+    let exp = now_s() + 3600;
+    let mut observer = connect(&server, &jwt("otto", editor(), exp, "o-1")).await;
+    observer.join(ROOM).await;
+    let mut holder = connect(&server, &jwt("hal", editor(), exp, "h-1")).await;
+    holder.join(ROOM).await;
+    let g = holder.request(acquire("segment:77-9", json!({}))).await;
+    let resume = holder.resume_token();
+    holder.drop_connection();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let viewer = jwt("hal", json!({"*": "viewer"}), exp, "h-2");
+    let mut back = Client::connect(server.addr, &viewer, Codec::Json, Some(&resume)).await;
+    assert_eq!(back.welcome["resumed"], true);
+    let rel = observer.recv_type("lock.released").await;
+    assert_eq!(rel["reason"], "revoked", "{rel}");
+    let ext = back
+        .request(json!({"type":"lock.extend","resource":"segment:77-9","token":g["token"],"ttl_ms":60000}))
+        .await;
+    assert_eq!(ext["code"], "lock_not_held", "{ext}");
+}
+
+async fn revoke(url: &str, admin: &str, body: Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{url}/v1/admin/sessions/revoke"))
+        .bearer_auth(admin)
+        .json(&body)
+        .send()
+        .await
+        .expect("revoke request")
+}
+
+/// Admin revocation by user (attached and parked sessions), by session, and by `jti` (then
+/// refused at connect), each closing with 4013 and releasing locks as `revoked`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_revocation_ends_sessions_and_refuses_the_token() {
+    let server = jwt_server(Duration::from_secs(30)).await;
+    let exp = now_s() + 3600;
+    let mut observer = connect(&server, &jwt("otto", editor(), exp, "o-1")).await;
+    observer.join(ROOM).await;
+    let mut a1 = connect(&server, &jwt("eve", editor(), exp, "e-1")).await;
+    a1.join(ROOM).await;
+    a1.request(acquire("segment:77-10", json!({}))).await;
+    let mut parked = connect(&server, &jwt("eve", editor(), exp, "e-2")).await;
+    parked.join(ROOM).await;
+    let parked_resume = parked.resume_token();
+    parked.drop_connection();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    observer.drain_for(Duration::from_millis(100)).await;
+
+    let user = revoke(
+        &server.url(""),
+        &server_token(&server).await,
+        json!({"user_id":"eve"}),
+    )
+    .await;
+    assert_eq!(user.status(), 403, "a user token may not revoke");
+    let r = revoke(&server.url(""), ADMIN, json!({"user_id":"eve"})).await;
+    assert_eq!(r.status(), 200);
+    let (how, _) = a1.closed_within(Duration::from_secs(5)).await;
+    assert_eq!(how, common::Closed::Code(4013));
+    // Its lock goes as `revoked`; both sessions leave, the parked one too.
+    let mut leaves = 0;
+    let mut released = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (leaves < 2 || released.is_empty()) && Instant::now() < deadline {
+        for m in observer.drain_for(Duration::from_millis(200)).await {
+            match m["type"].as_str() {
+                Some("presence.leave") => leaves += 1,
+                Some("lock.released") => released.push(m["reason"].clone()),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(leaves, 2, "attached and parked sessions leave");
+    assert_eq!(released, [json!("revoked")]);
+    let t = jwt("eve", editor(), exp, "e-2");
+    let back = Client::connect(server.addr, &t, Codec::Json, Some(&parked_resume)).await;
+    assert_eq!(back.welcome["resumed"], false);
+    let closed = audit_until(&server.url(""), ADMIN, "session_closed", "eve", |r| {
+        r.len() >= 2
+    })
+    .await;
+    assert!(
+        closed
+            .iter()
+            .filter(|c| c["detail"]["reason"] == "revoked" && c["detail"]["actor"] == "admin")
+            .count()
+            == 2,
+        "{closed:?}"
+    );
+
+    // By jti: that session ends, and the token is refused from then on.
+    let mut j = connect(&server, &jwt("jo", editor(), exp, "jti-9")).await;
+    let r = revoke(&server.url(""), ADMIN, json!({"jti":"jti-9"})).await;
+    assert_eq!(r.status(), 200);
+    let (how, _) = j.closed_within(Duration::from_secs(5)).await;
+    assert_eq!(how, common::Closed::Code(4013));
+    let (_ws, first) = Client::open(
+        server.addr,
+        &jwt("jo", editor(), exp, "jti-9"),
+        Codec::Json,
+        None,
+    )
+    .await;
+    assert_eq!(first.expect_err("refused"), common::Closed::Code(4013));
+    let mut other = connect(&server, &jwt("jo", editor(), exp, "jti-10")).await;
+    let r = other
+        .request(json!({"type":"auth.refresh","token":jwt("jo", editor(), exp, "jti-9")}))
+        .await;
+    assert_eq!(
+        r["code"], "unauthorized",
+        "a revoked token cannot refresh: {r}"
+    );
+
+    let bad = revoke(&server.url(""), ADMIN, json!({})).await;
+    assert_eq!(bad.status(), 400);
+}
+
+async fn server_token(_server: &Server) -> String {
+    jwt("someone", json!({"*": "owner"}), now_s() + 3600, "x-1")
+}
+
+/// Revocation reaches every node: revoked on node B, the session on node A ends with 4013.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_revocation_reaches_other_nodes() {
+    let redis = RedisServer::start();
+    let a = Gateway::start(&redis.url(), "node-a", &[]).await;
+    let b = Gateway::start(&redis.url(), "node-b", &[]).await;
+    let mut victim = Client::connect(a.addr(), &token("victor", None), Codec::Json, None).await;
+    victim.join(ROOM).await;
+    let mut observer = Client::connect(b.addr(), &token("otto", None), Codec::Json, None).await;
+    observer.join(ROOM).await;
+    victim.request(acquire("segment:77-11", json!({}))).await;
+    let r = revoke(&b.url(""), GW_ADMIN, json!({"user_id":"victor"})).await;
+    assert_eq!(r.status(), 200);
+    let (how, _) = victim.closed_within(Duration::from_secs(5)).await;
+    assert_eq!(how, common::Closed::Code(4013));
+    let rel = observer.recv_type("lock.released").await;
+    assert_eq!(rel["reason"], "revoked", "{rel}");
+}
+
+/// Item 10c: a JWT whose `sub` is `admin` would share the admin principal's user id (in lock
+/// holders and audit records): it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwt_cannot_take_the_admin_user_id() {
+    let server = jwt_server(Duration::from_secs(5)).await;
+    let t = jwt("admin", editor(), now_s() + 3600, "a-1");
+    let (_ws, first) = Client::open(server.addr, &t, Codec::Json, None).await;
+    assert_eq!(first.expect_err("refused"), common::Closed::Code(4001));
+    let r = reqwest::Client::new()
+        .get(server.url("/v1/locks?room=scene:77"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 401);
+}

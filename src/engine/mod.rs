@@ -96,6 +96,9 @@ pub enum ReleaseReason {
     Expired,
     Disconnected,
     Forced,
+    /// The holder's token no longer makes it an editor of the lock's room (refresh, resume)
+    /// or its session was revoked by an admin.
+    Revoked,
 }
 
 /// A queued acquire: how long to wait and the request id to answer when served or timed out.
@@ -433,4 +436,10 @@ pub trait ResumeStore: Send + Sync + 'static {
     ) -> EngineResult<()>;
     /// The session ended for good: it no longer counts.
     async fn dismiss(&self, user_id: &str, session_id: &str) -> EngineResult<()>;
+
+    /// Refuses the token id `jti` until `until_ms` (ms since the epoch). Bounded: the
+    /// memory store refuses more than a fixed number of live entries (`Unavailable`).
+    async fn revoke_jti(&self, jti: &str, until_ms: u64) -> EngineResult<()>;
+    /// Whether `jti` is revoked now.
+    async fn is_revoked(&self, jti: &str) -> EngineResult<bool>;
 }

@@ -49,6 +49,8 @@ pub fn spawn(node: &Arc<Node>, parts: ClusterParts) {
         sweep_presence(&node).await
     });
     let registry = Arc::new(registry);
+    let _ = node.revocations.set(registry.clone());
+    spawn_revocation_listener(node);
     let beat = registry.clone();
     every(node, Duration::from_secs(1), move |node| {
         let registry = beat.clone();
@@ -63,6 +65,54 @@ pub fn spawn(node: &Arc<Node>, parts: ClusterParts) {
             }
         }
         .instrument(node.span()),
+    );
+}
+
+/// Applies the admin revocations other nodes publish (this node's own were applied at once).
+fn spawn_revocation_listener(node: &Arc<Node>) {
+    let Some(url) = node.config.redis_url.clone() else {
+        return;
+    };
+    let span = node.span();
+    let node = node.clone();
+    tokio::spawn(
+        async move {
+            let (subscriber, mut rx) =
+                match crate::engine::redis::nodes::listen_revocations(&url).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen for session revocations");
+                        return;
+                    }
+                };
+            loop {
+                let msg = tokio::select! {
+                    _ = node.stop_background.cancelled() => break,
+                    m = rx.recv() => m,
+                };
+                match msg {
+                    Ok(m) => {
+                        let Some(text) = m.value.as_str() else {
+                            continue;
+                        };
+                        match serde_json::from_str::<super::lifetime::Broadcast>(&text) {
+                            Ok(b) if *b.origin != *node.id => {
+                                let n = node.revoke_local(&b.revocation).await;
+                                tracing::info!(ended = n, "applied a revocation from {}", b.origin);
+                            }
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!(error = %e, "bad revocation message"),
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "revocation listener lagged");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+            let _ = fred::interfaces::ClientLike::quit(&subscriber).await;
+        }
+        .instrument(span),
     );
 }
 

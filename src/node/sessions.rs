@@ -45,6 +45,10 @@ pub enum EndReason {
     TakenOver,
     /// A parked session was not resumed in time.
     GraceExpired,
+    /// The token's `exp` passed without a refresh (close 4012).
+    TokenExpired,
+    /// An admin revoked the session (close 4013).
+    Revoked,
 }
 
 impl EndReason {
@@ -58,6 +62,8 @@ impl EndReason {
             EndReason::Draining => "draining",
             EndReason::TakenOver => "taken_over",
             EndReason::GraceExpired => "grace_expired",
+            EndReason::TokenExpired => "token_expired",
+            EndReason::Revoked => "revoked",
         }
     }
 
@@ -73,6 +79,8 @@ impl EndReason {
             EndReason::TooBig => "protocol",
             EndReason::Draining => "drain",
             EndReason::TakenOver => "superseded",
+            EndReason::TokenExpired => "token_expired",
+            EndReason::Revoked => "revoked",
         }
     }
 
@@ -219,16 +227,15 @@ impl Node {
         });
     }
 
-    /// After a resume: back into each room's fan-out with a fresh snapshot, except rooms the
-    /// (possibly newer) token no longer grants, which the session leaves.
+    /// After a resume: the resuming token's roles apply (rooms it no longer grants are left,
+    /// locks where it is no longer an editor released as `revoked`), then the session goes
+    /// back into each room's fan-out with a fresh snapshot.
     async fn restore_rooms(&self, handle: &Arc<SessionHandle>) {
+        let (left, demoted) = self.apply_roles(handle).await;
+        if !left.is_empty() || !demoted.is_empty() {
+            self.audit_roles(handle, "resume", &left, &demoted).await;
+        }
         for room in handle.rooms() {
-            if handle.principal.role_in(&room).is_none() {
-                handle.remove_room(&room);
-                self.leave_everywhere(handle, std::slice::from_ref(&room), ReleaseReason::Released)
-                    .await;
-                continue;
-            }
             self.hub.join_room(&room, handle);
             if let Err(e) = self.sync_subscription(&room).await {
                 tracing::warn!(error = %e, %room, "resubscribe failed");
@@ -250,23 +257,24 @@ impl Node {
             tracing::debug!(session = %handle.id, reason = reason.as_str(), "session parked");
             return;
         }
-        let was_attached = reason != EndReason::GraceExpired;
-        if self.hub.remove(handle).is_none() {
+        let Some(was_parked) = self.hub.remove(handle) else {
             // Resumed meanwhile: the session lives on in its new handle.
             handle.ended.cancel();
             return;
-        }
-        if was_attached {
+        };
+        // A parked session's socket was counted as closed when it was parked.
+        if !was_parked {
             self.metrics.session_closed(reason.metric_label());
         }
+        // A revoked session's locks say so; any other end is a holder gone away.
+        let release = match reason {
+            EndReason::Revoked => ReleaseReason::Revoked,
+            _ => ReleaseReason::Disconnected,
+        };
         let rooms = handle.rooms();
         self.sync_subscriptions(&rooms).await;
         // All its locks and waits, also those announced in rooms it already left.
-        match self
-            .locks
-            .release_session(&handle.id, ReleaseReason::Disconnected, None)
-            .await
-        {
+        match self.locks.release_session(&handle.id, release, None).await {
             Ok(ts) => {
                 for t in ts {
                     self.announce(t).await;
@@ -285,7 +293,10 @@ impl Node {
         let mut r = self.audit_record(AuditKind::SessionClosed);
         r.user_id = Some(handle.principal.user_id.clone());
         r.session_id = Some(handle.id.clone());
-        r.detail = serde_json::json!({ "reason": reason.as_str() });
+        r.detail = match handle.revoked_by() {
+            Some(actor) => serde_json::json!({ "reason": reason.as_str(), "actor": &*actor }),
+            None => serde_json::json!({ "reason": reason.as_str() }),
+        };
         self.record(vec![r]).await;
         handle.ended.cancel();
         tracing::debug!(session = %handle.id, reason = reason.as_str(), "session ended");

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use crate::engine::{EngineResult, ParkedSession, ResumeStore, SessionId, UserId};
+use crate::engine::{
+    EngineError, EngineResult, ParkedSession, ResumeStore, SessionId, UserId, now_ms,
+};
 
 /// How long a record or tombstone outlives its grace.
 const RECORD_MARGIN: Duration = Duration::from_secs(60);
@@ -28,7 +30,13 @@ pub struct MemoryResumeStore {
     /// Per user, its live sessions and when each entry lapses (the per-user limit). Bounded:
     /// at most `limit` entries per user, and a user's map goes with its last entry.
     admitted: Mutex<HashMap<UserId, HashMap<SessionId, Instant>>>,
+    /// Revoked token ids → until when (ms since the epoch); pruned as they pass, at most
+    /// [`MAX_REVOKED`] live ones.
+    revoked: Mutex<HashMap<String, u64>>,
 }
+
+/// Most revoked token ids remembered at once (a revoke past this fails with `Unavailable`).
+pub const MAX_REVOKED: usize = 100_000;
 
 impl MemoryResumeStore {
     pub fn new() -> MemoryResumeStore {
@@ -131,6 +139,25 @@ impl ResumeStore for MemoryResumeStore {
             }
         }
         Ok(())
+    }
+
+    async fn revoke_jti(&self, jti: &str, until_ms: u64) -> EngineResult<()> {
+        let now = now_ms();
+        let mut r = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
+        r.retain(|_, until| *until > now);
+        if r.len() >= MAX_REVOKED && !r.contains_key(jti) {
+            return Err(EngineError::Unavailable(format!(
+                "{MAX_REVOKED} revoked tokens are live already"
+            )));
+        }
+        let e = r.entry(jti.to_owned()).or_insert(until_ms);
+        *e = (*e).max(until_ms);
+        Ok(())
+    }
+
+    async fn is_revoked(&self, jti: &str) -> EngineResult<bool> {
+        let r = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(r.get(jti).is_some_and(|until| *until > now_ms()))
     }
 }
 

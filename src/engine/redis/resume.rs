@@ -151,4 +151,27 @@ impl ResumeStore for RedisResumeStore {
             .map_err(engine_err)?;
         Ok(())
     }
+
+    async fn revoke_jti(&self, jti: &str, until_ms: u64) -> EngineResult<()> {
+        let ttl = until_ms.saturating_sub(crate::engine::now_ms()).max(1);
+        let set = self.pool.set(
+            keys::revoked(jti),
+            "1",
+            Some(Expiration::PX(ttl as i64)),
+            None,
+            false,
+        );
+        let _: () = call(&self.metrics, "revoke_jti", set)
+            .await
+            .map_err(engine_err)?;
+        Ok(())
+    }
+
+    async fn is_revoked(&self, jti: &str) -> EngineResult<bool> {
+        let exists = self.pool.exists(keys::revoked(jti));
+        let n: i64 = call(&self.metrics, "is_revoked", exists)
+            .await
+            .map_err(engine_err)?;
+        Ok(n > 0)
+    }
 }

@@ -257,3 +257,21 @@ impl Node {
         ended
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_warning_comes_a_minute_ahead_or_at_half_the_remaining_life() {
+        assert_eq!(
+            expiry_lead(Duration::from_secs(3600)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            expiry_lead(Duration::from_secs(40)),
+            Duration::from_secs(20)
+        );
+        assert_eq!(expiry_lead(Duration::ZERO), Duration::ZERO);
+    }
+}

@@ -4,6 +4,7 @@
 //! - [`rooms`]: join, leave, presence, cursors, broadcasts, snapshots.
 //! - [`locks`]: acquire, release, extend, waits, force-release, validate.
 //! - [`sessions`]: opening, resuming, parking and ending sessions.
+//! - [`lifetime`]: token refresh and roles, expiry, admin revocation.
 //! - [`fencing`]: strict fencing — every grant registered in Postgres before it is handed out.
 //!
 //! Background loops (one task): the lock reaper (expiries and waiter timeouts, every

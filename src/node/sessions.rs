@@ -4,9 +4,10 @@
 //! its presence and locks stay (leases renewed) for `resume_grace`, recorded in the
 //! [`ResumeStore`](crate::engine::ResumeStore) so a client reconnecting with `?resume=` to any
 //! node gets it back and nobody sees a leave/join. Exactly one of "a resume" and "the end of the
-//! grace" wins (the store's claim/expire are atomic). A normal close, a heartbeat timeout or
-//! the end of the grace ends the session: presence leaves, its locks are released with reason
-//! `disconnected`, its waits are dropped.
+//! grace" wins (the store's claim/expire are atomic). A normal close, a heartbeat timeout,
+//! the token's `exp` or the end of the grace ends the session: presence leaves, its locks are
+//! released with reason `disconnected` (`revoked` when an admin revoked it), its waits are
+//! dropped, and it leaves its user's session count (parked sessions stay in it).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -69,42 +69,109 @@ impl RoomPattern {
 }
 
 /// An authenticated caller.
-#[derive(Debug, Clone)]
+///
+/// Identity (`user_id`, name, avatar, color) is fixed for a session's life; what the token
+/// grants (roles, `exp`, `jti`) is replaced when the session refreshes its token
+/// ([`set_grants`](Self::set_grants)), so every role check sees the newest token.
+#[derive(Debug)]
 pub struct Principal {
     pub user_id: UserId,
     pub name: Arc<str>,
     pub avatar: Option<Arc<str>>,
     pub color: Arc<str>,
-    pub rooms: Vec<(RoomPattern, Role)>,
     /// Authenticated with the admin/service token: owner everywhere, admin endpoints allowed.
     pub admin: bool,
+    grants: std::sync::RwLock<Arc<Grants>>,
+}
+
+/// What a token grants, and until when.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Grants {
+    pub rooms: Vec<(RoomPattern, Role)>,
+    /// The token's `exp` (seconds since the epoch); `None` for the admin principal.
+    pub exp: Option<u64>,
+    /// The token's `jti`, if it has one (what an admin can revoke).
+    pub jti: Option<Arc<str>>,
+}
+
+impl Clone for Principal {
+    fn clone(&self) -> Self {
+        Principal {
+            user_id: self.user_id.clone(),
+            name: self.name.clone(),
+            avatar: self.avatar.clone(),
+            color: self.color.clone(),
+            admin: self.admin,
+            grants: std::sync::RwLock::new(self.grants()),
+        }
+    }
 }
 
 impl Principal {
+    pub fn new(
+        user_id: UserId,
+        name: Arc<str>,
+        avatar: Option<Arc<str>>,
+        color: Arc<str>,
+        grants: Grants,
+    ) -> Principal {
+        Principal {
+            user_id,
+            name,
+            avatar,
+            color,
+            admin: false,
+            grants: std::sync::RwLock::new(Arc::new(grants)),
+        }
+    }
+
     /// The caller's role in `room`, or `None` when no pattern grants access.
     pub fn role_in(&self, room: &Entity) -> Option<Role> {
         if self.admin {
             return Some(Role::Owner);
         }
-        self.rooms
+        self.grants()
+            .rooms
             .iter()
             .filter_map(|(p, role)| p.specificity(room).map(|s| (s, *role)))
             .max_by_key(|(s, _)| *s)
             .map(|(_, role)| role)
     }
 
-    /// The admin/service principal.
+    /// What the current token grants.
+    pub fn grants(&self) -> Arc<Grants> {
+        self.grants
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Takes over what a newer token of the same user grants (a refresh or a resume).
+    pub fn set_grants(&self, grants: Arc<Grants>) {
+        *self.grants.write().unwrap_or_else(|p| p.into_inner()) = grants;
+    }
+
+    /// The admin/service principal. Its user id `admin` is reserved: no JWT may carry that
+    /// `sub` (see [`RESERVED_SUB`]), so nobody can pass for the admin in audit records or
+    /// lock holders.
     pub fn admin() -> Principal {
         Principal {
-            user_id: Arc::from("admin"),
+            user_id: Arc::from(RESERVED_SUB),
             name: Arc::from("admin"),
             avatar: None,
             color: Arc::from("#444444"),
-            rooms: vec![(RoomPattern::Any, Role::Owner)],
             admin: true,
+            grants: std::sync::RwLock::new(Arc::new(Grants {
+                rooms: vec![(RoomPattern::Any, Role::Owner)],
+                exp: None,
+                jti: None,
+            })),
         }
     }
 }
+
+/// The user id of the admin principal; refused as a JWT `sub`.
+pub const RESERVED_SUB: &str = "admin";
 
 /// A stable color per user when the token carries none: a hue from a hash of the user id.
 pub fn color_for(user_id: &str) -> String {
@@ -154,6 +221,8 @@ pub const MAX_SUB_CHARS: usize = 128;
 const MAX_NAME_CHARS: usize = 128;
 const MAX_AVATAR_CHARS: usize = 2048;
 const MAX_COLOR_CHARS: usize = 64;
+/// Longest `jti` accepted, in bytes (it becomes a Redis key when revoked).
+const MAX_JTI_BYTES: usize = 256;
 
 /// Why a caller could not be authenticated, or why the authenticator could not be built.
 ///
@@ -289,6 +358,11 @@ struct UserClaims {
     /// Kept as JSON so a bad entry is reported by its pattern, not as a serde error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     rooms: Option<serde_json::Value>,
+    /// Checked by `Validation`; kept for the session's lifetime (minted tokens set their own).
+    #[serde(default, skip_serializing)]
+    exp: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    jti: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -486,6 +560,9 @@ impl Authenticator {
                     .map(|(pattern, role)| (pattern, serde_json::Value::from(role.as_str())))
                     .collect(),
             )),
+            exp: None,
+            // A token id, so an admin can revoke one dev token (`POST /v1/admin/sessions/revoke`).
+            jti: Some(uuid::Uuid::new_v4().to_string()),
         };
         principal_from_claims(&claims).map_err(AuthError::BadRequest)?;
         let now = get_current_timestamp();
@@ -801,6 +878,11 @@ fn jwt_error(e: jsonwebtoken::errors::Error) -> AuthError {
 /// Checks the lockstep claims and builds the principal; the text says which claim is wrong.
 fn principal_from_claims(c: &UserClaims) -> Result<Principal, String> {
     let sub = c.sub.as_deref().ok_or("missing claim 'sub'")?;
+    if sub == RESERVED_SUB {
+        return Err(format!(
+            "'sub' {RESERVED_SUB:?} is reserved for the admin token"
+        ));
+    }
     let sub_chars = sub.chars().count();
     if sub_chars == 0 || sub_chars > MAX_SUB_CHARS || sub.chars().any(char::is_control) {
         return Err(format!(
@@ -856,14 +938,26 @@ fn principal_from_claims(c: &UserClaims) -> Result<Principal, String> {
         }
         Some(_) => return Err("'rooms' must be an object mapping room patterns to roles".into()),
     };
-    Ok(Principal {
-        user_id: Arc::from(sub),
+    let jti = match c.jti.as_deref() {
+        None | Some("") => None,
+        Some(j) if j.len() > MAX_JTI_BYTES || j.chars().any(char::is_control) => {
+            return Err(format!(
+                "'jti' must be at most {MAX_JTI_BYTES} bytes without control characters"
+            ));
+        }
+        Some(j) => Some(Arc::from(j)),
+    };
+    Ok(Principal::new(
+        Arc::from(sub),
         name,
         avatar,
         color,
-        rooms,
-        admin: false,
-    })
+        Grants {
+            rooms,
+            exp: c.exp,
+            jti,
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -871,14 +965,20 @@ mod role_tests {
     use super::*;
 
     fn principal(rooms: &[(&str, Role)]) -> Principal {
-        Principal {
-            rooms: rooms
-                .iter()
-                .map(|(p, r)| (RoomPattern::parse(p).unwrap(), *r))
-                .collect(),
-            admin: false,
-            ..Principal::admin()
-        }
+        Principal::new(
+            "u".into(),
+            "U".into(),
+            None,
+            "red".into(),
+            Grants {
+                rooms: rooms
+                    .iter()
+                    .map(|(p, r)| (RoomPattern::parse(p).unwrap(), *r))
+                    .collect(),
+                exp: None,
+                jti: None,
+            },
+        )
     }
 
     #[test]

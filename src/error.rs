@@ -137,4 +137,10 @@ pub mod close {
     pub const HEARTBEAT_TIMEOUT: u16 = 4010;
     /// A connection resuming this session replaced this socket.
     pub const TAKEN_OVER: u16 = 4011;
+    /// The token's `exp` passed without an `auth.refresh`: the session ended (locks released
+    /// as `disconnected`) and cannot be resumed. Reconnect with a new token.
+    pub const TOKEN_EXPIRED: u16 = 4012;
+    /// An admin revoked the session (or its token, or its user): it ended (locks released as
+    /// `revoked`) and cannot be resumed; a revoked token is refused until its `exp`.
+    pub const REVOKED: u16 = 4013;
 }

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use axum::extract::ws::Message;
 
-use crate::engine::{EventSink, RoomEvent, RoomEventKind, SessionId, UserId};
+use crate::engine::{EventSink, RoomEvent, RoomEventKind, SessionId};
 use crate::error::ErrorCode;
 use crate::names::Entity;
 use crate::protocol::server::{ErrorFrame, From, HolderView};
@@ -34,8 +34,6 @@ struct HubState {
     rooms: HashMap<Entity, RoomLocal>,
     /// Parked sessions by resume token, with the instant their grace ends.
     parked: HashMap<Arc<str>, (Arc<SessionHandle>, Instant)>,
-    /// Attached sessions per user, for the per-user limit.
-    per_user: HashMap<UserId, usize>,
 }
 
 #[derive(Default)]
@@ -78,7 +76,8 @@ impl RoomLocal {
     }
 }
 
-/// Refused registration: the user is at the session limit.
+/// Refused session: the user is at the session limit (counted cluster-wide by the
+/// [`ResumeStore`](crate::engine::ResumeStore), parked sessions included).
 #[derive(Debug, thiserror::Error)]
 #[error("user has {0} sessions already")]
 pub struct TooManySessions(pub usize);
@@ -99,32 +98,20 @@ impl Hub {
         self.state.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds an attached session, unless its user already has `limit` attached sessions.
+    /// Adds an attached session (the per-user limit was checked by the resume store).
     /// For a resume, `replaces` names the resume token of the parked copy this node may hold:
     /// it is swapped out in the same step, so no window shows both or neither.
     pub fn register(
         &self,
         handle: Arc<SessionHandle>,
-        limit: usize,
         replaces: Option<&str>,
-    ) -> Result<Option<Arc<SessionHandle>>, TooManySessions> {
+    ) -> Option<Arc<SessionHandle>> {
         let mut s = self.write();
-        let count = s
-            .per_user
-            .get(&handle.principal.user_id)
-            .copied()
-            .unwrap_or(0);
-        if count >= limit {
-            return Err(TooManySessions(count));
-        }
-        *s.per_user
-            .entry(handle.principal.user_id.clone())
-            .or_default() += 1;
         let old = replaces
             .and_then(|token| s.parked.remove(token))
             .map(|(h, _)| h);
         s.sessions.insert(handle.id.clone(), handle);
-        Ok(old)
+        old
     }
 
     /// Adds the session to a room's local members.
@@ -160,10 +147,10 @@ impl Hub {
         true
     }
 
-    /// Removes a session for good (attached or parked). `None` if `handle` is no longer this
-    /// node's current handle for its session (it was resumed): the caller must then leave the
-    /// session alone.
-    pub fn remove(&self, handle: &Arc<SessionHandle>) -> Option<()> {
+    /// Removes a session for good (attached or parked); `Some(true)` if it was parked. `None`
+    /// if `handle` is no longer this node's current handle for its session (it was resumed):
+    /// the caller must then leave the session alone.
+    pub fn remove(&self, handle: &Arc<SessionHandle>) -> Option<bool> {
         let mut s = self.write();
         let token = handle.resume_token();
         let parked = s
@@ -178,7 +165,7 @@ impl Hub {
             return None;
         }
         s.sessions.remove(&handle.id);
-        Some(())
+        Some(parked)
     }
 
     /// Parked sessions whose grace has ended (they stay until `remove`d).
@@ -263,14 +250,8 @@ fn remove_member(rooms: &mut HashMap<Entity, RoomLocal>, room: &Entity, id: &Ses
     }
 }
 
-/// Takes an attached session out of fan-out and the per-user count.
+/// Takes an attached session out of fan-out.
 fn detach(s: &mut HubState, handle: &Arc<SessionHandle>) {
-    if let Some(n) = s.per_user.get_mut(&handle.principal.user_id) {
-        *n = n.saturating_sub(1);
-        if *n == 0 {
-            s.per_user.remove(&handle.principal.user_id);
-        }
-    }
     for room in handle.rooms() {
         remove_member(&mut s.rooms, &room, &handle.id);
     }
@@ -521,7 +502,7 @@ mod tests {
             metrics,
             HandleState::default(),
         ));
-        hub.register(handle.clone(), 10, None).unwrap();
+        hub.register(handle.clone(), None);
         hub.join_room(&entity("scene:1"), &handle);
         (hub, handle)
     }

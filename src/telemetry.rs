@@ -77,6 +77,8 @@ pub const CLOSE_REASONS: &[&str] = &[
     "protocol",
     "drain",
     "superseded",
+    "token_expired",
+    "revoked",
 ];
 
 /// Label values of `lockstep_lock_outcomes_total{outcome}`.
@@ -88,6 +90,7 @@ pub const LOCK_OUTCOMES: &[&str] = &[
     "expired",
     "disconnected",
     "forced",
+    "revoked",
     "extended",
     "stale",
     "wait_expired",

@@ -137,7 +137,7 @@ fn defaults_for_name_color_and_rooms() {
     assert_eq!(&*p.name, "bob");
     assert_eq!(&*p.color, color_for("bob"));
     assert!(p.avatar.is_none());
-    assert!(p.rooms.is_empty());
+    assert!(p.grants().rooms.is_empty());
     assert_eq!(p.role_in(&entity("scene:1")), None);
 }
 

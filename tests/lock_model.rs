@@ -198,6 +198,7 @@ impl Case {
                         ReleaseReason::Expired => "lock_expired",
                         ReleaseReason::Disconnected => "lock_disconnected",
                         ReleaseReason::Forced => "lock_forced",
+                        ReleaseReason::Revoked => "lock_revoked",
                     },
                 );
                 if let Some(g) = granted {

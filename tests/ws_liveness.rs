@@ -153,7 +153,7 @@ async fn a_resume_takes_over_a_socket_the_server_still_thinks_alive() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_resume_refused_by_the_session_limit_keeps_the_parked_session() {
+async fn a_parked_session_counts_against_the_session_limit_and_can_resume() {
     let server = Server::start_with(|c| {
         c.max_sessions_per_user = 1;
         c.resume_grace = Duration::from_secs(10);
@@ -166,15 +166,14 @@ async fn a_resume_refused_by_the_session_limit_keeps_the_parked_session() {
     let resume = first.resume_token();
     first.drop_connection();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let second = Client::connect(server.addr, &token, Codec::Json, None).await;
-    // At the limit: the resume is refused, and nothing is lost by trying.
-    let (_ws, refused) = Client::open(server.addr, &token, Codec::Json, Some(&resume)).await;
-    let refused = refused.expect("an error frame first");
-    assert_eq!(refused["code"], "too_many_sessions");
-    second.close_normally().await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Parked, it still holds presence and a lock: it is one of the user's sessions.
+    let (_ws, refused) = Client::open(server.addr, &token, Codec::Json, None).await;
+    assert_eq!(
+        refused.expect("an error frame first")["code"],
+        "too_many_sessions"
+    );
     let mut back = Client::connect(server.addr, &token, Codec::Json, Some(&resume)).await;
-    assert_eq!(back.welcome["resumed"], true);
+    assert_eq!(back.welcome["resumed"], true, "its own resume is admitted");
     let snap = back.recv_type("room.snapshot").await;
     assert_eq!(snap["locks"][0]["token"], g["token"]);
     let (_ws, third) = Client::open(server.addr, &token, Codec::Json, None).await;
@@ -183,6 +182,9 @@ async fn a_resume_refused_by_the_session_limit_keeps_the_parked_session() {
         "too_many_sessions",
         "the limit still holds"
     );
+    back.close_normally().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = Client::connect(server.addr, &token, Codec::Json, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

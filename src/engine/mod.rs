@@ -96,6 +96,9 @@ pub enum ReleaseReason {
     Expired,
     Disconnected,
     Forced,
+    /// The holder's token no longer makes it an editor of the lock's room (refresh, resume)
+    /// or its session was revoked by an admin.
+    Revoked,
 }
 
 /// A queued acquire: how long to wait and the request id to answer when served or timed out.
@@ -397,7 +400,8 @@ pub struct ParkedSession {
 /// Where parked sessions wait for a resume, so a client may resume on any node.
 ///
 /// Exactly one party wins each parked session: a resume (`claim`) or the end of the grace
-/// (`expire`) — both are atomic take-and-delete.
+/// (`expire`), both atomic. A claim leaves a tombstone and records are kept a margin past
+/// their grace, so `expire` run a little after the grace still tells the two apart.
 #[async_trait]
 pub trait ResumeStore: Send + Sync + 'static {
     async fn park(
@@ -406,10 +410,36 @@ pub trait ResumeStore: Send + Sync + 'static {
         session: &ParkedSession,
         grace_ms: u64,
     ) -> EngineResult<()>;
-    /// Takes the parked session if it exists and belongs to `user_id`.
+    /// Takes the parked session if it exists, belongs to `user_id` and its grace runs.
     async fn claim(&self, resume_token: &str, user_id: &str)
     -> EngineResult<Option<ParkedSession>>;
-    /// The grace is over: removes the record; true if it was still unclaimed, in which case
-    /// the caller ends the session.
+    /// The grace is over: removes the record; true unless a resume claimed it, in which case
+    /// (false) the session lives on elsewhere; on true the caller ends the session.
     async fn expire(&self, resume_token: &str) -> EngineResult<bool>;
+
+    /// Counts `session_id` among `user_id`'s live sessions (attached or parked, on any node)
+    /// unless the user has `limit` already; a session already counted (a resume) is always
+    /// admitted. Entries lapse after `ttl_ms` unless [`keep_admitted`](Self::keep_admitted).
+    /// Atomic: racing admissions never exceed the limit. Returns whether it was admitted.
+    async fn admit(
+        &self,
+        user_id: &str,
+        session_id: &str,
+        limit: usize,
+        ttl_ms: u64,
+    ) -> EngineResult<bool>;
+    /// Renews the entries of sessions this node still holds (never re-adds a removed one).
+    async fn keep_admitted(
+        &self,
+        sessions: &[(UserId, SessionId)],
+        ttl_ms: u64,
+    ) -> EngineResult<()>;
+    /// The session ended for good: it no longer counts.
+    async fn dismiss(&self, user_id: &str, session_id: &str) -> EngineResult<()>;
+
+    /// Refuses the token id `jti` until `until_ms` (ms since the epoch). Bounded: the
+    /// memory store refuses more than a fixed number of live entries (`Unavailable`).
+    async fn revoke_jti(&self, jti: &str, until_ms: u64) -> EngineResult<()>;
+    /// Whether `jti` is revoked now.
+    async fn is_revoked(&self, jti: &str) -> EngineResult<bool>;
 }

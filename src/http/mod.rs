@@ -7,6 +7,7 @@
 //! (`LOCKSTEP_METRICS_LISTEN`) with only `/metrics`, `/healthz` and `/readyz`. Every error
 //! response is counted in `lockstep_client_errors_total{code}`.
 
+mod admin;
 mod api;
 mod ops;
 mod ws;
@@ -40,6 +41,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/locks/validate", post(api::validate))
         .route("/v1/audit", get(api::audit))
         .route("/v1/admin/locks/release", post(api::admin_release))
+        .route("/v1/admin/sessions/revoke", post(admin::revoke_sessions))
         .route("/v1/dev/token", post(ops::dev_token))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))

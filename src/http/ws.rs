@@ -48,6 +48,11 @@ pub async fn upgrade(
         Some(t) => node.auth.verify(t),
         None => Err(AuthError::Missing),
     };
+    // A revoked token id is refused (connect and resume alike) until its `exp`.
+    let revoked = match verified.as_ref().ok().and_then(|p| p.grants().jti.clone()) {
+        Some(jti) => node.is_revoked(&jti).await,
+        None => false,
+    };
     let max = node.config.max_frame_bytes;
     let ws = ws
         .protocols([JSON_PROTOCOL, MSGPACK_PROTOCOL])
@@ -61,6 +66,12 @@ pub async fn upgrade(
         tracing::Span::current().record("user_id", &*p.user_id);
     }
     match verified {
+        Ok(_) if revoked => {
+            let mut r = node.audit_record(AuditKind::AuthFailed);
+            r.detail = serde_json::json!({ "reason": "token revoked" });
+            node.record(vec![r]).await;
+            ws.on_upgrade(move |socket| refuse(socket, close::REVOKED, "token revoked".into()))
+        }
         Ok(principal) => ws.on_upgrade(move |socket| {
             let codec = Codec::from_subprotocol(socket.protocol().and_then(|p| p.to_str().ok()));
             tasks.track_future(crate::session::run(
@@ -79,25 +90,28 @@ pub async fn upgrade(
             while reason.len() > 120 {
                 reason.pop();
             }
-            ws.on_upgrade(move |mut socket| async move {
-                let frame = CloseFrame {
-                    code: close::UNAUTHORIZED,
-                    reason: reason.into(),
-                };
-                // Wait (bounded) for the client's close so it reads the code, not a reset.
-                let handshake = async {
-                    if socket.send(Message::Close(Some(frame))).await.is_ok() {
-                        while let Some(Ok(m)) = socket.recv().await {
-                            if matches!(m, Message::Close(_)) {
-                                break;
-                            }
-                        }
-                    }
-                };
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), handshake).await;
-            })
+            ws.on_upgrade(move |socket| refuse(socket, close::UNAUTHORIZED, reason))
         }
     }
+}
+
+/// Closes an upgraded socket with `code` and waits (bounded) for the client's close, so it
+/// reads the code, not a reset.
+async fn refuse(mut socket: axum::extract::ws::WebSocket, code: u16, reason: String) {
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    let handshake = async {
+        if socket.send(Message::Close(Some(frame))).await.is_ok() {
+            while let Some(Ok(m)) = socket.recv().await {
+                if matches!(m, Message::Close(_)) {
+                    break;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), handshake).await;
 }
 
 pub(super) async fn record_auth_failure(node: &Node, e: &AuthError) {

@@ -49,6 +49,8 @@ pub fn spawn(node: &Arc<Node>, parts: ClusterParts) {
         sweep_presence(&node).await
     });
     let registry = Arc::new(registry);
+    let _ = node.revocations.set(registry.clone());
+    spawn_revocation_listener(node);
     let beat = registry.clone();
     every(node, Duration::from_secs(1), move |node| {
         let registry = beat.clone();
@@ -63,6 +65,54 @@ pub fn spawn(node: &Arc<Node>, parts: ClusterParts) {
             }
         }
         .instrument(node.span()),
+    );
+}
+
+/// Applies the admin revocations other nodes publish (this node's own were applied at once).
+fn spawn_revocation_listener(node: &Arc<Node>) {
+    let Some(url) = node.config.redis_url.clone() else {
+        return;
+    };
+    let span = node.span();
+    let node = node.clone();
+    tokio::spawn(
+        async move {
+            let (subscriber, mut rx) =
+                match crate::engine::redis::nodes::listen_revocations(&url).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen for session revocations");
+                        return;
+                    }
+                };
+            loop {
+                let msg = tokio::select! {
+                    _ = node.stop_background.cancelled() => break,
+                    m = rx.recv() => m,
+                };
+                match msg {
+                    Ok(m) => {
+                        let Some(text) = m.value.as_str() else {
+                            continue;
+                        };
+                        match serde_json::from_str::<super::lifetime::Broadcast>(&text) {
+                            Ok(b) if *b.origin != *node.id => {
+                                let n = node.revoke_local(&b.revocation).await;
+                                tracing::info!(ended = n, "applied a revocation from {}", b.origin);
+                            }
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!(error = %e, "bad revocation message"),
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "revocation listener lagged");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+            let _ = fred::interfaces::ClientLike::quit(&subscriber).await;
+        }
+        .instrument(span),
     );
 }
 
@@ -89,10 +139,15 @@ async fn resync_views(node: &Node, r: Resync) {
     }
 }
 
-/// Puts back the presence entries of this node's sessions that the store lost, announcing
-/// each as a join (other nodes' snapshots may have been taken without it).
+/// Puts back the presence entries of this node's attached sessions that the store lost,
+/// announcing each as a join (other nodes' snapshots may have been taken without it).
+///
+/// Parked sessions are never re-registered, here or by the refresh and sweep below: a parked
+/// copy may be stale, its session resumed on another node and gone from rooms there (and
+/// only the end of its grace tells this node). A parked session whose entry was lost shows
+/// again when it resumes, as an attached session missing from the store.
 async fn reregister_presence(node: &Node) {
-    for handle in node.hub.sessions() {
+    for handle in node.hub.attached() {
         for (room, member) in handle.members() {
             match node.presence.join(&room, member.clone()).await {
                 Ok(None) => {
@@ -126,8 +181,9 @@ async fn refresh_presence(node: &Node) {
     };
     // Alive here but gone from the store (swept after a stall, or an emptied Redis): put the
     // entry back and announce it, since others saw it leave.
+    let attached = node.hub.attached();
     for (room, session) in missing {
-        let Some(handle) = node.hub.sessions().into_iter().find(|h| h.id == session) else {
+        let Some(handle) = attached.iter().find(|h| h.id == session) else {
             continue;
         };
         let Some(member) = handle
@@ -159,7 +215,7 @@ async fn sweep_presence(node: &Node) {
     for (room, member) in swept {
         let alive_here = node
             .hub
-            .sessions()
+            .attached()
             .into_iter()
             .find(|h| h.id == member.session_id && h.is_joined(&room));
         if let Some(handle) = alive_here {

@@ -4,6 +4,7 @@
 //! - [`rooms`]: join, leave, presence, cursors, broadcasts, snapshots.
 //! - [`locks`]: acquire, release, extend, waits, force-release, validate.
 //! - [`sessions`]: opening, resuming, parking and ending sessions.
+//! - [`lifetime`]: token refresh and roles, expiry, admin revocation.
 //! - [`fencing`]: strict fencing — every grant registered in Postgres before it is handed out.
 //!
 //! Background loops (one task): the lock reaper (expiries and waiter timeouts, every
@@ -14,6 +15,7 @@ mod audit_writer;
 mod cluster;
 mod engines;
 pub mod fencing;
+pub mod lifetime;
 pub mod locks;
 pub mod rooms;
 pub mod sessions;
@@ -69,6 +71,8 @@ pub struct Node {
     /// Serializes broker (un)subscriptions: each re-reads the hub under it, so racing joins
     /// and leaves always converge on "subscribed iff there are local members".
     subscriptions: tokio::sync::Mutex<()>,
+    /// With Redis: the channel admin revocations reach the other nodes by (set at start).
+    pub(crate) revocations: std::sync::OnceLock<Arc<crate::engine::redis::nodes::NodeRegistry>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +108,8 @@ pub enum OpError {
     LockNotHeld,
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    Unauthorized(String),
     #[error("temporarily unavailable: {0}")]
     Unavailable(String),
 }
@@ -119,6 +125,7 @@ impl OpError {
             OpError::LockHeld(_) => ErrorCode::LockHeld,
             OpError::LockNotHeld => ErrorCode::LockNotHeld,
             OpError::NotFound(_) => ErrorCode::NotFound,
+            OpError::Unauthorized(_) => ErrorCode::Unauthorized,
             OpError::Unavailable(_) => ErrorCode::Unavailable,
         }
     }
@@ -160,6 +167,7 @@ impl Node {
             stop_background: CancellationToken::new(),
             background: TaskTracker::new(),
             subscriptions: tokio::sync::Mutex::new(()),
+            revocations: std::sync::OnceLock::new(),
         });
         spawn_background(&node);
         audit_writer::spawn(&node, engines.audit_outbox);
@@ -272,6 +280,7 @@ impl Node {
                     ReleaseReason::Expired => "expired",
                     ReleaseReason::Disconnected => "disconnected",
                     ReleaseReason::Forced => "forced",
+                    ReleaseReason::Revoked => "revoked",
                 });
                 let room = lock.room.clone();
                 self.publish(&room, None, RoomEventKind::LockReleased { lock, reason })
@@ -358,6 +367,9 @@ fn spawn_background(node: &Arc<Node>) {
         for handle in node.hub.expired_parked(Instant::now()) {
             node.expire_parked(&handle).await;
         }
+    });
+    every(node, sessions::ADMISSION_TTL / 3, |node| async move {
+        node.keep_admitted().await
     });
 }
 

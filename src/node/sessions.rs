@@ -4,9 +4,10 @@
 //! its presence and locks stay (leases renewed) for `resume_grace`, recorded in the
 //! [`ResumeStore`](crate::engine::ResumeStore) so a client reconnecting with `?resume=` to any
 //! node gets it back and nobody sees a leave/join. Exactly one of "a resume" and "the end of the
-//! grace" wins (the store's claim/expire are atomic). A normal close, a heartbeat timeout or
-//! the end of the grace ends the session: presence leaves, its locks are released with reason
-//! `disconnected`, its waits are dropped.
+//! grace" wins (the store's claim/expire are atomic). A normal close, a heartbeat timeout,
+//! the token's `exp` or the end of the grace ends the session: presence leaves, its locks are
+//! released with reason `disconnected` (`revoked` when an admin revoked it), its waits are
+//! dropped, and it leaves its user's session count (parked sessions stay in it).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +26,10 @@ use crate::session::handle::{HandleState, SessionHandle};
 
 /// How long a resuming connection waits for the old socket of its session to be parked.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
+/// How long a session's entry in its user's session count lives unless its node renews it
+/// (every third of this, for attached and parked sessions alike): the count forgets the
+/// sessions of a crashed node within this.
+pub const ADMISSION_TTL: Duration = Duration::from_secs(15);
 
 /// Why a session's socket ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +46,10 @@ pub enum EndReason {
     TakenOver,
     /// A parked session was not resumed in time.
     GraceExpired,
+    /// The token's `exp` passed without a refresh (close 4012).
+    TokenExpired,
+    /// An admin revoked the session (close 4013).
+    Revoked,
 }
 
 impl EndReason {
@@ -54,6 +63,8 @@ impl EndReason {
             EndReason::Draining => "draining",
             EndReason::TakenOver => "taken_over",
             EndReason::GraceExpired => "grace_expired",
+            EndReason::TokenExpired => "token_expired",
+            EndReason::Revoked => "revoked",
         }
     }
 
@@ -69,6 +80,8 @@ impl EndReason {
             EndReason::TooBig => "protocol",
             EndReason::Draining => "drain",
             EndReason::TakenOver => "superseded",
+            EndReason::TokenExpired => "token_expired",
+            EndReason::Revoked => "revoked",
         }
     }
 
@@ -127,6 +140,29 @@ impl Node {
             Some((_, rec)) => rec.session_id.clone(),
             None => Arc::from(uuid::Uuid::new_v4().to_string()),
         };
+        // Parked sessions count too, on every node: dropping the socket in a loop must not
+        // pile up sessions that each keep presence and locks for the grace.
+        let limit = self.config.max_sessions_per_user;
+        let ttl = ADMISSION_TTL.as_millis() as u64;
+        let admitted = match self.resume.admit(&principal.user_id, &id, limit, ttl).await {
+            Ok(a) => a,
+            Err(e) => {
+                // The store is down: every other operation fails too; refusing all
+                // connections would only add a reconnect storm.
+                tracing::warn!(error = %e, "session count unavailable; admitting");
+                true
+            }
+        };
+        if !admitted {
+            if let Some((token, rec)) = &claimed {
+                // Give the parked session back (the local copy never left the hub).
+                let grace = self.config.resume_grace.as_millis() as u64;
+                if let Err(e) = self.resume.park(token, rec, grace).await {
+                    tracing::warn!(error = %e, "re-parking a session failed");
+                }
+            }
+            return Err(TooManySessions(limit));
+        }
         let handle = Arc::new(SessionHandle::new(
             id,
             principal,
@@ -136,22 +172,8 @@ impl Node {
             state,
         ));
         let replaces = claimed.as_ref().map(|(token, _)| token.as_str());
-        match self
-            .hub
-            .register(handle.clone(), self.config.max_sessions_per_user, replaces)
-        {
-            Ok(Some(old)) => old.outbound.close(),
-            Ok(None) => {}
-            Err(e) => {
-                if let Some((token, rec)) = &claimed {
-                    // Give the parked session back (the local copy never left the hub).
-                    let grace = self.config.resume_grace.as_millis() as u64;
-                    if let Err(e) = self.resume.park(token, rec, grace).await {
-                        tracing::warn!(error = %e, "re-parking a session failed");
-                    }
-                }
-                return Err(e);
-            }
+        if let Some(old) = self.hub.register(handle.clone(), replaces) {
+            old.outbound.close();
         }
         let resumed = claimed.is_some();
         self.metrics.session_opened(resumed);
@@ -206,16 +228,15 @@ impl Node {
         });
     }
 
-    /// After a resume: back into each room's fan-out with a fresh snapshot, except rooms the
-    /// (possibly newer) token no longer grants, which the session leaves.
+    /// After a resume: the resuming token's roles apply (rooms it no longer grants are left,
+    /// locks where it is no longer an editor released as `revoked`), then the session goes
+    /// back into each room's fan-out with a fresh snapshot.
     async fn restore_rooms(&self, handle: &Arc<SessionHandle>) {
+        let (left, demoted) = self.apply_roles(handle).await;
+        if !left.is_empty() || !demoted.is_empty() {
+            self.audit_roles(handle, "resume", &left, &demoted).await;
+        }
         for room in handle.rooms() {
-            if handle.principal.role_in(&room).is_none() {
-                handle.remove_room(&room);
-                self.leave_everywhere(handle, std::slice::from_ref(&room), ReleaseReason::Released)
-                    .await;
-                continue;
-            }
             self.hub.join_room(&room, handle);
             if let Err(e) = self.sync_subscription(&room).await {
                 tracing::warn!(error = %e, %room, "resubscribe failed");
@@ -237,23 +258,24 @@ impl Node {
             tracing::debug!(session = %handle.id, reason = reason.as_str(), "session parked");
             return;
         }
-        let was_attached = reason != EndReason::GraceExpired;
-        if self.hub.remove(handle).is_none() {
+        let Some(was_parked) = self.hub.remove(handle) else {
             // Resumed meanwhile: the session lives on in its new handle.
             handle.ended.cancel();
             return;
-        }
-        if was_attached {
+        };
+        // A parked session's socket was counted as closed when it was parked.
+        if !was_parked {
             self.metrics.session_closed(reason.metric_label());
         }
+        // A revoked session's locks say so; any other end is a holder gone away.
+        let release = match reason {
+            EndReason::Revoked => ReleaseReason::Revoked,
+            _ => ReleaseReason::Disconnected,
+        };
         let rooms = handle.rooms();
         self.sync_subscriptions(&rooms).await;
         // All its locks and waits, also those announced in rooms it already left.
-        match self
-            .locks
-            .release_session(&handle.id, ReleaseReason::Disconnected, None)
-            .await
-        {
+        match self.locks.release_session(&handle.id, release, None).await {
             Ok(ts) => {
                 for t in ts {
                     self.announce(t).await;
@@ -262,10 +284,20 @@ impl Node {
             Err(e) => tracing::warn!(error = %e, "releasing locks of ended session failed"),
         }
         self.leave_presence(handle, &rooms).await;
+        if let Err(e) = self
+            .resume
+            .dismiss(&handle.principal.user_id, &handle.id)
+            .await
+        {
+            tracing::warn!(error = %e, "removing an ended session from its user's count failed");
+        }
         let mut r = self.audit_record(AuditKind::SessionClosed);
         r.user_id = Some(handle.principal.user_id.clone());
         r.session_id = Some(handle.id.clone());
-        r.detail = serde_json::json!({ "reason": reason.as_str() });
+        r.detail = match handle.revoked_by() {
+            Some(actor) => serde_json::json!({ "reason": reason.as_str(), "actor": &*actor }),
+            None => serde_json::json!({ "reason": reason.as_str() }),
+        };
         self.record(vec![r]).await;
         handle.ended.cancel();
         tracing::debug!(session = %handle.id, reason = reason.as_str(), "session ended");
@@ -337,6 +369,23 @@ impl Node {
             Err(e) => {
                 tracing::warn!(error = %e, session = %handle.id, "resume store unavailable; retrying")
             }
+        }
+    }
+
+    /// Renews the per-user count entries of every session this node holds.
+    pub(crate) async fn keep_admitted(&self) {
+        let sessions: Vec<_> = self
+            .hub
+            .sessions()
+            .iter()
+            .map(|h| (h.principal.user_id.clone(), h.id.clone()))
+            .collect();
+        if sessions.is_empty() {
+            return;
+        }
+        let ttl = ADMISSION_TTL.as_millis() as u64;
+        if let Err(e) = self.resume.keep_admitted(&sessions, ttl).await {
+            tracing::warn!(error = %e, "renewing the per-user session count failed");
         }
     }
 

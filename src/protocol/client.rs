@@ -33,6 +33,8 @@ pub enum ClientMessage {
     LockCancelWait(LockCancelWait),
     Settings(SettingsMsg),
     Ping,
+    /// `auth.refresh {token}`: a newer token of the same user; roles are re-evaluated.
+    AuthRefresh(AuthRefresh),
 }
 
 impl ClientMessage {
@@ -50,6 +52,7 @@ impl ClientMessage {
             ClientMessage::LockCancelWait(_) => "lock.cancel_wait",
             ClientMessage::Settings(_) => "settings",
             ClientMessage::Ping => "ping",
+            ClientMessage::AuthRefresh(_) => "auth.refresh",
         }
     }
 
@@ -151,6 +154,18 @@ pub struct LockExtend {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct LockCancelWait {
     pub resource: Entity,
+}
+
+#[derive(Clone, PartialEq, Deserialize)]
+pub struct AuthRefresh {
+    pub token: String,
+}
+
+/// Never prints the token (request logs show messages).
+impl std::fmt::Debug for AuthRefresh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuthRefresh { .. }")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -258,6 +273,7 @@ fn parse_body<F: Format>(bytes: &[u8], ty: &str) -> Result<ClientMessage, (Error
         "lock.cancel_wait" => body::<F, _>(bytes).map(ClientMessage::LockCancelWait),
         "settings" => body::<F, _>(bytes).map(ClientMessage::Settings),
         "ping" => Ok(ClientMessage::Ping),
+        "auth.refresh" => body::<F, _>(bytes).map(ClientMessage::AuthRefresh),
         other => {
             let shown: String = other.chars().take(64).collect();
             return Err((

@@ -89,6 +89,10 @@ pub enum ServerMessage<'a> {
     },
     #[serde(rename = "reconnect")]
     Reconnect { reason: &'a str, after_ms: u64 },
+    /// The session's token expires at `expires_at` (ms), `in_ms` from now: send
+    /// `auth.refresh` before, or the session ends with close code 4012.
+    #[serde(rename = "auth.expiring")]
+    AuthExpiring { expires_at: u64, in_ms: u64 },
     #[serde(rename = "pong")]
     Pong {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -113,6 +117,7 @@ impl ServerMessage<'_> {
             ServerMessage::LockReleased { .. } => "lock.released",
             ServerMessage::LockGranted { .. } => "lock.granted",
             ServerMessage::Reconnect { .. } => "reconnect",
+            ServerMessage::AuthExpiring { .. } => "auth.expiring",
             ServerMessage::Pong { .. } => "pong",
         }
     }

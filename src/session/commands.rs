@@ -91,6 +91,13 @@ pub async fn handle(node: &Node, session: &Arc<SessionHandle>, req: Request) {
             session.send(&ServerMessage::Pong { id });
             Ok(())
         }
+        ClientMessage::AuthRefresh(r) => node.refresh_auth(session, &r.token).await.map(|exp| {
+            session.send(&ServerMessage::Reply(Reply {
+                id,
+                expires_at: Some(exp),
+                ..Reply::default()
+            }));
+        }),
     };
     if let Err(e) = result {
         // Inside the request span: the line carries session, user, room and node.

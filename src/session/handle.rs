@@ -27,6 +27,8 @@ pub struct SessionHandle {
     pub takeover: CancellationToken,
     /// Cancelled once the node has parked or ended the session.
     pub ended: CancellationToken,
+    /// Cancelled when an admin revoked the session (who: [`HandleState::revoked_by`]).
+    pub revoked: CancellationToken,
     metrics: Metrics,
     state: Mutex<HandleState>,
 }
@@ -46,6 +48,8 @@ pub struct HandleState {
     /// Rooms whose snapshot is being built, with the room events that arrived meanwhile:
     /// they are sent right after the snapshot, so no event is overtaken by an older snapshot.
     pub snapshotting: Vec<(Entity, Vec<Message>)>,
+    /// The admin who revoked this session, for its `session_closed` record.
+    pub revoked_by: Option<Arc<str>>,
 }
 
 /// Room events held back while a snapshot is built; past this the session is too far behind.
@@ -68,6 +72,7 @@ impl SessionHandle {
             kill: CancellationToken::new(),
             takeover: CancellationToken::new(),
             ended: CancellationToken::new(),
+            revoked: CancellationToken::new(),
             metrics,
             state: Mutex::new(state),
         }
@@ -290,6 +295,16 @@ impl SessionHandle {
             .held
             .get(resource)
             .is_some_and(|(_, t)| *t == token)
+    }
+
+    /// Ends the session as revoked by `actor` (the socket task sees `revoked`).
+    pub fn revoke(&self, actor: &str) {
+        self.lock().revoked_by = Some(Arc::from(actor));
+        self.revoked.cancel();
+    }
+
+    pub fn revoked_by(&self) -> Option<Arc<str>> {
+        self.lock().revoked_by.clone()
     }
 
     pub fn share_cursor(&self) -> bool {

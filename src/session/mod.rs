@@ -166,10 +166,20 @@ async fn drive(
         last_error: None,
     };
     let mut spare = VecDeque::new();
+    let mut expiry = Expiry::new(handle);
+    let auth_timer = tokio::time::sleep_until(expiry.next);
+    tokio::pin!(auth_timer);
     loop {
         tokio::select! {
             biased;
             _ = handle.kill.cancelled() => return EndReason::SlowConsumer,
+            _ = handle.revoked.cancelled() => return EndReason::Revoked,
+            _ = &mut auth_timer, if expiry.armed => {
+                if expiry.fire(handle) {
+                    return EndReason::TokenExpired;
+                }
+                auth_timer.as_mut().reset(expiry.next);
+            }
             _ = handle.takeover.cancelled() => return EndReason::TakenOver,
             _ = node.draining.cancelled() => return EndReason::Draining,
             _ = handle.outbound.ready() => {
@@ -212,6 +222,10 @@ async fn drive(
                 };
                 let ty = handle_frame(node, handle, bytes, &mut limits).await;
                 node.metrics.message_in(ty, bytes.len());
+                if ty == "auth.refresh" {
+                    expiry = Expiry::new(handle);
+                    auth_timer.as_mut().reset(expiry.next);
+                }
             }
             _ = heartbeat.tick() => {
                 if !seen_since_tick {
@@ -230,6 +244,59 @@ async fn drive(
                 }
             }
         }
+    }
+}
+
+/// The session's token timeline: `auth.expiring` at `exp` minus the lead, the end at `exp`.
+struct Expiry {
+    /// When the timer fires next.
+    next: tokio::time::Instant,
+    /// False when the token has no `exp` or the session already ended.
+    armed: bool,
+    warned: bool,
+    exp_ms: u64,
+}
+
+impl Expiry {
+    fn new(handle: &SessionHandle) -> Expiry {
+        let exp_ms = handle
+            .principal
+            .grants()
+            .exp
+            .map(|s| s.saturating_mul(1000))
+            .unwrap_or(0);
+        let now = tokio::time::Instant::now();
+        if exp_ms == 0 {
+            return Expiry {
+                next: now + Duration::from_secs(86_400 * 365),
+                armed: false,
+                warned: false,
+                exp_ms,
+            };
+        }
+        let remaining = Duration::from_millis(exp_ms.saturating_sub(crate::engine::now_ms()));
+        let lead = crate::node::lifetime::expiry_lead(remaining);
+        Expiry {
+            next: now + (remaining - lead),
+            armed: true,
+            warned: false,
+            exp_ms,
+        }
+    }
+
+    /// Warns (and re-arms for `exp`) or says the token is past `exp`.
+    fn fire(&mut self, handle: &SessionHandle) -> bool {
+        let remaining = self.exp_ms.saturating_sub(crate::engine::now_ms());
+        if self.warned || remaining == 0 {
+            return true;
+        }
+        self.warned = true;
+        handle.send(&ServerMessage::AuthExpiring {
+            expires_at: self.exp_ms,
+            in_ms: remaining,
+        });
+        self.next = tokio::time::Instant::now() + Duration::from_millis(remaining);
+        false
     }
 }
 
@@ -355,6 +422,8 @@ async fn last_words(
         EndReason::SlowConsumer => (close::SLOW_CONSUMER, "slow consumer"),
         EndReason::HeartbeatTimeout => (close::HEARTBEAT_TIMEOUT, "heartbeat timeout"),
         EndReason::TakenOver => (close::TAKEN_OVER, "session resumed by another connection"),
+        EndReason::TokenExpired => (close::TOKEN_EXPIRED, "token expired"),
+        EndReason::Revoked => (close::REVOKED, "session revoked"),
         EndReason::ClientClosed | EndReason::ConnectionLost | EndReason::GraceExpired => {
             return None;
         }

@@ -220,6 +220,7 @@ fn release_kind(reason: ReleaseReason) -> AuditKind {
         ReleaseReason::Expired => AuditKind::LockExpired,
         ReleaseReason::Disconnected => AuditKind::LockDisconnected,
         ReleaseReason::Forced => AuditKind::LockForced,
+        ReleaseReason::Revoked => AuditKind::LockRevoked,
     }
 }
 

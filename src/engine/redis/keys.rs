@@ -38,7 +38,10 @@
 //! |---|---|---|
 //! | `node:<id>` | string | liveness key with a short expiry, refreshed by the node |
 //! | `nodes` | set | node ids ever seen alive (sweeps look for dead ones here) |
-//! | `resume:<token>` | string | a parked session (msgpack), expiring with the resume grace |
+//! | `resume:<token>` | string | a parked session (JSON), or the tombstone `claimed`, expiring a margin after the resume grace |
+//! | `us:{<user>}:sessions` | zset | the user's live sessions (attached or parked) → expiry (ms), for the per-user limit |
+//! | `revoked:<jti>` | string | a revoked token id, expiring with the token |
+//! | channel `sessions:revoke` | pub/sub | admin revocations, to every node |
 //! | channel `room:{<room>}` | pub/sub | msgpack room events (sharded pub/sub in Cluster) |
 
 /// Number of lock shards. Part of the data layout: never change it.
@@ -108,6 +111,15 @@ pub fn nodes() -> String {
 }
 pub fn resume(token: &str) -> String {
     format!("{PREFIX}resume:{token}")
+}
+pub fn user_sessions(user: &str) -> String {
+    format!("{PREFIX}us:{{{user}}}:sessions")
+}
+pub fn revoked(jti: &str) -> String {
+    format!("{PREFIX}revoked:{jti}")
+}
+pub fn revoke_channel() -> String {
+    format!("{PREFIX}sessions:revoke")
 }
 pub fn room_channel(room: &str) -> String {
     format!("{PREFIX}room:{{{room}}}")

@@ -338,6 +338,7 @@ fn reason_str(reason: ReleaseReason) -> &'static str {
         ReleaseReason::Expired => "expired",
         ReleaseReason::Disconnected => "disconnected",
         ReleaseReason::Forced => "forced",
+        ReleaseReason::Revoked => "revoked",
     }
 }
 

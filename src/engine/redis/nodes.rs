@@ -132,4 +132,37 @@ impl NodeRegistry {
         .map_err(engine_err)?;
         Ok(())
     }
+
+    /// Sends an admin revocation (opaque JSON) to every node listening on the channel.
+    pub async fn publish_revocation(&self, payload: String) -> EngineResult<()> {
+        let client = self.pool.next().clone();
+        let channel = keys::revoke_channel();
+        let publish = async move { client.publish(channel, payload).await };
+        let _: i64 = call(&self.metrics, "revoke_publish", publish)
+            .await
+            .map_err(engine_err)?;
+        Ok(())
+    }
+}
+
+/// Connects a subscriber of the revocation channel (resubscribed after reconnects). A
+/// revocation published while it is disconnected is missed by this node; the `jti` part
+/// still holds there (connect, resume and refresh check the shared list).
+pub async fn listen_revocations(
+    url: &str,
+) -> EngineResult<(
+    fred::clients::SubscriberClient,
+    tokio::sync::broadcast::Receiver<fred::types::Message>,
+)> {
+    let subscriber = super::builder(url)?
+        .build_subscriber_client()
+        .map_err(|e| crate::engine::EngineError::Internal(format!("redis subscriber: {e}")))?;
+    let rx = subscriber.message_rx();
+    subscriber.init().await.map_err(engine_err)?;
+    let _task = subscriber.manage_subscriptions();
+    subscriber
+        .subscribe(keys::revoke_channel())
+        .await
+        .map_err(engine_err)?;
+    Ok((subscriber, rx))
 }

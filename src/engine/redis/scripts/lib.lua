@@ -221,6 +221,7 @@ end
 local RELEASE_KIND = {
     released = 'lock_released', expired = 'lock_expired',
     disconnected = 'lock_disconnected', forced = 'lock_forced',
+    revoked = 'lock_revoked',
 }
 
 -- Ends the current lock for `reason` and hands it to the first waiter whose deadline has not

@@ -1,0 +1,277 @@
+//! A session's token over its life: roles re-evaluated on refresh and resume, the expiry
+//! warning, and admin revocation (cluster-wide).
+//!
+//! - **Roles.** [`apply_roles`](Node::apply_roles) runs whenever a session's grants change
+//!   (an `auth.refresh`, a resume with a newer token): rooms the token no longer grants are
+//!   left (presence leaves), and in rooms where the user is no longer an editor its locks are
+//!   released and its waits dropped with reason `revoked` (audited `lock_revoked`).
+//! - **Expiry.** The socket task sends `auth.expiring` [`expiry_lead`] before `exp` and ends
+//!   the session at `exp` (close 4012, locks released as `disconnected`).
+//! - **Revocation.** `POST /v1/admin/sessions/revoke` ends the matching sessions of every
+//!   node (Redis pub/sub), parked ones too (close 4013, locks released as `revoked`); a
+//!   revoked `jti` is refused at connect, resume and refresh until its `exp`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::sessions::EndReason;
+use super::{Node, OpError};
+use crate::audit::AuditKind;
+use crate::auth::{AuthError, Role};
+use crate::engine::{LockTransition, ReleaseReason};
+use crate::names::Entity;
+use crate::session::handle::SessionHandle;
+
+/// How long before `exp` a session is warned: a minute, or half the token's remaining life
+/// when that is shorter (a 60 s token is warned at 30 s).
+pub fn expiry_lead(remaining: Duration) -> Duration {
+    (remaining / 2).min(Duration::from_secs(60))
+}
+
+/// How long a revoked `jti` is refused when no session with it was seen (so its `exp` is
+/// unknown here): the lifetime of a dev token, and longer than any sane access token.
+pub const REVOKED_JTI_DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Which sessions an admin revokes: every field given must match (at least one is).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Revocation {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    /// Who asked (the admin principal's user id), for the audit records.
+    #[serde(default)]
+    pub actor: String,
+}
+
+impl Revocation {
+    pub fn is_empty(&self) -> bool {
+        self.user_id.is_none() && self.session_id.is_none() && self.jti.is_none()
+    }
+
+    fn matches(&self, h: &SessionHandle) -> bool {
+        let jti = h.principal.grants().jti.clone();
+        self.user_id
+            .as_deref()
+            .is_none_or(|u| *h.principal.user_id == *u)
+            && self.session_id.as_deref().is_none_or(|s| *h.id == *s)
+            && self
+                .jti
+                .as_deref()
+                .is_none_or(|j| jti.as_deref() == Some(j))
+    }
+}
+
+/// A revocation as it travels between nodes.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Broadcast {
+    pub origin: String,
+    pub revocation: Revocation,
+}
+
+impl Node {
+    /// Applies the session's current grants: leaves rooms no longer granted, releases locks
+    /// and drops waits (reason `revoked`) in rooms where it is no longer an editor. Returns
+    /// the rooms left and the rooms where it lost its locks, for the audit.
+    pub async fn apply_roles(&self, handle: &Arc<SessionHandle>) -> (Vec<Entity>, Vec<Entity>) {
+        let p = &handle.principal;
+        let mut gone = Vec::new();
+        let mut demoted = Vec::new();
+        let mut rooms = handle.rooms();
+        // Locks announced in a room the session is not in (it left while a grant raced).
+        for (room, _) in handle.snapshot_state().held.into_values() {
+            if !rooms.contains(&room) {
+                rooms.push(room);
+            }
+        }
+        for room in rooms {
+            match p.role_in(&room) {
+                None => gone.push(room),
+                Some(r) if r < Role::Editor => demoted.push(room),
+                Some(_) => {}
+            }
+        }
+        let mut lost = gone.clone();
+        lost.extend(demoted.iter().cloned());
+        if !lost.is_empty() {
+            match self
+                .locks
+                .release_session(&handle.id, ReleaseReason::Revoked, Some(&lost))
+                .await
+            {
+                Ok(ts) => {
+                    for t in ts {
+                        if let LockTransition::Released { lock, .. } = &t
+                            && lock.holder.session_id == handle.id
+                        {
+                            handle.unhold(&lock.resource, lock.token);
+                        }
+                        self.announce(t).await;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "releasing revoked locks failed"),
+            }
+        }
+        let mut left = Vec::new();
+        for room in gone {
+            if handle.remove_room(&room) {
+                self.leave_presence(handle, std::slice::from_ref(&room))
+                    .await;
+                self.hub.leave_room(&room, &handle.id);
+                if let Err(e) = self.sync_subscription(&room).await {
+                    tracing::warn!(error = %e, %room, "unsubscribe failed");
+                }
+                left.push(room);
+            }
+        }
+        (left, demoted)
+    }
+
+    /// `auth.refresh`: takes over a newer token of the same user, then re-applies its roles.
+    /// A bad, expired or revoked token, or another user's, changes nothing. Returns the new
+    /// `exp` (ms).
+    pub async fn refresh_auth(
+        &self,
+        handle: &Arc<SessionHandle>,
+        token: &str,
+    ) -> Result<u64, OpError> {
+        let unauthorized = |e: AuthError| OpError::Unauthorized(e.to_string());
+        let newer = self.auth.verify(token).map_err(unauthorized)?;
+        if newer.user_id != handle.principal.user_id {
+            return Err(OpError::Forbidden(
+                "auth.refresh needs a token of the same user (sub)".into(),
+            ));
+        }
+        let grants = newer.grants();
+        if let Some(jti) = &grants.jti
+            && self.is_revoked(jti).await
+        {
+            return Err(OpError::Unauthorized("token revoked".into()));
+        }
+        let exp_ms = grants.exp.unwrap_or(0).saturating_mul(1000);
+        handle.principal.set_grants(grants);
+        let (left, demoted) = self.apply_roles(handle).await;
+        self.audit_roles(handle, "refresh", &left, &demoted).await;
+        Ok(exp_ms)
+    }
+
+    /// Records a change of a session's token (refresh or resume) and what it cost it.
+    pub async fn audit_roles(
+        &self,
+        handle: &SessionHandle,
+        via: &str,
+        left: &[Entity],
+        demoted: &[Entity],
+    ) {
+        let mut r = self.audit_record(AuditKind::SessionRefreshed);
+        r.user_id = Some(handle.principal.user_id.clone());
+        r.session_id = Some(handle.id.clone());
+        r.detail = serde_json::json!({
+            "via": via,
+            "exp": handle.principal.grants().exp,
+            "rooms_left": left.iter().map(Entity::as_str).collect::<Vec<_>>(),
+            "locks_revoked_in": demoted.iter().map(Entity::as_str).collect::<Vec<_>>(),
+        });
+        self.record(vec![r]).await;
+    }
+
+    /// Whether a token id was revoked (a store failure counts as not revoked: the token was
+    /// verified, and refusing every connection while Redis blips would be worse).
+    pub async fn is_revoked(&self, jti: &str) -> bool {
+        match self.resume.is_revoked(jti).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "revocation list unavailable");
+                false
+            }
+        }
+    }
+
+    /// An admin revocation: remembers a revoked `jti`, ends the matching sessions here and
+    /// tells every other node. Returns how many sessions this node ended.
+    pub async fn revoke(&self, rev: &Revocation) -> Result<usize, OpError> {
+        if let Some(jti) = &rev.jti {
+            // Refused until the token's own expiry when a session here shows it.
+            let exp = self
+                .hub
+                .sessions()
+                .iter()
+                .map(|h| h.principal.grants())
+                .find(|g| g.jti.as_deref() == Some(jti.as_str()))
+                .and_then(|g| g.exp);
+            let until_ms = match exp {
+                Some(s) => s.saturating_mul(1000) + crate::auth::LEEWAY_SECS * 1000,
+                None => crate::engine::now_ms() + REVOKED_JTI_DEFAULT_TTL.as_millis() as u64,
+            };
+            self.resume.revoke_jti(jti, until_ms).await?;
+        }
+        let ended = self.revoke_local(rev).await;
+        let note = Broadcast {
+            origin: self.id.to_string(),
+            revocation: rev.clone(),
+        };
+        let payload = serde_json::to_string(&note).unwrap_or_default();
+        if let Some(bus) = self.revocations.get()
+            && let Err(e) = bus.publish_revocation(payload).await
+        {
+            tracing::warn!(error = %e, "revocation not published to the other nodes");
+            return Err(OpError::Unavailable(
+                "revocation reached this node only".into(),
+            ));
+        }
+        Ok(ended)
+    }
+
+    /// Ends this node's sessions matching `rev`: attached ones through their socket task,
+    /// parked ones here (unless a resume claimed them first).
+    pub async fn revoke_local(&self, rev: &Revocation) -> usize {
+        if rev.is_empty() {
+            return 0;
+        }
+        let mut ended = 0;
+        let attached = self.hub.attached();
+        for h in self.hub.sessions() {
+            if !rev.matches(&h) {
+                continue;
+            }
+            if attached.iter().any(|a| Arc::ptr_eq(a, &h)) {
+                h.revoke(&rev.actor);
+                ended += 1;
+                continue;
+            }
+            // Parked: take the record so nobody resumes it, then end it here.
+            match self.resume.expire(&h.resume_token()).await {
+                Ok(true) => {
+                    h.revoke(&rev.actor);
+                    self.end_session(&h, EndReason::Revoked).await;
+                    ended += 1;
+                }
+                Ok(false) => {} // resumed elsewhere: that node's copy is revoked there
+                Err(e) => tracing::warn!(error = %e, "revoking a parked session failed"),
+            }
+        }
+        ended
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_warning_comes_a_minute_ahead_or_at_half_the_remaining_life() {
+        assert_eq!(
+            expiry_lead(Duration::from_secs(3600)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            expiry_lead(Duration::from_secs(40)),
+            Duration::from_secs(20)
+        );
+        assert_eq!(expiry_lead(Duration::ZERO), Duration::ZERO);
+    }
+}

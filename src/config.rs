@@ -140,6 +140,35 @@ pub struct Settings {
     /// Outbound bytes queued for one session before it is disconnected as a slow consumer.
     #[arg(long, env = "LOCKSTEP_MAX_QUEUE_BYTES")]
     pub max_queue_bytes: Option<usize>,
+    /// Largest presence `state` (and cursor `selection`), measured as encoded JSON (bytes).
+    #[arg(long, env = "LOCKSTEP_MAX_PRESENCE_STATE_BYTES")]
+    pub max_presence_state_bytes: Option<usize>,
+    /// Largest `broadcast` `data`, measured as encoded JSON (bytes).
+    #[arg(long, env = "LOCKSTEP_MAX_BROADCAST_BYTES")]
+    pub max_broadcast_bytes: Option<usize>,
+    /// Members one room may have (across all nodes); further joins get `room_full`.
+    #[arg(long, env = "LOCKSTEP_MAX_MEMBERS_PER_ROOM")]
+    pub max_members_per_room: Option<usize>,
+    /// How long an HTTP client may take to send a request's headers, and then its body (each);
+    /// also closes idle keep-alive connections after this long.
+    #[arg(long, env = "LOCKSTEP_HTTP_READ_TIMEOUT")]
+    pub http_read_timeout: Option<HumanDuration>,
+    /// Sustained HTTP API requests per second per client IP (token bucket refill rate).
+    #[arg(long, env = "LOCKSTEP_HTTP_REQUESTS_PER_SECOND_PER_IP")]
+    pub http_requests_per_second_per_ip: Option<u32>,
+    /// Sustained HTTP API requests per second per authenticated user.
+    #[arg(long, env = "LOCKSTEP_HTTP_REQUESTS_PER_SECOND_PER_USER")]
+    pub http_requests_per_second_per_user: Option<u32>,
+    /// Burst size of the per-IP and per-user HTTP budgets.
+    #[arg(long, env = "LOCKSTEP_HTTP_BURST")]
+    pub http_burst: Option<u32>,
+    /// Trust the left-most `X-Forwarded-For` address as the client IP (only behind a proxy
+    /// that sets it; otherwise clients could pick their own rate-limit bucket).
+    #[arg(long, env = "LOCKSTEP_TRUST_FORWARDED_FOR")]
+    pub trust_forwarded_for: Option<bool>,
+    /// HTTP lock acquisitions one user may make per minute.
+    #[arg(long, env = "LOCKSTEP_MAX_HTTP_LOCKS_PER_USER")]
+    pub max_http_locks_per_user: Option<u32>,
     /// `text` (default) or `json` log lines.
     #[arg(long, env = "LOCKSTEP_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -183,6 +212,15 @@ pub struct Config {
     pub message_burst: u32,
     pub max_sessions_per_user: usize,
     pub max_queue_bytes: usize,
+    pub max_presence_state_bytes: usize,
+    pub max_broadcast_bytes: usize,
+    pub max_members_per_room: usize,
+    pub http_read_timeout: Duration,
+    pub http_requests_per_second_per_ip: u32,
+    pub http_requests_per_second_per_user: u32,
+    pub http_burst: u32,
+    pub trust_forwarded_for: bool,
+    pub max_http_locks_per_user: u32,
     pub log_format: LogFormat,
 }
 
@@ -234,6 +272,23 @@ impl Settings {
             message_burst: self.message_burst.or(other.message_burst),
             max_sessions_per_user: self.max_sessions_per_user.or(other.max_sessions_per_user),
             max_queue_bytes: self.max_queue_bytes.or(other.max_queue_bytes),
+            max_presence_state_bytes: self
+                .max_presence_state_bytes
+                .or(other.max_presence_state_bytes),
+            max_broadcast_bytes: self.max_broadcast_bytes.or(other.max_broadcast_bytes),
+            max_members_per_room: self.max_members_per_room.or(other.max_members_per_room),
+            http_read_timeout: self.http_read_timeout.or(other.http_read_timeout),
+            http_requests_per_second_per_ip: self
+                .http_requests_per_second_per_ip
+                .or(other.http_requests_per_second_per_ip),
+            http_requests_per_second_per_user: self
+                .http_requests_per_second_per_user
+                .or(other.http_requests_per_second_per_user),
+            http_burst: self.http_burst.or(other.http_burst),
+            trust_forwarded_for: self.trust_forwarded_for.or(other.trust_forwarded_for),
+            max_http_locks_per_user: self
+                .max_http_locks_per_user
+                .or(other.max_http_locks_per_user),
             log_format: self.log_format.or(other.log_format),
         }
     }
@@ -294,6 +349,15 @@ impl Config {
             message_burst: s.message_burst.unwrap_or(200),
             max_sessions_per_user: s.max_sessions_per_user.unwrap_or(16),
             max_queue_bytes: s.max_queue_bytes.unwrap_or(1024 * 1024),
+            max_presence_state_bytes: s.max_presence_state_bytes.unwrap_or(4 * 1024),
+            max_broadcast_bytes: s.max_broadcast_bytes.unwrap_or(16 * 1024),
+            max_members_per_room: s.max_members_per_room.unwrap_or(500),
+            http_read_timeout: d(s.http_read_timeout, Duration::from_secs(10)),
+            http_requests_per_second_per_ip: s.http_requests_per_second_per_ip.unwrap_or(50),
+            http_requests_per_second_per_user: s.http_requests_per_second_per_user.unwrap_or(20),
+            http_burst: s.http_burst.unwrap_or(100),
+            trust_forwarded_for: s.trust_forwarded_for.unwrap_or(false),
+            max_http_locks_per_user: s.max_http_locks_per_user.unwrap_or(60),
             log_format: s.log_format.unwrap_or(LogFormat::Text),
         };
         config.validate()?;
@@ -353,6 +417,37 @@ impl Config {
         }
         if self.max_queue_bytes < self.max_frame_bytes {
             return invalid("max_queue_bytes", "must be at least max_frame_bytes");
+        }
+        // A member (state plus identity) must fit one snapshot page (max_frame_bytes / 2)
+        // even re-encoded as MessagePack, which can be about twice its JSON size (floats).
+        if self.max_presence_state_bytes == 0
+            || self.max_presence_state_bytes > self.max_frame_bytes / 4
+        {
+            return invalid(
+                "max_presence_state_bytes",
+                "must be positive and at most max_frame_bytes / 4",
+            );
+        }
+        if self.max_broadcast_bytes == 0 || self.max_broadcast_bytes > self.max_frame_bytes / 2 {
+            return invalid(
+                "max_broadcast_bytes",
+                "must be positive and at most max_frame_bytes / 2",
+            );
+        }
+        if self.max_members_per_room == 0 {
+            return invalid("max_members_per_room", "must be at least 1");
+        }
+        if self.http_read_timeout < Duration::from_millis(100) {
+            return invalid("http_read_timeout", "must be at least 100ms");
+        }
+        if self.http_requests_per_second_per_ip == 0
+            || self.http_requests_per_second_per_user == 0
+            || self.http_burst == 0
+        {
+            return invalid("http_burst", "HTTP rates and burst must be positive");
+        }
+        if self.max_http_locks_per_user == 0 {
+            return invalid("max_http_locks_per_user", "must be at least 1");
         }
         if [
             self.jwt_secret.is_some(),

@@ -106,6 +106,10 @@ pub enum OpError {
     NotFound(String),
     #[error("temporarily unavailable: {0}")]
     Unavailable(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("the room is full ({0} members)")]
+    RoomFull(usize),
 }
 
 impl OpError {
@@ -120,12 +124,17 @@ impl OpError {
             OpError::LockNotHeld => ErrorCode::LockNotHeld,
             OpError::NotFound(_) => ErrorCode::NotFound,
             OpError::Unavailable(_) => ErrorCode::Unavailable,
+            OpError::TooLarge(_) => ErrorCode::TooLarge,
+            OpError::RoomFull(_) => ErrorCode::RoomFull,
         }
     }
 }
 
 impl From<crate::engine::EngineError> for OpError {
     fn from(e: crate::engine::EngineError) -> Self {
+        if let crate::engine::EngineError::RoomFull(max) = e {
+            return OpError::RoomFull(max);
+        }
         tracing::warn!(error = %e, "engine error");
         OpError::Unavailable(e.to_string())
     }

@@ -478,6 +478,12 @@ impl Config {
         c.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         c.data_dir = data_dir;
         c.node_id = "test-node".into();
+        // Tests open many connections and mint many tokens from one address in a burst; the
+        // tests of the HTTP throttles set their own limits.
+        c.http_requests_per_second_per_ip = 100_000;
+        c.http_requests_per_second_per_user = 100_000;
+        c.http_burst = 100_000;
+        c.max_http_locks_per_user = 100_000;
         c
     }
 }

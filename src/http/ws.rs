@@ -10,7 +10,6 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::ApiError;
-use crate::audit::AuditKind;
 use crate::auth::AuthError;
 use crate::error::{ErrorCode, close};
 use crate::node::Node;
@@ -32,6 +31,7 @@ pub struct WsParams {
 pub async fn upgrade(
     State(node): State<Arc<Node>>,
     super::ApiQuery(params): super::ApiQuery<WsParams>,
+    ip: super::ClientIp,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -72,7 +72,7 @@ pub async fn upgrade(
             ))
         }),
         Err(e) => {
-            record_auth_failure(&node, &e).await;
+            super::limits::record_auth_failure(&node, ip, &e.to_string()).await;
             // Upgrade, then close with 4001: browsers cannot read an HTTP 401 on a WebSocket.
             let mut reason = e.to_string();
             // A close reason may carry at most 123 bytes.
@@ -98,10 +98,4 @@ pub async fn upgrade(
             })
         }
     }
-}
-
-pub(super) async fn record_auth_failure(node: &Node, e: &AuthError) {
-    let mut r = node.audit_record(AuditKind::AuthFailed);
-    r.detail = serde_json::json!({ "reason": e.to_string() });
-    node.record(vec![r]).await;
 }

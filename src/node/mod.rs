@@ -5,6 +5,8 @@
 //! - [`locks`]: acquire, release, extend, waits, force-release, validate.
 //! - [`sessions`]: opening, resuming, parking and ending sessions.
 //! - [`fencing`]: strict fencing — every grant registered in Postgres before it is handed out.
+//! - [`throttle`]: HTTP request budgets per IP and per user, the HTTP lock budget and the
+//!   aggregation of `auth_failed` records.
 //!
 //! Background loops (one task): the lock reaper (expiries and waiter timeouts, every
 //! [`REAP_INTERVAL`]), lease renewal for this node's sessions (every third of the lease),
@@ -17,6 +19,7 @@ pub mod fencing;
 pub mod locks;
 pub mod rooms;
 pub mod sessions;
+pub mod throttle;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,6 +60,8 @@ pub struct Node {
     pub hub: Arc<Hub>,
     pub auth: Authenticator,
     pub metrics: Metrics,
+    /// HTTP request budgets, the HTTP lock budget and `auth_failed` aggregation.
+    pub throttle: throttle::Throttle,
     /// Cancelled on SIGTERM: sessions send `reconnect` and close with 1012.
     pub draining: CancellationToken,
     /// Session tasks, waited for during the drain.
@@ -110,6 +115,8 @@ pub enum OpError {
     TooLarge(String),
     #[error("the room is full ({0} members)")]
     RoomFull(usize),
+    #[error("at most {per_minute} HTTP lock acquisitions per minute per user")]
+    HttpLockBudget { per_minute: u32, retry_after_s: u64 },
 }
 
 impl OpError {
@@ -126,6 +133,7 @@ impl OpError {
             OpError::Unavailable(_) => ErrorCode::Unavailable,
             OpError::TooLarge(_) => ErrorCode::TooLarge,
             OpError::RoomFull(_) => ErrorCode::RoomFull,
+            OpError::HttpLockBudget { .. } => ErrorCode::TooManyLocks,
         }
     }
 }
@@ -151,6 +159,7 @@ impl Node {
         let hub = Arc::new(Hub::new(metrics.clone()));
         observe_hub(&metrics, &hub);
         let engines = engines::build(&config, &id, hub.clone(), &metrics).await?;
+        let throttle = throttle::Throttle::new(&config);
         let node = Arc::new(Node {
             id,
             config: Arc::new(config),
@@ -163,6 +172,7 @@ impl Node {
             hub,
             auth,
             metrics,
+            throttle,
             draining: CancellationToken::new(),
             tasks: TaskTracker::new(),
             ready: AtomicBool::new(true),

@@ -163,11 +163,12 @@ async fn serve(
             tracing::debug!(error = %e, "TCP_NODELAY not set");
         }
         let app = app.clone();
-        let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-            req.extensions_mut()
-                .insert(axum::extract::ConnectInfo(peer));
-            tower_service::Service::call(&mut app.clone(), req)
-        });
+        let service =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                tower_service::Service::call(&mut app.clone(), req)
+            });
         let conn = http
             .serve_connection(TokioIo::new(tcp), service)
             .with_upgrades();

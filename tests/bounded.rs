@@ -24,7 +24,11 @@ fn nested(depth: usize) -> Value {
 
 /// Sends `join` and reads the whole `room.snapshot` (one frame, or pages `1..=pages`) and the
 /// reply; returns the snapshot's members and the number of frames it came in.
-async fn join_and_read_snapshot(c: &mut Client, room: &str, state: Option<Value>) -> (Vec<Value>, usize) {
+async fn join_and_read_snapshot(
+    c: &mut Client,
+    room: &str,
+    state: Option<Value>,
+) -> (Vec<Value>, usize) {
     let id = c.fresh_id();
     let mut msg = json!({"type": "join", "id": id, "room": room});
     if let Some(s) = state {
@@ -129,9 +133,13 @@ async fn a_room_at_every_cap_stays_joinable_by_both_codecs() {
     // The room is full now: a new session is refused with a stable code, a member is not.
     big.expect_error(json!({"type": "join", "room": room}), "room_full")
         .await;
-    let r = members[1].request(json!({"type": "join", "room": room})).await;
+    let r = members[1]
+        .request(json!({"type": "join", "room": room}))
+        .await;
     assert_eq!(r["type"], "reply", "a member may rejoin a full room: {r}");
-    let r = members[2].request(json!({"type": "leave", "room": room})).await;
+    let r = members[2]
+        .request(json!({"type": "leave", "room": room}))
+        .await;
     assert_eq!(r["type"], "reply", "{r}");
     let r = big.request(json!({"type": "join", "room": room})).await;
     assert_eq!(r["type"], "reply", "a leave makes room: {r}");
@@ -142,7 +150,13 @@ async fn a_room_at_every_cap_stays_joinable_by_both_codecs() {
 #[tokio::test]
 async fn selections_and_broadcast_data_are_capped_as_json() {
     let server = Server::start().await;
-    let cfg = server.running.as_ref().expect("running").node.config.clone();
+    let cfg = server
+        .running
+        .as_ref()
+        .expect("running")
+        .node
+        .config
+        .clone();
     let mut a = client(&server, "a", Codec::MsgPack).await;
     let mut b = client(&server, "b", Codec::Json).await;
     a.join("scene:1").await;

@@ -62,7 +62,12 @@ async fn slow_clients_are_disconnected() {
         .unwrap();
 
     // Others are served while those hang.
-    let ok = server.http.get(server.url("/healthz")).send().await.unwrap();
+    let ok = server
+        .http
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ok.status(), 200);
 
     let (_, t) = read_until_eof(&mut half_line, LONG).await;
@@ -125,7 +130,12 @@ async fn requests_per_ip_are_limited() {
     let retry: u64 = retry.expect("retry-after").parse().unwrap();
     assert!((1..=2).contains(&retry), "{retry}");
     for _ in 0..5 {
-        let r = server.http.get(server.url("/healthz")).send().await.unwrap();
+        let r = server
+            .http
+            .get(server.url("/healthz"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200, "probes are not budgeted");
     }
     let r = server
@@ -171,7 +181,8 @@ async fn http_lock_acquisitions_per_user_are_budgeted() {
     .await;
     let alice = server.token("alice", None).await;
     let acquire = |token: String, n: u32| {
-        let body = json!({"room": "scene:1", "resource": format!("segment:1-{n}"), "action": "approve"});
+        let body =
+            json!({"room": "scene:1", "resource": format!("segment:1-{n}"), "action": "approve"});
         server
             .http
             .post(server.url("/v1/locks/acquire"))

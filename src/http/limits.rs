@@ -77,9 +77,12 @@ pub async fn throttle_requests(
     req.extensions_mut().insert(ip);
     let admin = super::bearer_of(req.headers()).is_some_and(|t| node.auth.is_admin_token(t));
     if !admin && let Err(r) = node.throttle.request_from_ip(ip.0) {
-        return ApiError::new(ErrorCode::RateLimited, "too many requests from this address")
-            .retry_after(r.0)
-            .into_response();
+        return ApiError::new(
+            ErrorCode::RateLimited,
+            "too many requests from this address",
+        )
+        .retry_after(r.0)
+        .into_response();
     }
     if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
         return next.run(req).await;
@@ -112,8 +115,10 @@ fn body_timeout(d: Duration) -> ApiError {
 /// The connection is not worth keeping: the rest of a body may still be on its way.
 fn close(e: ApiError) -> Response {
     let mut r = e.into_response();
-    r.headers_mut()
-        .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    r.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
     r
 }
 

@@ -257,7 +257,9 @@ impl Node {
     /// below the socket's write buffer limit (which is sized from the same setting), and
     /// small enough that a page never needs more than half an outbound queue.
     fn snapshot_page_bytes(&self) -> usize {
-        (self.config.max_frame_bytes / 2).min(self.config.max_queue_bytes / 4).max(1024)
+        (self.config.max_frame_bytes / 2)
+            .min(self.config.max_queue_bytes / 4)
+            .max(1024)
     }
 
     /// `too_large` when `value` encodes to more than `max` bytes of JSON. Measured as JSON

@@ -291,7 +291,10 @@ mod tests {
         let t = Throttle::new(&Config::for_tests(std::env::temp_dir()));
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let t0 = Instant::now();
-        assert!(t.auth_failure_at(ip, "bad", t0), "the first is recorded at once");
+        assert!(
+            t.auth_failure_at(ip, "bad", t0),
+            "the first is recorded at once"
+        );
         for _ in 0..999 {
             assert!(!t.auth_failure_at(ip, "bad", t0));
         }
@@ -305,7 +308,10 @@ mod tests {
                 last_reason: "bad".into()
             }]
         );
-        assert!(t.auth_failure_at(ip, "bad", t0 + AUTH_FAILURE_WINDOW), "a new window");
+        assert!(
+            t.auth_failure_at(ip, "bad", t0 + AUTH_FAILURE_WINDOW),
+            "a new window"
+        );
     }
 
     #[test]

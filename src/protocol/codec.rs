@@ -296,18 +296,28 @@ mod tests {
             let frame = serde_json::json!({"type": "join", "id": 9, "room": "scene:1", "state": nested(depth)});
             let text = frame.to_string();
             let packed = rmp_serde::to_vec_named(&frame).unwrap();
-            for (codec, bytes) in [(Codec::Json, text.as_bytes()), (Codec::MsgPack, &packed[..])] {
+            for (codec, bytes) in [
+                (Codec::Json, text.as_bytes()),
+                (Codec::MsgPack, &packed[..]),
+            ] {
                 match codec.decode(bytes) {
                     Ok(_) => assert!(ok, "{codec:?} depth {depth} accepted"),
                     Err(e) => {
                         assert!(!ok, "{codec:?} depth {depth}: {e}");
-                        assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(9)), "{codec:?}");
+                        assert_eq!(
+                            (e.code, e.id),
+                            (ErrorCode::BadRequest, Some(9)),
+                            "{codec:?}"
+                        );
                     }
                 }
             }
         }
         // Brackets inside strings, escaped quotes included, are not nesting.
-        let s = format!(r#"{{"type":"join","room":"scene:1","state":"\"{}"}}"#, "[".repeat(100));
+        let s = format!(
+            r#"{{"type":"join","room":"scene:1","state":"\"{}"}}"#,
+            "[".repeat(100)
+        );
         assert!(Codec::Json.decode(s.as_bytes()).is_ok());
     }
 

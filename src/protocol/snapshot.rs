@@ -143,7 +143,11 @@ mod tests {
             let frames = snapshot_frames(codec, &room, &members, &[], budget);
             let mut seen = Vec::new();
             for (i, f) in frames.iter().enumerate() {
-                assert!(frame_len(f) <= budget, "{codec:?} page {i}: {}", frame_len(f));
+                assert!(
+                    frame_len(f) <= budget,
+                    "{codec:?} page {i}: {}",
+                    frame_len(f)
+                );
                 let v = decode(codec, f);
                 assert_eq!(v["type"], "room.snapshot");
                 assert_eq!(v["page"], i + 1);

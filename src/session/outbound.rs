@@ -245,7 +245,11 @@ mod tests {
         for _ in 0..5 {
             assert_eq!(q.push_snapshot_page(text("pppppppp")), Pushed::Queued);
         }
-        assert_eq!(q.push(text("mmmmmm")), Pushed::Queued, "the budget is untouched");
+        assert_eq!(
+            q.push(text("mmmmmm")),
+            Pushed::Queued,
+            "the budget is untouched"
+        );
         assert_eq!(q.queued_bytes(), 46);
         let batch = q.take(VecDeque::new());
         assert_eq!(batch.messages.len(), 6, "pages and message, in order");

@@ -216,11 +216,20 @@ mod tests {
         let full = store.join(&room, member("c", 3, None)).await;
         assert!(matches!(full, Err(EngineError::RoomFull(2))), "{full:?}");
         assert_eq!(store.members(&room).await.unwrap().len(), 2);
-        store.join(&room, member("b", 2, None)).await.expect("rejoin");
+        store
+            .join(&room, member("b", 2, None))
+            .await
+            .expect("rejoin");
         let other = Entity::parse("scene:2").unwrap();
-        store.join(&other, member("c", 3, None)).await.expect("per room");
+        store
+            .join(&other, member("c", 3, None))
+            .await
+            .expect("per room");
         store.leave(&room, &"a".into()).await.unwrap();
-        store.join(&room, member("c", 3, None)).await.expect("room again");
+        store
+            .join(&room, member("c", 3, None))
+            .await
+            .expect("room again");
     }
 
     /// Joins, focus changes and leaves leave no empty rooms or focus entries behind.

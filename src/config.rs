@@ -318,6 +318,7 @@ impl Config {
 
     pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
         let d = |v: Option<HumanDuration>, default: Duration| v.map(|h| h.0).unwrap_or(default);
+        let frame_bytes = s.max_frame_bytes.unwrap_or(64 * 1024);
         let config = Config {
             listen: s
                 .listen
@@ -342,20 +343,26 @@ impl Config {
             presence_ttl: d(s.presence_ttl, Duration::from_secs(15)),
             resume_grace: d(s.resume_grace, Duration::from_secs(15)),
             drain_timeout: d(s.drain_timeout, Duration::from_secs(10)),
-            max_frame_bytes: s.max_frame_bytes.unwrap_or(64 * 1024),
+            max_frame_bytes: frame_bytes,
             max_rooms_per_session: s.max_rooms_per_session.unwrap_or(32),
             max_locks_per_session: s.max_locks_per_session.unwrap_or(64),
             messages_per_second: s.messages_per_second.unwrap_or(100),
             message_burst: s.message_burst.unwrap_or(200),
             max_sessions_per_user: s.max_sessions_per_user.unwrap_or(16),
             max_queue_bytes: s.max_queue_bytes.unwrap_or(1024 * 1024),
-            max_presence_state_bytes: s.max_presence_state_bytes.unwrap_or(4 * 1024),
-            max_broadcast_bytes: s.max_broadcast_bytes.unwrap_or(16 * 1024),
+            // Unset, they follow a small frame limit down (so lowering only the frame limit
+            // stays a valid configuration); set, they are validated against it.
+            max_presence_state_bytes: s
+                .max_presence_state_bytes
+                .unwrap_or((4 * 1024).min(frame_bytes / 4)),
+            max_broadcast_bytes: s
+                .max_broadcast_bytes
+                .unwrap_or((16 * 1024).min(frame_bytes / 2)),
             max_members_per_room: s.max_members_per_room.unwrap_or(500),
             http_read_timeout: d(s.http_read_timeout, Duration::from_secs(10)),
-            http_requests_per_second_per_ip: s.http_requests_per_second_per_ip.unwrap_or(50),
+            http_requests_per_second_per_ip: s.http_requests_per_second_per_ip.unwrap_or(100),
             http_requests_per_second_per_user: s.http_requests_per_second_per_user.unwrap_or(20),
-            http_burst: s.http_burst.unwrap_or(100),
+            http_burst: s.http_burst.unwrap_or(200),
             trust_forwarded_for: s.trust_forwarded_for.unwrap_or(false),
             max_http_locks_per_user: s.max_http_locks_per_user.unwrap_or(60),
             log_format: s.log_format.unwrap_or(LogFormat::Text),
@@ -559,6 +566,21 @@ mod tests {
             Config::from_settings(from_file).unwrap().metrics_listen,
             Some("0.0.0.0:9090".parse().unwrap())
         );
+        let small_frames = Settings {
+            max_frame_bytes: Some(4096),
+            ..Settings::default()
+        };
+        let c = Config::from_settings(small_frames).unwrap();
+        assert_eq!(
+            (c.max_presence_state_bytes, c.max_broadcast_bytes),
+            (1024, 2048)
+        );
+        let too_big_state = Settings {
+            max_frame_bytes: Some(4096),
+            max_presence_state_bytes: Some(2048),
+            ..Settings::default()
+        };
+        assert!(Config::from_settings(too_big_state).is_err());
         let unknown: Result<Settings, _> = toml::from_str("nonsense = 1");
         assert!(unknown.is_err());
     }

@@ -52,13 +52,20 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
     }
 }
 
-/// Probes and scrapes are not budgeted: an orchestrator must always reach them.
+/// Not budgeted here: probes and scrapes (an orchestrator must always reach them), and
+/// WebSocket upgrades — after a drain every client of a node reconnects at once, through the
+/// load balancer's few addresses; sessions have their own limits (per user, per message).
+/// Dev tokens too: they exist only in dev mode, on loopback, where load tools mint thousands.
 fn exempt(path: &str) -> bool {
-    matches!(path, "/healthz" | "/readyz" | "/metrics")
+    matches!(
+        path,
+        "/healthz" | "/readyz" | "/metrics" | "/v1/ws" | "/v1/dev/token"
+    )
 }
 
 /// Middleware: finds the client IP, spends one token of its budget (429 `rate_limited` with
-/// `retry-after` when spent; requests with the admin token are exempt), then reads the body
+/// `retry-after` when spent; [`exempt`] paths and the admin token are not budgeted), then reads
+/// the body of every request that may have one
 /// within `LOCKSTEP_HTTP_READ_TIMEOUT` (408) and `LOCKSTEP_MAX_FRAME_BYTES` (413 `too_large`),
 /// so a client trickling a body cannot hold a socket and a handler.
 pub async fn throttle_requests(
@@ -66,17 +73,15 @@ pub async fn throttle_requests(
     mut req: Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if exempt(req.uri().path()) {
-        return next.run(req).await;
-    }
     let peer = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
     let ip = ClientIp::of(req.headers(), peer, node.config.trust_forwarded_for);
     req.extensions_mut().insert(ip);
-    let admin = super::bearer_of(req.headers()).is_some_and(|t| node.auth.is_admin_token(t));
-    if !admin && let Err(r) = node.throttle.request_from_ip(ip.0) {
+    let budgeted = !exempt(req.uri().path())
+        && !super::bearer_of(req.headers()).is_some_and(|t| node.auth.is_admin_token(t));
+    if budgeted && let Err(r) = node.throttle.request_from_ip(ip.0) {
         return ApiError::new(
             ErrorCode::RateLimited,
             "too many requests from this address",

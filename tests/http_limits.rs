@@ -138,6 +138,12 @@ async fn requests_per_ip_are_limited() {
             .unwrap();
         assert_eq!(r.status(), 200, "probes are not budgeted");
     }
+    // Nor are WebSocket upgrades (reconnect storms come through a balancer's few addresses)
+    // and dev tokens.
+    for i in 0..5 {
+        let token = server.token(&format!("ws{i}"), None).await;
+        Client::connect(server.addr, &token, Codec::Json, None).await;
+    }
     let r = server
         .http
         .get(&url)

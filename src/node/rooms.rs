@@ -254,8 +254,8 @@ impl Node {
     }
 
     /// The byte budget of one snapshot frame: half the largest frame a client may send, far
-    /// below the socket's write buffer limit (which is sized from the same setting), and
-    /// small enough that a page never needs more than half an outbound queue.
+    /// below the socket's write buffer limit (4 KiB + twice that setting), and at most a
+    /// quarter of the outbound queue, so the last page (which is budgeted) always fits it.
     fn snapshot_page_bytes(&self) -> usize {
         (self.config.max_frame_bytes / 2)
             .min(self.config.max_queue_bytes / 4)

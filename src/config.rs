@@ -140,6 +140,35 @@ pub struct Settings {
     /// Outbound bytes queued for one session before it is disconnected as a slow consumer.
     #[arg(long, env = "LOCKSTEP_MAX_QUEUE_BYTES")]
     pub max_queue_bytes: Option<usize>,
+    /// Largest presence `state` (and cursor `selection`), measured as encoded JSON (bytes).
+    #[arg(long, env = "LOCKSTEP_MAX_PRESENCE_STATE_BYTES")]
+    pub max_presence_state_bytes: Option<usize>,
+    /// Largest `broadcast` `data`, measured as encoded JSON (bytes).
+    #[arg(long, env = "LOCKSTEP_MAX_BROADCAST_BYTES")]
+    pub max_broadcast_bytes: Option<usize>,
+    /// Members one room may have (across all nodes); further joins get `room_full`.
+    #[arg(long, env = "LOCKSTEP_MAX_MEMBERS_PER_ROOM")]
+    pub max_members_per_room: Option<usize>,
+    /// How long an HTTP client may take to send a request's headers, and then its body (each);
+    /// also closes idle keep-alive connections after this long.
+    #[arg(long, env = "LOCKSTEP_HTTP_READ_TIMEOUT")]
+    pub http_read_timeout: Option<HumanDuration>,
+    /// Sustained HTTP API requests per second per client IP (token bucket refill rate).
+    #[arg(long, env = "LOCKSTEP_HTTP_REQUESTS_PER_SECOND_PER_IP")]
+    pub http_requests_per_second_per_ip: Option<u32>,
+    /// Sustained HTTP API requests per second per authenticated user.
+    #[arg(long, env = "LOCKSTEP_HTTP_REQUESTS_PER_SECOND_PER_USER")]
+    pub http_requests_per_second_per_user: Option<u32>,
+    /// Burst size of the per-IP and per-user HTTP budgets.
+    #[arg(long, env = "LOCKSTEP_HTTP_BURST")]
+    pub http_burst: Option<u32>,
+    /// Trust the left-most `X-Forwarded-For` address as the client IP (only behind a proxy
+    /// that sets it; otherwise clients could pick their own rate-limit bucket).
+    #[arg(long, env = "LOCKSTEP_TRUST_FORWARDED_FOR")]
+    pub trust_forwarded_for: Option<bool>,
+    /// HTTP lock acquisitions one user may make per minute.
+    #[arg(long, env = "LOCKSTEP_MAX_HTTP_LOCKS_PER_USER")]
+    pub max_http_locks_per_user: Option<u32>,
     /// `text` (default) or `json` log lines.
     #[arg(long, env = "LOCKSTEP_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -183,6 +212,15 @@ pub struct Config {
     pub message_burst: u32,
     pub max_sessions_per_user: usize,
     pub max_queue_bytes: usize,
+    pub max_presence_state_bytes: usize,
+    pub max_broadcast_bytes: usize,
+    pub max_members_per_room: usize,
+    pub http_read_timeout: Duration,
+    pub http_requests_per_second_per_ip: u32,
+    pub http_requests_per_second_per_user: u32,
+    pub http_burst: u32,
+    pub trust_forwarded_for: bool,
+    pub max_http_locks_per_user: u32,
     pub log_format: LogFormat,
 }
 
@@ -234,6 +272,23 @@ impl Settings {
             message_burst: self.message_burst.or(other.message_burst),
             max_sessions_per_user: self.max_sessions_per_user.or(other.max_sessions_per_user),
             max_queue_bytes: self.max_queue_bytes.or(other.max_queue_bytes),
+            max_presence_state_bytes: self
+                .max_presence_state_bytes
+                .or(other.max_presence_state_bytes),
+            max_broadcast_bytes: self.max_broadcast_bytes.or(other.max_broadcast_bytes),
+            max_members_per_room: self.max_members_per_room.or(other.max_members_per_room),
+            http_read_timeout: self.http_read_timeout.or(other.http_read_timeout),
+            http_requests_per_second_per_ip: self
+                .http_requests_per_second_per_ip
+                .or(other.http_requests_per_second_per_ip),
+            http_requests_per_second_per_user: self
+                .http_requests_per_second_per_user
+                .or(other.http_requests_per_second_per_user),
+            http_burst: self.http_burst.or(other.http_burst),
+            trust_forwarded_for: self.trust_forwarded_for.or(other.trust_forwarded_for),
+            max_http_locks_per_user: self
+                .max_http_locks_per_user
+                .or(other.max_http_locks_per_user),
             log_format: self.log_format.or(other.log_format),
         }
     }
@@ -263,6 +318,7 @@ impl Config {
 
     pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
         let d = |v: Option<HumanDuration>, default: Duration| v.map(|h| h.0).unwrap_or(default);
+        let frame_bytes = s.max_frame_bytes.unwrap_or(64 * 1024);
         let config = Config {
             listen: s
                 .listen
@@ -287,13 +343,28 @@ impl Config {
             presence_ttl: d(s.presence_ttl, Duration::from_secs(15)),
             resume_grace: d(s.resume_grace, Duration::from_secs(15)),
             drain_timeout: d(s.drain_timeout, Duration::from_secs(10)),
-            max_frame_bytes: s.max_frame_bytes.unwrap_or(64 * 1024),
+            max_frame_bytes: frame_bytes,
             max_rooms_per_session: s.max_rooms_per_session.unwrap_or(32),
             max_locks_per_session: s.max_locks_per_session.unwrap_or(64),
             messages_per_second: s.messages_per_second.unwrap_or(100),
             message_burst: s.message_burst.unwrap_or(200),
             max_sessions_per_user: s.max_sessions_per_user.unwrap_or(16),
             max_queue_bytes: s.max_queue_bytes.unwrap_or(1024 * 1024),
+            // Unset, they follow a small frame limit down (so lowering only the frame limit
+            // stays a valid configuration); set, they are validated against it.
+            max_presence_state_bytes: s
+                .max_presence_state_bytes
+                .unwrap_or((4 * 1024).min(frame_bytes / 4)),
+            max_broadcast_bytes: s
+                .max_broadcast_bytes
+                .unwrap_or((16 * 1024).min(frame_bytes / 2)),
+            max_members_per_room: s.max_members_per_room.unwrap_or(500),
+            http_read_timeout: d(s.http_read_timeout, Duration::from_secs(10)),
+            http_requests_per_second_per_ip: s.http_requests_per_second_per_ip.unwrap_or(100),
+            http_requests_per_second_per_user: s.http_requests_per_second_per_user.unwrap_or(20),
+            http_burst: s.http_burst.unwrap_or(200),
+            trust_forwarded_for: s.trust_forwarded_for.unwrap_or(false),
+            max_http_locks_per_user: s.max_http_locks_per_user.unwrap_or(60),
             log_format: s.log_format.unwrap_or(LogFormat::Text),
         };
         config.validate()?;
@@ -354,6 +425,37 @@ impl Config {
         if self.max_queue_bytes < self.max_frame_bytes {
             return invalid("max_queue_bytes", "must be at least max_frame_bytes");
         }
+        // A member (state plus identity) must fit one snapshot page (max_frame_bytes / 2)
+        // even re-encoded as MessagePack, which can be about twice its JSON size (floats).
+        if self.max_presence_state_bytes == 0
+            || self.max_presence_state_bytes > self.max_frame_bytes / 4
+        {
+            return invalid(
+                "max_presence_state_bytes",
+                "must be positive and at most max_frame_bytes / 4",
+            );
+        }
+        if self.max_broadcast_bytes == 0 || self.max_broadcast_bytes > self.max_frame_bytes / 2 {
+            return invalid(
+                "max_broadcast_bytes",
+                "must be positive and at most max_frame_bytes / 2",
+            );
+        }
+        if self.max_members_per_room == 0 {
+            return invalid("max_members_per_room", "must be at least 1");
+        }
+        if self.http_read_timeout < Duration::from_millis(100) {
+            return invalid("http_read_timeout", "must be at least 100ms");
+        }
+        if self.http_requests_per_second_per_ip == 0
+            || self.http_requests_per_second_per_user == 0
+            || self.http_burst == 0
+        {
+            return invalid("http_burst", "HTTP rates and burst must be positive");
+        }
+        if self.max_http_locks_per_user == 0 {
+            return invalid("max_http_locks_per_user", "must be at least 1");
+        }
         if [
             self.jwt_secret.is_some(),
             self.jwt_public_key.is_some(),
@@ -383,6 +485,12 @@ impl Config {
         c.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         c.data_dir = data_dir;
         c.node_id = "test-node".into();
+        // Tests open many connections and mint many tokens from one address in a burst; the
+        // tests of the HTTP throttles set their own limits.
+        c.http_requests_per_second_per_ip = 100_000;
+        c.http_requests_per_second_per_user = 100_000;
+        c.http_burst = 100_000;
+        c.max_http_locks_per_user = 100_000;
         c
     }
 }
@@ -458,6 +566,21 @@ mod tests {
             Config::from_settings(from_file).unwrap().metrics_listen,
             Some("0.0.0.0:9090".parse().unwrap())
         );
+        let small_frames = Settings {
+            max_frame_bytes: Some(4096),
+            ..Settings::default()
+        };
+        let c = Config::from_settings(small_frames).unwrap();
+        assert_eq!(
+            (c.max_presence_state_bytes, c.max_broadcast_bytes),
+            (1024, 2048)
+        );
+        let too_big_state = Settings {
+            max_frame_bytes: Some(4096),
+            max_presence_state_bytes: Some(2048),
+            ..Settings::default()
+        };
+        assert!(Config::from_settings(too_big_state).is_err());
         let unknown: Result<Settings, _> = toml::from_str("nonsense = 1");
         assert!(unknown.is_err());
     }

@@ -48,11 +48,13 @@ pub enum ErrorCode {
     Unavailable,
     /// A bug on our side; logged with details, never shown to clients.
     Internal,
+    /// `join` of a room that already has `max_members_per_room` members.
+    RoomFull,
 }
 
 impl ErrorCode {
     /// Every code, so metrics can expose each one's series from the start.
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::Malformed,
         ErrorCode::UnknownType,
         ErrorCode::BadRequest,
@@ -71,6 +73,7 @@ impl ErrorCode {
         ErrorCode::MethodNotAllowed,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
+        ErrorCode::RoomFull,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -93,6 +96,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::RoomFull => "room_full",
         }
     }
 
@@ -110,7 +114,8 @@ impl ErrorCode {
             ErrorCode::TooManyRooms
             | ErrorCode::TooManyLocks
             | ErrorCode::TooManySessions
-            | ErrorCode::RateLimited => 429,
+            | ErrorCode::RateLimited
+            | ErrorCode::RoomFull => 429,
             ErrorCode::Unavailable => 503,
             ErrorCode::Internal => 500,
         }

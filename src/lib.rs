@@ -43,7 +43,6 @@ pub mod telemetry;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
@@ -101,34 +100,19 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
     let metrics_addr = admin.map(|(listener, addr)| {
         let app = http::admin_router(node.clone());
         let stop = stop_admin.clone();
-        tokio::spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "admin listener failed");
-            }
-        });
+        let read_timeout = node.config.http_read_timeout;
+        tokio::spawn(serve(listener, app, read_timeout, stop));
         tracing::info!(%addr, "admin listener (/metrics, /healthz, /readyz)");
         addr
     });
     let stop_accepting = CancellationToken::new();
     let app = http::router(node.clone());
     let stop = stop_accepting.clone();
-    // Small frames (lock replies, cursors) must leave at once: with Nagle's algorithm a reply
-    // waits for the client's delayed ACK, ~40 ms per round trip.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
-        }
-    });
     let server = tokio::spawn(tracing::Instrument::instrument(
-        async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "server failed");
-            }
-        },
+        serve(listener, app, node.config.http_read_timeout, stop),
         node.span(),
     ));
+    spawn_auth_failure_flush(&node, stop_admin.clone());
     span.in_scope(|| tracing::info!(%addr, "lockstep listening"));
     Ok(Running {
         addr,
@@ -138,6 +122,94 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
         stop_admin,
         server,
     })
+}
+
+/// The accept loop: HTTP/1.1 with upgrades (WebSockets), the peer address in each request's
+/// extensions (`ConnectInfo`) for the per-IP throttles, and a header-read timeout. axum's own
+/// `serve` has none, so a client sending half a request line would hold its socket forever;
+/// here it is closed after `read_timeout`, and so is a keep-alive connection idle that long
+/// (hyper runs the same timer while it waits for the next request's head).
+///
+/// On `stop` no new connection is accepted and open HTTP connections finish their request
+/// and close; upgraded WebSockets are sessions, drained by the node, not here.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    read_timeout: std::time::Duration,
+    stop: CancellationToken,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(read_timeout);
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors or a connection reset before accept: back off a
+                    // little instead of spinning, and keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => break,
+        };
+        // Small frames (lock replies, cursors) must leave at once: with Nagle's algorithm a
+        // reply waits for the client's delayed ACK, ~40 ms per round trip.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+        let app = app.clone();
+        let service =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                tower_service::Service::call(&mut app.clone(), req)
+            });
+        let conn = http
+            .serve_connection(TokioIo::new(tcp), service)
+            .with_upgrades();
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            let done = tokio::select! {
+                r = conn.as_mut() => Some(r),
+                _ = stop.cancelled() => None,
+            };
+            let result = match done {
+                Some(r) => r,
+                None => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                // Timeouts, resets and malformed requests: the client's doing, not ours.
+                tracing::debug!(error = %e, %peer, "http connection ended with an error");
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
+}
+
+/// Writes the aggregated `auth_failed` records of ended windows every few seconds, until
+/// `stop`; the shutdown writes the windows still open ([`Running::shutdown`]).
+fn spawn_auth_failure_flush(node: &Arc<Node>, stop: CancellationToken) {
+    let node = node.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => http::flush_auth_failures(&node, false).await,
+                _ = stop.cancelled() => return,
+            }
+        }
+    });
 }
 
 async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
@@ -161,6 +233,8 @@ impl Running {
     async fn shutdown_inner(self) {
         let node = self.node.clone();
         let stop = self.stop_accepting.clone();
+        // Before the drain, whose last step flushes the audit sink.
+        http::flush_auth_failures(&node, true).await;
         // Stop accepting and drain sessions at the same time: axum's graceful shutdown waits
         // for open connections, which end only when the sessions do.
         let drain = tokio::spawn(async move { node.drain().await });

@@ -1007,3 +1007,57 @@ async fn redis_cluster_presence_and_broker() {
     }
     assert_eq!(b.broker.gaps(), 0);
 }
+
+/// The members cap holds across nodes: stores of two nodes on one Redis join 12 sessions at
+/// once into a room capped at 5; exactly 5 get in, the rest get `RoomFull` and leave no trace.
+/// A member rejoining a full room is not refused, members whose entries expired do not count,
+/// and a leave makes room.
+#[tokio::test]
+async fn members_cap_is_atomic_across_nodes() {
+    let r = RedisServer::start();
+    let a = Arc::new(store(&r, 30_000).await.with_max_members(5));
+    let b = Arc::new(store(&r, 30_000).await.with_max_members(5));
+    let room = unique("scene");
+    let joins = (0..12).map(|i| {
+        let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let room = room.clone();
+        tokio::spawn(async move {
+            let sess = session(&format!("u{i}"));
+            let r = s.join(&room, member(&sess, i, None)).await;
+            (sess, r)
+        })
+    });
+    let mut admitted = Vec::new();
+    for j in joins {
+        let (sess, r) = j.await.unwrap();
+        match r {
+            Ok(_) => admitted.push(sess),
+            Err(lockstep::engine::EngineError::RoomFull(5)) => {}
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!(admitted.len(), 5);
+    assert_eq!(a.members(&room).await.unwrap().len(), 5);
+    a.join(&room, member(&admitted[0], 0, None))
+        .await
+        .expect("a member may rejoin a full room");
+    let late = session("late");
+    assert!(b.join(&room, member(&late, 99, None)).await.is_err());
+    b.leave(&room, &admitted[1]).await.unwrap();
+    b.join(&room, member(&late, 99, None))
+        .await
+        .expect("a leave makes room");
+
+    // Expired (not yet swept) entries do not hold seats.
+    let short = Arc::new(store(&r, 300).await.with_max_members(1));
+    let room2 = unique("scene");
+    short
+        .join(&room2, member(&session("x"), 1, None))
+        .await
+        .unwrap();
+    sleep(Duration::from_millis(600)).await;
+    short
+        .join(&room2, member(&session("y"), 2, None))
+        .await
+        .expect("an expired member frees its seat");
+}

@@ -41,6 +41,9 @@ pub enum EngineError {
     Unavailable(String),
     #[error("engine error: {0}")]
     Internal(String),
+    /// `PresenceStore::join` of a new member into a room at the store's member cap.
+    #[error("the room is full ({0} members)")]
+    RoomFull(usize),
 }
 
 pub type EngineResult<T> = Result<T, EngineError>;
@@ -274,6 +277,8 @@ pub struct PresencePatch {
 #[async_trait]
 pub trait PresenceStore: Send + Sync + 'static {
     /// Adds or replaces the member (keyed by session id); returns the previous entry.
+    /// A new member of a room that already has the store's member cap is refused with
+    /// [`EngineError::RoomFull`], atomically with the check (replacing never is).
     async fn join(&self, room: &Entity, member: Member) -> EngineResult<Option<Member>>;
     /// Applies a patch to an existing member; `None` if the session is not in the room.
     async fn update(

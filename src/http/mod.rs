@@ -9,8 +9,11 @@
 
 mod admin;
 mod api;
+mod limits;
 mod ops;
 mod ws;
+
+pub use limits::{ClientIp, flush_auth_failures};
 
 use std::sync::Arc;
 
@@ -54,6 +57,10 @@ pub fn router(node: Arc<Node>) -> Router {
             )
         })
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            node.clone(),
+            limits::throttle_requests,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             node.clone(),
             count_errors,
@@ -140,6 +147,10 @@ pub struct ApiError {
     code: ErrorCode,
     message: String,
     extra: Option<serde_json::Value>,
+    /// Seconds for a `retry-after` header (throttles).
+    retry_after: Option<u64>,
+    /// A status other than the code's own (408 for a body that never came).
+    status: Option<StatusCode>,
 }
 
 impl ApiError {
@@ -148,14 +159,28 @@ impl ApiError {
             code,
             message: message.into(),
             extra: None,
+            retry_after: None,
+            status: None,
         }
+    }
+
+    pub fn retry_after(mut self, seconds: u64) -> ApiError {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    pub fn status(mut self, status: StatusCode) -> ApiError {
+        self.status = Some(status);
+        self
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.code.http_status())
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = self.status.unwrap_or_else(|| {
+            StatusCode::from_u16(self.code.http_status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+        });
         let mut body = serde_json::json!({ "code": self.code, "message": self.message });
         if let (Some(serde_json::Value::Object(extra)), Some(obj)) =
             (self.extra, body.as_object_mut())
@@ -163,6 +188,10 @@ impl IntoResponse for ApiError {
             obj.extend(extra);
         }
         let mut resp = (status, Json(body)).into_response();
+        if let Some(s) = self.retry_after {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, s.into());
+        }
         resp.extensions_mut().insert(self.code);
         resp
     }
@@ -171,6 +200,9 @@ impl IntoResponse for ApiError {
 impl From<OpError> for ApiError {
     fn from(e: OpError) -> ApiError {
         let mut err = ApiError::new(e.code(), e.to_string());
+        if let OpError::HttpLockBudget { retry_after_s, .. } = &e {
+            err.retry_after = Some(*retry_after_s);
+        }
         if let OpError::LockHeld(d) = &e {
             #[derive(Serialize)]
             struct Held<'a> {
@@ -243,10 +275,21 @@ impl FromRequestParts<Arc<Node>> for Authed {
         match node.auth.verify_bearer(token) {
             Ok(p) => {
                 tracing::Span::current().record("user_id", &*p.user_id);
+                if !p.admin
+                    && let Err(r) = node.throttle.request_from_user(&p.user_id)
+                {
+                    return Err(ApiError::new(
+                        ErrorCode::RateLimited,
+                        "too many requests from this user",
+                    )
+                    .retry_after(r.0));
+                }
                 Ok(Authed(p))
             }
             Err(e) => {
-                ws::record_auth_failure(node, &e).await;
+                let ip = parts.extensions.get::<ClientIp>().copied();
+                let ip = ip.unwrap_or(ClientIp(std::net::Ipv4Addr::UNSPECIFIED.into()));
+                limits::record_auth_failure(node, ip, &e.to_string()).await;
                 Err(e.into())
             }
         }
@@ -254,8 +297,11 @@ impl FromRequestParts<Arc<Node>> for Authed {
 }
 
 pub(crate) fn bearer(parts: &Parts) -> Option<&str> {
-    parts
-        .headers
+    bearer_of(&parts.headers)
+}
+
+pub(crate) fn bearer_of(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(crate::auth::parse_bearer)

@@ -10,7 +10,6 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::ApiError;
-use crate::audit::AuditKind;
 use crate::auth::AuthError;
 use crate::error::{ErrorCode, close};
 use crate::node::Node;
@@ -32,6 +31,7 @@ pub struct WsParams {
 pub async fn upgrade(
     State(node): State<Arc<Node>>,
     super::ApiQuery(params): super::ApiQuery<WsParams>,
+    ip: super::ClientIp,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -67,9 +67,8 @@ pub async fn upgrade(
     }
     match verified {
         Ok(_) if revoked => {
-            let mut r = node.audit_record(AuditKind::AuthFailed);
-            r.detail = serde_json::json!({ "reason": "token revoked" });
-            node.record(vec![r]).await;
+            // Aggregated like every auth failure: a revoked token in a loop must not flood the audit.
+            super::limits::record_auth_failure(&node, ip, "token revoked").await;
             ws.on_upgrade(move |socket| refuse(socket, close::REVOKED, "token revoked".into()))
         }
         Ok(principal) => ws.on_upgrade(move |socket| {
@@ -83,7 +82,7 @@ pub async fn upgrade(
             ))
         }),
         Err(e) => {
-            record_auth_failure(&node, &e).await;
+            super::limits::record_auth_failure(&node, ip, &e.to_string()).await;
             // Upgrade, then close with 4001: browsers cannot read an HTTP 401 on a WebSocket.
             let mut reason = e.to_string();
             // A close reason may carry at most 123 bytes.
@@ -112,10 +111,4 @@ async fn refuse(mut socket: axum::extract::ws::WebSocket, code: u16, reason: Str
         }
     };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), handshake).await;
-}
-
-pub(super) async fn record_auth_failure(node: &Node, e: &AuthError) {
-    let mut r = node.audit_record(AuditKind::AuthFailed);
-    r.detail = serde_json::json!({ "reason": e.to_string() });
-    node.record(vec![r]).await;
 }

@@ -90,7 +90,9 @@ pub async fn build(
         };
         return Ok(Engines {
             locks: Arc::new(MemoryLockStore::new(audit.clone())),
-            presence: Arc::new(MemoryPresenceStore::new()),
+            presence: Arc::new(
+                MemoryPresenceStore::new().with_max_members(config.max_members_per_room),
+            ),
             broker: Arc::new(MemoryBroker::new(hub)),
             resume: Arc::new(MemoryResumeStore::new()),
             audit,
@@ -131,7 +133,9 @@ pub async fn build(
     Ok(Engines {
         locks: Arc::new(RedisLockStore::new(pool.clone()).with_metrics(m.clone())),
         presence: Arc::new(
-            RedisPresenceStore::new(pool.clone(), presence_ttl_ms).with_metrics(m.clone()),
+            RedisPresenceStore::new(pool.clone(), presence_ttl_ms)
+                .with_max_members(config.max_members_per_room)
+                .with_metrics(m.clone()),
         ),
         broker,
         resume: Arc::new(RedisResumeStore::new(pool.clone()).with_metrics(m.clone())),

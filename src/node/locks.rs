@@ -90,6 +90,7 @@ impl Node {
                 )
             }
             Caller::Http { holder_key, .. } => {
+                self.check_http_lock_budget(principal)?;
                 if p.wait {
                     return Err(OpError::BadRequest(
                         "wait is only available over the WebSocket".into(),

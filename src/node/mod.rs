@@ -6,6 +6,8 @@
 //! - [`sessions`]: opening, resuming, parking and ending sessions.
 //! - [`lifetime`]: token refresh and roles, expiry, admin revocation.
 //! - [`fencing`]: strict fencing — every grant registered in Postgres before it is handed out.
+//! - [`throttle`]: HTTP request budgets per IP and per user, the HTTP lock budget and the
+//!   aggregation of `auth_failed` records.
 //!
 //! Background loops (one task): the lock reaper (expiries and waiter timeouts, every
 //! [`REAP_INTERVAL`]), lease renewal for this node's sessions (every third of the lease),
@@ -19,6 +21,7 @@ pub mod lifetime;
 pub mod locks;
 pub mod rooms;
 pub mod sessions;
+pub mod throttle;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -59,6 +62,8 @@ pub struct Node {
     pub hub: Arc<Hub>,
     pub auth: Authenticator,
     pub metrics: Metrics,
+    /// HTTP request budgets, the HTTP lock budget and `auth_failed` aggregation.
+    pub throttle: throttle::Throttle,
     /// Cancelled on SIGTERM: sessions send `reconnect` and close with 1012.
     pub draining: CancellationToken,
     /// Session tasks, waited for during the drain.
@@ -112,6 +117,12 @@ pub enum OpError {
     Unauthorized(String),
     #[error("temporarily unavailable: {0}")]
     Unavailable(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("the room is full ({0} members)")]
+    RoomFull(usize),
+    #[error("at most {per_minute} HTTP lock acquisitions per minute per user")]
+    HttpLockBudget { per_minute: u32, retry_after_s: u64 },
 }
 
 impl OpError {
@@ -127,12 +138,18 @@ impl OpError {
             OpError::NotFound(_) => ErrorCode::NotFound,
             OpError::Unauthorized(_) => ErrorCode::Unauthorized,
             OpError::Unavailable(_) => ErrorCode::Unavailable,
+            OpError::TooLarge(_) => ErrorCode::TooLarge,
+            OpError::RoomFull(_) => ErrorCode::RoomFull,
+            OpError::HttpLockBudget { .. } => ErrorCode::TooManyLocks,
         }
     }
 }
 
 impl From<crate::engine::EngineError> for OpError {
     fn from(e: crate::engine::EngineError) -> Self {
+        if let crate::engine::EngineError::RoomFull(max) = e {
+            return OpError::RoomFull(max);
+        }
         tracing::warn!(error = %e, "engine error");
         OpError::Unavailable(e.to_string())
     }
@@ -149,6 +166,7 @@ impl Node {
         let hub = Arc::new(Hub::new(metrics.clone()));
         observe_hub(&metrics, &hub);
         let engines = engines::build(&config, &id, hub.clone(), &metrics).await?;
+        let throttle = throttle::Throttle::new(&config);
         let node = Arc::new(Node {
             id,
             config: Arc::new(config),
@@ -161,6 +179,7 @@ impl Node {
             hub,
             auth,
             metrics,
+            throttle,
             draining: CancellationToken::new(),
             tasks: TaskTracker::new(),
             ready: AtomicBool::new(true),

@@ -6,8 +6,9 @@ use super::{Node, OpError};
 use crate::auth::Role;
 use crate::engine::{Member, PresencePatch, ReleaseReason, RoomEventKind, now_ms};
 use crate::names::Entity;
-use crate::protocol::ServerMessage;
+use crate::protocol::codec::json_len_within;
 use crate::protocol::server::LockView;
+use crate::protocol::snapshot::snapshot_frames;
 use crate::session::handle::SessionHandle;
 
 impl Node {
@@ -22,6 +23,9 @@ impl Node {
         let Some(role) = principal.role_in(room) else {
             return Err(self.forbidden(principal, room, "joining").await);
         };
+        if let Some(state) = &state {
+            self.check_json_size("state", state, self.config.max_presence_state_bytes)?;
+        }
         if handle.is_joined(room) {
             if let Some(state) = state {
                 let patch = PresencePatch {
@@ -130,6 +134,9 @@ impl Node {
         if !handle.is_joined(room) {
             return Err(OpError::NotInRoom(room.clone()));
         }
+        if let Some(Some(state)) = &patch.state {
+            self.check_json_size("state", state, self.config.max_presence_state_bytes)?;
+        }
         if let Some(member) = self.presence.update(room, &handle.id, patch).await? {
             handle.set_member(room, member.clone());
             self.publish(
@@ -153,6 +160,9 @@ impl Node {
     ) -> Result<(), OpError> {
         if !handle.is_joined(room) {
             return Err(OpError::NotInRoom(room.clone()));
+        }
+        if let Some(selection) = &selection {
+            self.check_json_size("selection", selection, self.config.max_presence_state_bytes)?;
         }
         if !handle.share_cursor() {
             return Ok(());
@@ -184,6 +194,7 @@ impl Node {
                 .forbidden(&handle.principal, room, "broadcasting")
                 .await);
         }
+        self.check_json_size("data", &data, self.config.max_broadcast_bytes)?;
         let kind = RoomEventKind::Broadcast {
             event,
             data,
@@ -221,12 +232,50 @@ impl Node {
                 handle.hold(&lock.room, &lock.resource, lock.token);
             }
         }
-        let snapshot = ServerMessage::RoomSnapshot {
+        let views: Vec<LockView<'_>> = locks.iter().map(|l| LockView::of(l, &handle.id)).collect();
+        let mut frames = snapshot_frames(
+            handle.codec,
             room,
-            members: &members,
-            locks: locks.iter().map(|l| LockView::of(l, &handle.id)).collect(),
+            &members,
+            &views,
+            self.snapshot_page_bytes(),
+        );
+        let Some(last) = frames.pop() else {
+            handle.cancel_snapshot(room);
+            return Ok(());
         };
-        handle.finish_snapshot(room, &snapshot);
+        // Earlier pages are queued outside the slow-consumer budget (they are bounded by the
+        // room caps); room events stay held back until the last page.
+        for page in frames {
+            handle.queue_snapshot_page(page);
+        }
+        handle.finish_snapshot_encoded(room, last);
         Ok(())
+    }
+
+    /// The byte budget of one snapshot frame: half the largest frame a client may send, far
+    /// below the socket's write buffer limit (4 KiB + twice that setting), and at most a
+    /// quarter of the outbound queue, so the last page (which is budgeted) always fits it.
+    fn snapshot_page_bytes(&self) -> usize {
+        (self.config.max_frame_bytes / 2)
+            .min(self.config.max_queue_bytes / 4)
+            .max(1024)
+    }
+
+    /// `too_large` when `value` encodes to more than `max` bytes of JSON. Measured as JSON
+    /// because that is how it is stored and re-sent to JSON clients: a MessagePack string of
+    /// control characters grows about six times when escaped.
+    fn check_json_size(
+        &self,
+        what: &str,
+        value: &serde_json::Value,
+        max: usize,
+    ) -> Result<(), OpError> {
+        match json_len_within(value, max) {
+            Some(_) => Ok(()),
+            None => Err(OpError::TooLarge(format!(
+                "{what} is over {max} bytes encoded as JSON"
+            ))),
+        }
     }
 }

@@ -221,6 +221,11 @@ pub trait Format {
 /// Limits that are not expressible in serde attributes.
 const MAX_EVENT_NAME: usize = 64;
 
+/// The request `id` of a frame, if its envelope can be read (for errors found before decoding).
+pub fn peek_id<F: Format>(bytes: &[u8]) -> Option<u32> {
+    F::from_slice::<Envelope<'_>>(bytes).ok().and_then(|e| e.id)
+}
+
 /// Decodes one client frame in format `F`.
 pub fn decode<F: Format>(bytes: &[u8]) -> Result<Request, DecodeError> {
     let env: Envelope<'_> = match F::from_slice(bytes) {

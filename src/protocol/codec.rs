@@ -4,11 +4,20 @@
 use axum::extract::ws::{Message, Utf8Bytes};
 use serde::Deserialize;
 
+use crate::error::ErrorCode;
+
 use super::client::{self, DecodeError, Format, Request};
 use super::server::ServerMessage;
 
 pub const JSON_PROTOCOL: &str = "lockstep.v1.json";
 pub const MSGPACK_PROTOCOL: &str = "lockstep.v1.msgpack";
+
+/// Deepest nesting of objects/maps and arrays a client frame may have, the frame itself
+/// counting as one level, in both codecs. Presence states are stored as JSON in Redis and read
+/// back with serde_json, whose recursion limit is 128: a MessagePack state nested deeper than
+/// that (rmp-serde allows 1024) could be stored but never read again, so its member could not
+/// leave. 32 leaves room for the member envelope and is plenty for real app state.
+pub const MAX_DEPTH: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Codec {
@@ -31,11 +40,35 @@ impl Codec {
         }
     }
 
-    /// Decodes a client frame's payload.
+    /// Decodes a client frame's payload. Frames nested deeper than [`MAX_DEPTH`] are refused
+    /// with `bad_request` before any value tree is built.
     pub fn decode(self, bytes: &[u8]) -> Result<Request, DecodeError> {
+        let within = match self {
+            Codec::Json => json_depth_within(bytes, MAX_DEPTH),
+            Codec::MsgPack => msgpack_depth_within(bytes, MAX_DEPTH),
+        };
+        if !within {
+            let id = match self {
+                Codec::Json => client::peek_id::<Json>(bytes),
+                Codec::MsgPack => client::peek_id::<MsgPack>(bytes),
+            };
+            return Err(DecodeError {
+                id,
+                code: ErrorCode::BadRequest,
+                message: format!("nested deeper than {MAX_DEPTH} levels"),
+            });
+        }
         match self {
             Codec::Json => client::decode::<Json>(bytes),
             Codec::MsgPack => client::decode::<MsgPack>(bytes),
+        }
+    }
+
+    /// The length of `value` in this codec (MessagePack with named fields, as sent).
+    pub fn encoded_len<T: serde::Serialize + ?Sized>(self, value: &T) -> usize {
+        match self {
+            Codec::Json => json_len_within(value, usize::MAX).unwrap_or(usize::MAX),
+            Codec::MsgPack => rmp_serde::to_vec_named(value).map_or(usize::MAX, |v| v.len()),
         }
     }
 
@@ -61,6 +94,71 @@ impl Codec {
             },
         }
     }
+}
+
+/// False when the JSON text nests objects/arrays deeper than `max`. One pass over the bytes,
+/// no recursion; brackets inside strings (with escapes) do not count. Malformed input is left
+/// to the decoder.
+fn json_depth_within(bytes: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return false;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    true
+}
+
+/// False when the MessagePack value nests maps/arrays deeper than `max` (rmp-serde's own
+/// depth counter, skipping every value). Other decode errors are left to the decoder.
+fn msgpack_depth_within(bytes: &[u8], max: usize) -> bool {
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    // rmp-serde refuses when its counter reaches zero, i.e. it allows `depth - 1` levels.
+    de.set_max_depth(max + 1);
+    !matches!(
+        serde::de::IgnoredAny::deserialize(&mut de),
+        Err(rmp_serde::decode::Error::DepthLimitExceeded)
+    )
+}
+
+/// The length of `value` encoded as JSON, counted without building the text; stops counting
+/// (and returns `None`) once past `max`, so an oversize value costs at most `max` bytes of work.
+pub fn json_len_within<T: serde::Serialize + ?Sized>(value: &T, max: usize) -> Option<usize> {
+    struct Counter {
+        n: usize,
+        max: usize,
+    }
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.n += buf.len();
+            if self.n > self.max {
+                return Err(std::io::Error::other("over the limit"));
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Counter { n: 0, max };
+    serde_json::to_writer(&mut c, value).ok().map(|()| c.n)
 }
 
 struct Json;
@@ -96,7 +194,6 @@ impl Format for MsgPack {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::ErrorCode;
     use crate::protocol::client::ClientMessage;
 
     #[test]
@@ -184,6 +281,57 @@ mod tests {
             Codec::MsgPack.decode(&[0x93, 1, 2, 3]).unwrap_err().code,
             ErrorCode::Malformed
         );
+    }
+
+    fn nested(depth: usize) -> serde_json::Value {
+        let mut v = serde_json::json!(1);
+        for i in 0..depth {
+            v = if i % 2 == 0 {
+                serde_json::json!([v])
+            } else {
+                serde_json::json!({ "k": v })
+            };
+        }
+        v
+    }
+
+    #[test]
+    fn nesting_is_capped_in_both_codecs() {
+        // The frame object is one level: a state nested MAX_DEPTH - 1 deep is the most allowed.
+        for (depth, ok) in [(MAX_DEPTH - 1, true), (MAX_DEPTH, false), (200, false)] {
+            let frame = serde_json::json!({"type": "join", "id": 9, "room": "scene:1", "state": nested(depth)});
+            let text = frame.to_string();
+            let packed = rmp_serde::to_vec_named(&frame).unwrap();
+            for (codec, bytes) in [
+                (Codec::Json, text.as_bytes()),
+                (Codec::MsgPack, &packed[..]),
+            ] {
+                match codec.decode(bytes) {
+                    Ok(_) => assert!(ok, "{codec:?} depth {depth} accepted"),
+                    Err(e) => {
+                        assert!(!ok, "{codec:?} depth {depth}: {e}");
+                        assert_eq!(
+                            (e.code, e.id),
+                            (ErrorCode::BadRequest, Some(9)),
+                            "{codec:?}"
+                        );
+                    }
+                }
+            }
+        }
+        // Brackets inside strings, escaped quotes included, are not nesting.
+        let s = format!(
+            r#"{{"type":"join","room":"scene:1","state":"\"{}"}}"#,
+            "[".repeat(100)
+        );
+        assert!(Codec::Json.decode(s.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn json_len_counts_escapes_and_stops_at_the_limit() {
+        let v = serde_json::json!("\u{1}".repeat(10));
+        assert_eq!(json_len_within(&v, 1000), Some(62));
+        assert_eq!(json_len_within(&v, 61), None);
     }
 
     #[test]

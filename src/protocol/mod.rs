@@ -6,6 +6,7 @@
 pub mod client;
 pub mod codec;
 pub mod server;
+pub mod snapshot;
 
 pub use client::{ClientMessage, DecodeError, Request};
 pub use codec::Codec;

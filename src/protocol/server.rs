@@ -32,6 +32,16 @@ pub enum ServerMessage<'a> {
         members: &'a [Member],
         locks: Vec<LockView<'a>>,
     },
+    /// One page of a `room.snapshot` too large for one frame: pages `1..=pages` arrive in
+    /// order, each with part of `members` and `locks`; the snapshot is complete at the last.
+    #[serde(rename = "room.snapshot")]
+    RoomSnapshotPage {
+        room: &'a Entity,
+        members: &'a [Member],
+        locks: &'a [LockView<'a>],
+        page: u32,
+        pages: u32,
+    },
     #[serde(rename = "presence.join")]
     PresenceJoin {
         room: &'a Entity,
@@ -107,7 +117,9 @@ impl ServerMessage<'_> {
             ServerMessage::Welcome { .. } => "welcome",
             ServerMessage::Reply(_) => "reply",
             ServerMessage::Error(_) => "error",
-            ServerMessage::RoomSnapshot { .. } => "room.snapshot",
+            ServerMessage::RoomSnapshot { .. } | ServerMessage::RoomSnapshotPage { .. } => {
+                "room.snapshot"
+            }
             ServerMessage::PresenceJoin { .. } => "presence.join",
             ServerMessage::PresenceUpdate { .. } => "presence.update",
             ServerMessage::PresenceLeave { .. } => "presence.leave",
@@ -175,6 +187,17 @@ pub struct LockView<'a> {
 }
 
 impl<'a> LockView<'a> {
+    /// A copy borrowing the same lock (views hold only references).
+    pub fn reborrow(&self) -> LockView<'a> {
+        LockView {
+            resource: self.resource,
+            holder: self.holder.clone(),
+            action: self.action,
+            expires_at: self.expires_at,
+            token: self.token,
+        }
+    }
+
     pub fn of(lock: &'a LockInfo, viewer_session: &str) -> Self {
         LockView {
             resource: &lock.resource,

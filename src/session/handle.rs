@@ -103,6 +103,15 @@ impl SessionHandle {
         }
     }
 
+    /// Queues a page of a paged `room.snapshot` (all but its last, which goes through
+    /// [`finish_snapshot_encoded`](Self::finish_snapshot_encoded)).
+    pub fn queue_snapshot_page(&self, frame: Message) {
+        let len = frame_len(&frame);
+        if self.outbound.push_snapshot_page(frame) == Pushed::Queued {
+            self.metrics.messages_out("room.snapshot", 1, len as u64);
+        }
+    }
+
     fn overflowed(&self) {
         self.metrics.slow_consumer();
         self.kill.cancel();
@@ -144,7 +153,12 @@ impl SessionHandle {
 
     /// Queues the snapshot, then the events held back while it was built.
     pub fn finish_snapshot(&self, room: &Entity, snapshot: &ServerMessage<'_>) {
-        let frame = self.codec.encode(snapshot);
+        self.finish_snapshot_encoded(room, self.codec.encode(snapshot));
+    }
+
+    /// [`finish_snapshot`](Self::finish_snapshot) with the (last) snapshot frame already
+    /// encoded; earlier pages of a paged snapshot were queued with [`queue`](Self::queue).
+    pub fn finish_snapshot_encoded(&self, room: &Entity, frame: Message) {
         let len = frame_len(&frame);
         // The state lock is held while queueing so no new room event slips in between.
         let mut s = self.lock();
@@ -158,8 +172,7 @@ impl SessionHandle {
         }
         drop(s);
         if ok {
-            self.metrics
-                .messages_out(snapshot.type_name(), 1, len as u64);
+            self.metrics.messages_out("room.snapshot", 1, len as u64);
         } else if !self.outbound.is_closed() {
             self.overflowed();
         }

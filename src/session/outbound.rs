@@ -7,6 +7,12 @@
 //! that is not enough the queue is marked overflowed and the session is closed with
 //! `4008 slow_consumer` — nothing is silently lost for a client that stays connected.
 //!
+//! Pages of a large `room.snapshot` (all but its last) are queued outside the byte budget:
+//! they are bounded by the room caps (members × state size), not by the reader's speed, and
+//! counting them would close every slow-ish joiner of a full room as a slow consumer before
+//! it could read the room — the room would be unjoinable for it. Whatever follows the
+//! snapshot is budgeted as usual.
+//!
 //! A `std::sync::Mutex` guards the state: it is held for a few pointer moves, never across an
 //! `.await`, and producers must not yield in the middle of a fan-out loop.
 
@@ -36,6 +42,8 @@ struct State {
     queue: VecDeque<Message>,
     cursors: Vec<(Entity, SessionId, Message)>,
     bytes: usize,
+    /// Queued snapshot pages, outside the budget (see the module docs).
+    page_bytes: usize,
     overflowed: bool,
     closed: bool,
 }
@@ -100,6 +108,20 @@ impl Outbound {
         Pushed::Queued
     }
 
+    /// Queues a page of a paged `room.snapshot` (not its last), outside the byte budget.
+    pub fn push_snapshot_page(&self, msg: Message) -> Pushed {
+        let len = frame_len(&msg);
+        let mut s = self.lock();
+        if s.closed || s.overflowed {
+            return Pushed::Closed;
+        }
+        s.page_bytes += len;
+        s.queue.push_back(msg);
+        drop(s);
+        self.notify.notify_one();
+        Pushed::Queued
+    }
+
     /// Queues a cursor update, replacing a pending one from the same source in the same room.
     pub fn push_cursor(&self, room: &Entity, source: &SessionId, msg: Message) -> Pushed {
         let len = frame_len(&msg);
@@ -147,13 +169,18 @@ impl Outbound {
         let messages = std::mem::replace(&mut s.queue, reuse);
         let cursors: Vec<Message> = s.cursors.drain(..).map(|(_, _, m)| m).collect();
         s.bytes = 0;
+        s.page_bytes = 0;
         Batch { messages, cursors }
     }
 
     /// Bytes waiting to be written; 0 once closed or overflowed (nothing more will be sent).
     pub fn queued_bytes(&self) -> usize {
         let s = self.lock();
-        if s.closed || s.overflowed { 0 } else { s.bytes }
+        if s.closed || s.overflowed {
+            0
+        } else {
+            s.bytes + s.page_bytes
+        }
     }
 
     /// True once the queue is closed or overflowed (nothing more will be sent).
@@ -210,6 +237,23 @@ mod tests {
         assert_eq!(q.push(text("mmmmmm")), Pushed::Overflow);
         assert!(q.is_closed());
         assert_eq!(q.push(text("x")), Pushed::Closed);
+    }
+
+    #[test]
+    fn snapshot_pages_do_not_count_against_the_budget() {
+        let q = Outbound::new(10);
+        for _ in 0..5 {
+            assert_eq!(q.push_snapshot_page(text("pppppppp")), Pushed::Queued);
+        }
+        assert_eq!(
+            q.push(text("mmmmmm")),
+            Pushed::Queued,
+            "the budget is untouched"
+        );
+        assert_eq!(q.queued_bytes(), 46);
+        let batch = q.take(VecDeque::new());
+        assert_eq!(batch.messages.len(), 6, "pages and message, in order");
+        assert_eq!(batch.messages[5].to_text().unwrap(), "mmmmmm");
     }
 
     #[test]

@@ -36,6 +36,18 @@ impl Gateway {
             ("LOCKSTEP_RESUME_GRACE", "5s".to_owned()),
             ("LOCKSTEP_DRAIN_TIMEOUT", "3s".to_owned()),
             ("RUST_LOG", "warn".to_owned()),
+            // Tests drive many HTTP requests from one address and user; the throttles have
+            // their own tests (tests/http_limits.rs).
+            (
+                "LOCKSTEP_HTTP_REQUESTS_PER_SECOND_PER_IP",
+                "100000".to_owned(),
+            ),
+            (
+                "LOCKSTEP_HTTP_REQUESTS_PER_SECOND_PER_USER",
+                "100000".to_owned(),
+            ),
+            ("LOCKSTEP_HTTP_BURST", "100000".to_owned()),
+            ("LOCKSTEP_MAX_HTTP_LOCKS_PER_USER", "100000".to_owned()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))

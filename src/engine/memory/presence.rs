@@ -13,18 +13,34 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use super::lock_state;
-use crate::engine::{EngineResult, Member, PresencePatch, PresenceStore, SessionId};
+use crate::engine::{EngineError, EngineResult, Member, PresencePatch, PresenceStore, SessionId};
 use crate::names::Entity;
 
 /// The in-process [`PresenceStore`].
-#[derive(Default)]
 pub struct MemoryPresenceStore {
     state: Mutex<State>,
+    /// Members one room may have; joins past it get [`EngineError::RoomFull`].
+    max_members: usize,
+}
+
+impl Default for MemoryPresenceStore {
+    fn default() -> Self {
+        MemoryPresenceStore {
+            state: Mutex::default(),
+            max_members: usize::MAX,
+        }
+    }
 }
 
 impl MemoryPresenceStore {
     pub fn new() -> MemoryPresenceStore {
         MemoryPresenceStore::default()
+    }
+
+    /// Caps the members of each room (`LOCKSTEP_MAX_MEMBERS_PER_ROOM`).
+    pub fn with_max_members(mut self, max: usize) -> MemoryPresenceStore {
+        self.max_members = max;
+        self
     }
 
     fn state(&self) -> EngineResult<std::sync::MutexGuard<'_, State>> {
@@ -96,6 +112,12 @@ impl State {
 impl PresenceStore for MemoryPresenceStore {
     async fn join(&self, room: &Entity, member: Member) -> EngineResult<Option<Member>> {
         let mut st = self.state()?;
+        let (present, count) = st.rooms.get(room).map_or((false, 0), |r| {
+            (r.members.contains_key(&member.session_id), r.members.len())
+        });
+        if !present && count >= self.max_members {
+            return Err(EngineError::RoomFull(self.max_members));
+        }
         let old = st.remove(room, &member.session_id);
         st.insert(room, member);
         Ok(old)
@@ -181,6 +203,33 @@ mod tests {
             state: None,
             since,
         }
+    }
+
+    /// Past the cap a new session is refused and nothing changes; members already in the
+    /// room may still rejoin (replace themselves), and a leave makes room again.
+    #[tokio::test]
+    async fn members_are_capped_per_room() {
+        let store = MemoryPresenceStore::new().with_max_members(2);
+        let room = Entity::parse("scene:1").unwrap();
+        store.join(&room, member("a", 1, None)).await.unwrap();
+        store.join(&room, member("b", 2, None)).await.unwrap();
+        let full = store.join(&room, member("c", 3, None)).await;
+        assert!(matches!(full, Err(EngineError::RoomFull(2))), "{full:?}");
+        assert_eq!(store.members(&room).await.unwrap().len(), 2);
+        store
+            .join(&room, member("b", 2, None))
+            .await
+            .expect("rejoin");
+        let other = Entity::parse("scene:2").unwrap();
+        store
+            .join(&other, member("c", 3, None))
+            .await
+            .expect("per room");
+        store.leave(&room, &"a".into()).await.unwrap();
+        store
+            .join(&room, member("c", 3, None))
+            .await
+            .expect("room again");
     }
 
     /// Joins, focus changes and leaves leave no empty rooms or focus entries behind.

@@ -116,6 +116,8 @@ impl Scripts {
 pub struct RedisPresenceStore {
     pool: Pool,
     member_ttl_ms: u64,
+    /// Members one room may have, checked atomically in `presence_join`.
+    max_members: usize,
     scripts: Scripts,
     metrics: RedisMetrics,
 }
@@ -128,9 +130,16 @@ impl RedisPresenceStore {
         RedisPresenceStore {
             pool,
             member_ttl_ms: member_ttl_ms.max(1),
+            max_members: usize::MAX,
             scripts: Scripts::load(),
             metrics: RedisMetrics::default(),
         }
+    }
+
+    /// Caps the live members of each room (`LOCKSTEP_MAX_MEMBERS_PER_ROOM`), cluster-wide.
+    pub fn with_max_members(mut self, max: usize) -> RedisPresenceStore {
+        self.max_members = max;
+        self
     }
 
     /// Records every Redis call in `metrics` (see [`super::call`]).
@@ -385,6 +394,7 @@ impl PresenceStore for RedisPresenceStore {
             member.session_id.to_string(),
             json,
             self.member_ttl_ms.to_string(),
+            self.max_members.to_string(),
         ];
         let reply = self
             .eval(
@@ -396,9 +406,11 @@ impl PresenceStore for RedisPresenceStore {
             .await?;
         let mut items = reply.into_array().into_iter();
         let (old, old_expiry, expiry) = (items.next(), items.next(), items.next());
-        let expiry = expiry
-            .and_then(|v| v.as_u64())
-            .ok_or_else(|| bad_reply("join"))?;
+        let expiry = match expiry.and_then(|v| v.as_i64()) {
+            Some(-1) => return Err(EngineError::RoomFull(self.max_members)),
+            Some(e) if e >= 0 => e as u64,
+            _ => return Err(bad_reply("join")),
+        };
         let old = match old {
             Some(v) if !v.is_null() => Some(parse_member(&v)?),
             _ => None,

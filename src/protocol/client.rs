@@ -62,6 +62,9 @@ impl ClientMessage {
             | ClientMessage::Cursor(CursorMsg { room, .. })
             | ClientMessage::Broadcast(BroadcastMsg { room, .. })
             | ClientMessage::LockAcquire(LockAcquire { room, .. }) => Some(room),
+            ClientMessage::LockRelease(LockRelease { room, .. })
+            | ClientMessage::LockExtend(LockExtend { room, .. })
+            | ClientMessage::LockCancelWait(LockCancelWait { room, .. }) => room.as_ref(),
             _ => None,
         }
     }
@@ -132,6 +135,10 @@ pub struct LockAcquire {
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct LockRelease {
+    /// The room the lock belongs to (locks are identified by room and resource). May be
+    /// omitted when this session holds exactly one lock on `resource`.
+    #[serde(default)]
+    pub room: Option<Entity>,
     pub resource: Entity,
     /// Required unless `force` is set.
     #[serde(default)]
@@ -143,6 +150,9 @@ pub struct LockRelease {
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct LockExtend {
+    /// As in [`LockRelease`].
+    #[serde(default)]
+    pub room: Option<Entity>,
     pub resource: Entity,
     pub token: u64,
     pub ttl_ms: u64,
@@ -150,6 +160,9 @@ pub struct LockExtend {
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct LockCancelWait {
+    /// May be omitted when this session waits for exactly one lock on `resource`.
+    #[serde(default)]
+    pub room: Option<Entity>,
     pub resource: Entity,
 }
 

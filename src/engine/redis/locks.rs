@@ -104,7 +104,7 @@ use serde::{Deserialize, Deserializer};
 use super::{call, engine_err, keys};
 use crate::engine::{
     AcquireOutcome, AcquireRequest, Actor, EngineError, EngineResult, Grant, Holder, LockInfo,
-    LockStore, LockTransition, ReleaseReason, SessionId, TokenOutcome,
+    LockKey, LockStore, LockTransition, ReleaseReason, SessionId, TokenOutcome,
 };
 use crate::names::Entity;
 use crate::telemetry::RedisMetrics;
@@ -207,12 +207,12 @@ impl RedisLockStore {
     async fn refresh_shard(
         &self,
         shard: u32,
-        held: &[(Entity, u64)],
+        held: &[(LockKey, u64)],
         lease_ms: u64,
-    ) -> EngineResult<Vec<(Entity, u64)>> {
+    ) -> EngineResult<Vec<(LockKey, u64)>> {
         let mut args = vec![keys::shard_prefix(shard), span(lease_ms)];
-        for (resource, token) in held {
-            args.push(resource.to_string());
+        for (key, token) in held {
+            args.push(key.to_string());
             args.push(token.to_string());
         }
         let items = self
@@ -226,7 +226,9 @@ impl RedisLockStore {
         items
             .into_iter()
             .map(|item| match item {
-                Item::Lost { resource, token } => Ok((resource, token.0)),
+                Item::Lost { key, token } => LockKey::parse(&key)
+                    .map(|k| (k, token.0))
+                    .ok_or_else(|| EngineError::Internal(format!("bad lock key {key:?}"))),
                 other => Err(unexpected("refresh_leases", &other)),
             })
             .collect()
@@ -271,6 +273,7 @@ struct Scripts {
     list_room: Script,
     raise_fence: Script,
     reissue: Script,
+    validate: Script,
 }
 
 /// The scripts, built (and hashed) once per process.
@@ -291,26 +294,35 @@ fn scripts() -> &'static Scripts {
             list_room: s(include_str!("scripts/list_room.lua")),
             raise_fence: s(include_str!("scripts/raise_fence.lua")),
             reissue: s(include_str!("scripts/reissue.lua")),
+            validate: s(include_str!("scripts/validate.lua")),
         }
     })
 }
 
-/// `KEYS` of the single-resource scripts: lock, fence, queue, waiters, due, audit.
-fn resource_keys(resource: &Entity) -> Vec<String> {
-    let r = resource.as_str();
-    let shard = keys::shard_of(r);
+/// `KEYS` of the single-lock scripts: lock, fence, queue, waiters, due, audit.
+fn resource_keys(key: &LockKey) -> Vec<String> {
+    let k = key.to_string();
+    let shard = keys::shard_of(&k);
     vec![
-        keys::lock(r),
-        keys::fence(r),
-        keys::queue(r),
-        keys::waiters(r),
+        keys::lock(&k),
+        keys::fence(&k),
+        keys::queue(&k),
+        keys::waiters(&k),
         keys::due(shard),
         keys::audit_stream(shard),
     ]
 }
 
-fn prefix_of(resource: &Entity) -> String {
-    keys::shard_prefix(keys::shard_of(resource.as_str()))
+fn prefix_of(key: &LockKey) -> String {
+    keys::shard_prefix(keys::shard_of(&key.to_string()))
+}
+
+fn actor_json(actor: Option<&Actor>) -> EngineResult<String> {
+    match actor {
+        Some(a) => serde_json::to_string(a)
+            .map_err(|e| EngineError::Internal(format!("encoding the actor: {e}"))),
+        None => Ok(String::new()),
+    }
 }
 
 fn span(ms: u64) -> String {
@@ -371,8 +383,12 @@ enum Item {
         ok: bool,
     },
     Lost {
-        resource: Entity,
+        key: String,
         token: Num,
+    },
+    Validated {
+        valid: bool,
+        lock: WireLock,
     },
     Lock {
         lock: WireLock,
@@ -537,13 +553,14 @@ fn merge_shards<T>(what: &str, results: Vec<EngineResult<Vec<T>>>) -> EngineResu
 #[async_trait]
 impl LockStore for RedisLockStore {
     async fn acquire(&self, req: AcquireRequest) -> EngineResult<AcquireOutcome> {
-        let shard = keys::shard_of(req.resource.as_str());
-        let mut k = resource_keys(&req.resource);
+        let key = LockKey::new(req.room.clone(), req.resource.clone());
+        let shard = keys::shard_of(&key.to_string());
+        let mut k = resource_keys(&key);
         k.push(keys::room_locks(shard, req.room.as_str()));
         k.push(keys::session_locks(shard, &req.holder.session_id));
         let args = vec![
-            prefix_of(&req.resource),
-            req.resource.to_string(),
+            prefix_of(&key),
+            key.to_string(),
             req.room.to_string(),
             req.action.to_string(),
             req.holder.user_id.to_string(),
@@ -586,51 +603,40 @@ impl LockStore for RedisLockStore {
 
     async fn release(
         &self,
-        resource: &Entity,
+        key: &LockKey,
         token: u64,
         reason: ReleaseReason,
+        actor: Option<&Actor>,
     ) -> EngineResult<TokenOutcome<LockTransition>> {
-        let args = vec![
-            prefix_of(resource),
-            resource.to_string(),
-            token.to_string(),
-            reason_str(reason).to_owned(),
-        ];
-        let items = self
-            .run(
-                "lock_release",
-                &scripts().release,
-                resource_keys(resource),
-                args,
-            )
-            .await?;
-        match single("release", items)? {
-            Item::NotHeld { current } => Ok(TokenOutcome::NotHeld {
-                current: current.map(Into::into),
-            }),
-            other => Ok(TokenOutcome::Done(other.into_transition()?)),
-        }
+        self.end_with_token(key, token, reason, actor, "").await
+    }
+
+    async fn withdraw(
+        &self,
+        key: &LockKey,
+        token: u64,
+        why: &str,
+    ) -> EngineResult<TokenOutcome<LockTransition>> {
+        // An empty reason would read as "not a withdrawal" in the script.
+        let why = if why.is_empty() { "unregistered" } else { why };
+        self.end_with_token(key, token, ReleaseReason::Released, None, why)
+            .await
     }
 
     async fn extend(
         &self,
-        resource: &Entity,
+        key: &LockKey,
         token: u64,
         ttl_ms: u64,
     ) -> EngineResult<TokenOutcome<LockInfo>> {
         let args = vec![
-            prefix_of(resource),
-            resource.to_string(),
+            prefix_of(key),
+            key.to_string(),
             token.to_string(),
             span(ttl_ms),
         ];
         let items = self
-            .run(
-                "lock_extend",
-                &scripts().extend,
-                resource_keys(resource),
-                args,
-            )
+            .run("lock_extend", &scripts().extend, resource_keys(key), args)
             .await?;
         match single("extend", items)? {
             Item::Extended { lock } => Ok(TokenOutcome::Done(lock.into())),
@@ -641,16 +647,16 @@ impl LockStore for RedisLockStore {
         }
     }
 
-    async fn cancel_wait(&self, resource: &Entity, session_id: &SessionId) -> EngineResult<bool> {
-        let r = resource.as_str();
-        let shard = keys::shard_of(r);
+    async fn cancel_wait(&self, key: &LockKey, session_id: &SessionId) -> EngineResult<bool> {
+        let r = key.to_string();
+        let shard = keys::shard_of(&r);
         let k = vec![
-            keys::queue(r),
-            keys::waiters(r),
+            keys::queue(&r),
+            keys::waiters(&r),
             keys::due(shard),
             keys::audit_stream(shard),
         ];
-        let args = vec![prefix_of(resource), r.to_owned(), session_id.to_string()];
+        let args = vec![prefix_of(key), r, session_id.to_string()];
         match single(
             "cancel_wait",
             self.run("lock_cancel_wait", &scripts().cancel_wait, k, args)
@@ -663,19 +669,15 @@ impl LockStore for RedisLockStore {
 
     async fn force_release(
         &self,
-        resource: &Entity,
+        key: &LockKey,
         actor: &Actor,
     ) -> EngineResult<Option<LockTransition>> {
-        let args = vec![
-            prefix_of(resource),
-            resource.to_string(),
-            actor.user_id.to_string(),
-        ];
+        let args = vec![prefix_of(key), key.to_string(), actor_json(Some(actor))?];
         let items = self
             .run(
                 "lock_force_release",
                 &scripts().force_release,
-                resource_keys(resource),
+                resource_keys(key),
                 args,
             )
             .await?;
@@ -702,23 +704,23 @@ impl LockStore for RedisLockStore {
         )
         .await;
         let mut out = merge_shards("release_session", results)?;
-        // The memory store releases a session's locks in resource order.
-        out.sort_by(|a, b| transition_resource(a).cmp(transition_resource(b)));
+        // The memory store releases a session's locks in lock key order (room, resource).
+        out.sort_by_key(transition_key);
         Ok(out)
     }
 
     async fn refresh_leases(
         &self,
-        held: &[(Entity, u64)],
+        held: &[(LockKey, u64)],
         lease_ms: u64,
-    ) -> EngineResult<Vec<(Entity, u64)>> {
+    ) -> EngineResult<Vec<(LockKey, u64)>> {
         if held.is_empty() {
             return Ok(Vec::new());
         }
-        let mut by_shard: HashMap<u32, Vec<(Entity, u64)>> = HashMap::new();
+        let mut by_shard: HashMap<u32, Vec<(LockKey, u64)>> = HashMap::new();
         for grant in held {
             by_shard
-                .entry(keys::shard_of(grant.0.as_str()))
+                .entry(keys::shard_of(&grant.0.to_string()))
                 .or_default()
                 .push(grant.clone());
         }
@@ -728,7 +730,7 @@ impl LockStore for RedisLockStore {
                 .map(|(shard, grants)| self.refresh_shard(*shard, grants, lease_ms)),
         )
         .await;
-        let lost: HashSet<(Entity, u64)> = merge_shards("refresh_leases", results)?
+        let lost: HashSet<(LockKey, u64)> = merge_shards("refresh_leases", results)?
             .into_iter()
             .collect();
         // In the order asked, like the memory store.
@@ -741,13 +743,13 @@ impl LockStore for RedisLockStore {
         merge_shards("reap", results)
     }
 
-    async fn get(&self, resource: &Entity) -> EngineResult<Option<LockInfo>> {
+    async fn get(&self, key: &LockKey) -> EngineResult<Option<LockInfo>> {
         let items = self
             .run(
                 "lock_get",
                 &scripts().get,
-                vec![keys::lock(resource.as_str())],
-                vec![prefix_of(resource), resource.to_string()],
+                vec![keys::lock(&key.to_string())],
+                vec![prefix_of(key), key.to_string()],
             )
             .await?;
         if items.is_empty() {
@@ -756,6 +758,25 @@ impl LockStore for RedisLockStore {
         match single("get", items)? {
             Item::Lock { lock } => Ok(Some(lock.into())),
             other => Err(unexpected("get", &other)),
+        }
+    }
+
+    /// By the Redis server's clock, lease included (`validate.lua`).
+    async fn validate(&self, key: &LockKey, token: u64) -> EngineResult<(bool, Option<LockInfo>)> {
+        let items = self
+            .run(
+                "lock_validate",
+                &scripts().validate,
+                vec![keys::lock(&key.to_string())],
+                vec![prefix_of(key), key.to_string(), token.to_string()],
+            )
+            .await?;
+        if items.is_empty() {
+            return Ok((false, None));
+        }
+        match single("validate", items)? {
+            Item::Validated { valid, lock } => Ok((valid, Some(lock.into()))),
+            other => Err(unexpected("validate", &other)),
         }
     }
 
@@ -771,37 +792,28 @@ impl LockStore for RedisLockStore {
         Ok(locks)
     }
 
-    async fn raise_fence(&self, resource: &Entity, at_least: u64) -> EngineResult<()> {
+    async fn raise_fence(&self, key: &LockKey, at_least: u64) -> EngineResult<()> {
         // Lua numbers are doubles: beyond 2^53 the counter could not be kept exactly.
         if at_least >= 1 << 53 {
             return Err(EngineError::Internal(format!(
-                "fence {at_least} for {resource} is beyond 2^53"
+                "fence {at_least} for {key} is beyond 2^53"
             )));
         }
-        let args = vec![
-            prefix_of(resource),
-            resource.to_string(),
-            at_least.to_string(),
-        ];
+        let args = vec![prefix_of(key), key.to_string(), at_least.to_string()];
         self.run(
             "lock_raise_fence",
             &scripts().raise_fence,
-            vec![keys::fence(resource.as_str())],
+            vec![keys::fence(&key.to_string())],
             args,
         )
         .await?;
         Ok(())
     }
 
-    async fn reissue(&self, resource: &Entity, token: u64) -> EngineResult<TokenOutcome<LockInfo>> {
-        let args = vec![prefix_of(resource), resource.to_string(), token.to_string()];
+    async fn reissue(&self, key: &LockKey, token: u64) -> EngineResult<TokenOutcome<LockInfo>> {
+        let args = vec![prefix_of(key), key.to_string(), token.to_string()];
         let items = self
-            .run(
-                "lock_reissue",
-                &scripts().reissue,
-                resource_keys(resource),
-                args,
-            )
+            .run("lock_reissue", &scripts().reissue, resource_keys(key), args)
             .await?;
         match single("reissue", items)? {
             Item::Reissued { lock } => Ok(TokenOutcome::Done(lock.into())),
@@ -813,9 +825,43 @@ impl LockStore for RedisLockStore {
     }
 }
 
-fn transition_resource(t: &LockTransition) -> &Entity {
+impl RedisLockStore {
+    /// `release.lua`: compare-and-delete on `token`; `withdrawn` non-empty records the end as
+    /// `lock_withdrawn {reason}`.
+    async fn end_with_token(
+        &self,
+        key: &LockKey,
+        token: u64,
+        reason: ReleaseReason,
+        actor: Option<&Actor>,
+        withdrawn: &str,
+    ) -> EngineResult<TokenOutcome<LockTransition>> {
+        let args = vec![
+            prefix_of(key),
+            key.to_string(),
+            token.to_string(),
+            reason_str(reason).to_owned(),
+            actor_json(actor)?,
+            withdrawn.to_owned(),
+        ];
+        let items = self
+            .run("lock_release", &scripts().release, resource_keys(key), args)
+            .await?;
+        match single("release", items)? {
+            Item::NotHeld { current } => Ok(TokenOutcome::NotHeld {
+                current: current.map(Into::into),
+            }),
+            other => Ok(TokenOutcome::Done(other.into_transition()?)),
+        }
+    }
+}
+
+/// The lock key a transition is about.
+fn transition_key(t: &LockTransition) -> LockKey {
     match t {
-        LockTransition::Released { lock, .. } => &lock.resource,
-        LockTransition::WaitExpired { resource, .. } => resource,
+        LockTransition::Released { lock, .. } => lock.key(),
+        LockTransition::WaitExpired { room, resource, .. } => {
+            LockKey::new(room.clone(), resource.clone())
+        }
     }
 }

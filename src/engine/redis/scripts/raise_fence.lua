@@ -3,7 +3,7 @@
 -- because a higher one was registered (this counter went backwards: data loss, failover).
 --
 -- KEYS[1]  fence:<res>
--- ARGV[1]  shard prefix   ARGV[2]  resource      ARGV[3]  at_least (decimal, below 2^53)
+-- ARGV[1]  shard prefix   ARGV[2]  lock key      ARGV[3]  at_least (decimal, below 2^53)
 -- Returns  [] (nothing). Changes no lock; no audit record.
 
 local fk = key('fence', ARGV[2])

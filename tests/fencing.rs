@@ -351,6 +351,52 @@ async fn postgres_down_means_no_grant_and_recovery_keeps_tokens_increasing() {
     assert_eq!(registered(&pg, room, res), t3);
 }
 
+/// An app passing made-up tokens cannot poison a lock: `fence_check` raises LS001 for a token
+/// that was never issued (2^53, 2^63 − 1) and writes nothing, `validate` answers false, and the
+/// next grant is registered with an ordinary token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_tokens_neither_pass_nor_poison() {
+    let pg = PostgresServer::start();
+    let redis = RedisServer::start();
+    let g = gateway(&redis, &pg, "node-f3").await;
+    let (room, res) = ("scene:8", "segment:8-1");
+    let t1 = http_acquire_eventually(&g, "carol", room, res).await;
+    let db = pg_client(&pg).await;
+    for forged in [t1 as i64 + 1, 1i64 << 53, i64::MAX] {
+        let err = db
+            .query_one(
+                "SELECT lockstep.fence_check($1, $2, $3)",
+                &[&room, &res, &forged],
+            )
+            .await
+            .expect_err("a token above the registered one was never issued");
+        assert_eq!(err.code().map(|c| c.code()), Some("LS001"), "{err}");
+        let (s, v) = post(
+            &g,
+            "/v1/locks/validate",
+            "carol",
+            json!({"room": room, "resource": res, "token": forged}),
+        )
+        .await;
+        assert_eq!((s, &v["valid"]), (200, &json!(false)), "{v}");
+    }
+    let ok: bool = db
+        .query_one(
+            "SELECT lockstep.fence_check($1, $2, $3)",
+            &[&room, &res, &(t1 as i64)],
+        )
+        .await
+        .expect("the issued token")
+        .get(0);
+    assert!(ok);
+    assert_eq!(registered(&pg, room, res), t1, "nothing was written");
+    http_release(&g, "carol", room, res, t1).await;
+    let t2 = http_acquire_eventually(&g, "carol", room, res).await;
+    assert!(t2 > t1 && t2 < 1 << 53, "{t1} then {t2}");
+    assert_eq!(registered(&pg, room, res), t2);
+    assert_eq!(metric(&g, "lockstep_fence_refusals_total").await, 0.0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // (d) raise_fence and reissue, per store
 // ---------------------------------------------------------------------------------------------

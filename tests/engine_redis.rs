@@ -191,10 +191,10 @@ async fn noscript_is_survived_and_keys_follow_the_layout() {
     );
     let pttl: u64 = redis.cli(&["PTTL", &keys::lock(r)]).parse().unwrap();
     assert!(pttl > LONG && pttl <= LONG + 30_000, "pttl {pttl}");
-    assert_eq!(
-        redis.cli(&["TTL", &keys::fence(r)]),
-        "-1",
-        "fence never expires"
+    let fence_ttl: u64 = redis.cli(&["PTTL", &keys::fence(r)]).parse().unwrap();
+    assert!(
+        fence_ttl > 6 * 24 * 3600 * 1000 && fence_ttl <= 7 * 24 * 3600 * 1000,
+        "the fence key expires after the default retention (7 days): {fence_ttl}"
     );
 
     match store
@@ -642,4 +642,46 @@ async fn audit_query_reads_past_one_batch() {
         .unwrap();
     assert_eq!(page.records.len(), 1000);
     assert!(page.next.is_some());
+}
+
+/// Fence keys expire `fence_retention` after their last write, so counters of resources never
+/// used again do not pile up; the next grant after the expiry still gets a larger token (tokens
+/// are seeded from the Redis clock in µs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_keys_expire_after_the_retention_and_tokens_keep_increasing() {
+    let redis = RedisServer::start();
+    let store =
+        RedisLockStore::new(pool(&redis).await).with_fence_retention(Duration::from_millis(1500));
+    let room = unique("scene");
+    let res = unique("segment");
+    let first = grant(&store, request(&room, &res, &holder("a"), LONG)).await;
+    let fence = keys::fence(&first.key().to_string());
+    let pttl: i64 = redis.cli(&["PTTL", &fence]).parse().unwrap();
+    assert!(pttl > 0 && pttl <= 1500, "{pttl}");
+    store
+        .release(&first.key(), first.token, ReleaseReason::Released, None)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while redis.cli(&["EXISTS", &fence]) != "0" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the fence key never expired"
+        );
+        sleep(Duration::from_millis(100)).await;
+    }
+    let second = grant(&store, request(&room, &res, &holder("b"), LONG)).await;
+    assert!(
+        second.token > first.token,
+        "after the counter expired: {} > {}",
+        second.token,
+        first.token
+    );
+    // raise_fence writes the key with the same expiry.
+    store
+        .raise_fence(&second.key(), second.token + 10)
+        .await
+        .unwrap();
+    let pttl: i64 = redis.cli(&["PTTL", &fence]).parse().unwrap();
+    assert!(pttl > 0 && pttl <= 1500, "{pttl}");
 }

@@ -397,6 +397,46 @@ async fn forged_tokens_neither_pass_nor_poison() {
     assert_eq!(metric(&g, "lockstep_fence_refusals_total").await, 0.0);
 }
 
+/// `lockstep.fences` rows of locks idle longer than `LOCKSTEP_FENCE_RETENTION` are pruned by
+/// the nodes, and a later grant of the same lock still registers a larger token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_fence_rows_are_pruned_and_tokens_keep_increasing() {
+    let pg = PostgresServer::start();
+    let redis = RedisServer::start();
+    let g = Gateway::start(
+        &redis.url(),
+        "node-f4",
+        &[
+            ("LOCKSTEP_DATABASE_URL", &pg.url()),
+            ("LOCKSTEP_FENCE_RETENTION", "2s"),
+            ("LOCKSTEP_LOCK_MAX_TTL", "1s"),
+            ("LOCKSTEP_LOCK_DEFAULT_TTL", "1s"),
+        ],
+    )
+    .await;
+    let (room, res) = ("scene:6", "segment:6-1");
+    let t1 = http_acquire_eventually(&g, "carol", room, res).await;
+    assert_eq!(registered(&pg, room, res), t1);
+    http_release(&g, "carol", room, res, t1).await;
+    let count = || {
+        pg.psql(&format!(
+            "SELECT count(*) FROM lockstep.fences WHERE room = '{room}' AND resource = '{res}'"
+        ))
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while count() != "0" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the idle row was never pruned"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let t2 = http_acquire_eventually(&g, "carol", room, res).await;
+    assert!(t2 > t1, "after pruning: {t2} > {t1}");
+    assert_eq!(registered(&pg, room, res), t2);
+    assert_eq!(metric(&g, "lockstep_fence_refusals_total").await, 0.0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // (d) raise_fence and reissue, per store
 // ---------------------------------------------------------------------------------------------

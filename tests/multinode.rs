@@ -327,7 +327,9 @@ async fn a_drained_nodes_client_resumes_on_another_node_with_its_lock() {
         "no flapping: {seen:?}"
     );
     let r = moved
-        .request(json!({"type":"lock.release","room":ROOM,"resource":"segment:5-d","token":g["token"]}))
+        .request(
+            json!({"type":"lock.release","room":ROOM,"resource":"segment:5-d","token":g["token"]}),
+        )
         .await;
     assert_eq!(r["type"], "reply", "{r}");
 }

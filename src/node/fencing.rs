@@ -251,6 +251,36 @@ impl Node {
     }
 }
 
+/// Deletes `lockstep.fences` rows idle for longer than `LOCKSTEP_FENCE_RETENTION`: those whose
+/// token (µs since the epoch at its grant, by the Redis or process clock) is below
+/// now − retention. Every node with a database runs it, every quarter of the retention (at least
+/// every 10 minutes, at most every second); `fence_prune` is safe concurrently.
+pub(crate) fn spawn_pruning(node: &std::sync::Arc<Node>) {
+    let Some(db) = node.db.clone() else {
+        return;
+    };
+    let retention = node.config.fence_retention;
+    let period = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(600));
+    super::every(node, period, move |_| {
+        let db = db.clone();
+        async move {
+            let now_us = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or_default();
+            let below = now_us.saturating_sub(retention.as_micros() as u64);
+            match tokio::time::timeout(Duration::from_secs(300), crate::db::fence_prune(&db, below))
+                .await
+            {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::info!(removed = n, "pruned idle fence rows"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "fence pruning failed"),
+                Err(_) => tracing::warn!("fence pruning timed out"),
+            }
+        }
+    });
+}
+
 /// The hand-off a release made, if any.
 fn handed_on(t: LockTransition) -> Option<Grant> {
     match t {

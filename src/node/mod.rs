@@ -163,6 +163,7 @@ impl Node {
         });
         spawn_background(&node);
         audit_writer::spawn(&node, engines.audit_outbox);
+        fencing::spawn_pruning(&node);
         if let Some(parts) = engines.cluster {
             cluster::spawn(&node, parts);
         }

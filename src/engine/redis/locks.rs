@@ -44,10 +44,13 @@
 //!
 //! # Fencing tokens
 //!
-//! `next = max(GET fence + 1, TIME in µs)`, then `SET fence next` (never expires). Seeding
-//! from the server clock keeps tokens strictly increasing even when Redis restarts empty or fails
+//! `next = max(GET fence + 1, TIME in µs)`, then `SET fence next PX retention`. Seeding from
+//! the server clock keeps tokens strictly increasing even when Redis restarts empty or fails
 //! over to a replica that lost the counter, as long as its clock does not jump back: the memory
-//! store's rule. Tokens (µs, ~1.8e15) stay below 2^53, exact in Lua's doubles; scripts keep
+//! store's rule. The same argument lets an idle fence key expire
+//! ([`with_fence_retention`](RedisLockStore::with_fence_retention), default 7 days): once it is
+//! gone, the next grant starts from the clock, above the expired value as long as the counter
+//! never ran ahead of the server clock by more than the retention (`docs/fencing.md`). Tokens (µs, ~1.8e15) stay below 2^53, exact in Lua's doubles; scripts keep
 //! them as decimal strings (hash fields, results, token comparisons), and splice them into audit
 //! JSON as exact numbers (cjson would print `1.7637e+15`).
 //!
@@ -116,10 +119,15 @@ pub const REAP_ROUNDS: usize = 10;
 /// Cap of any duration handed to the scripts: 10 years.
 pub const MAX_SPAN_MS: u64 = 10 * 366 * 24 * 3600 * 1000;
 
+/// Default of [`RedisLockStore::with_fence_retention`]: 7 days.
+pub const DEFAULT_FENCE_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
+
 /// The Redis [`LockStore`].
 pub struct RedisLockStore {
     pool: Pool,
     metrics: RedisMetrics,
+    /// Expiry of a fence key after its last write (`LOCKSTEP_FENCE_RETENTION`).
+    fence_retention_ms: u64,
 }
 
 impl RedisLockStore {
@@ -129,7 +137,14 @@ impl RedisLockStore {
         RedisLockStore {
             pool,
             metrics: RedisMetrics::default(),
+            fence_retention_ms: DEFAULT_FENCE_RETENTION_MS,
         }
+    }
+
+    /// Fence keys expire this long after their last write (see "Fencing tokens" above).
+    pub fn with_fence_retention(mut self, retention: std::time::Duration) -> RedisLockStore {
+        self.fence_retention_ms = (retention.as_millis() as u64).clamp(1, MAX_SPAN_MS);
+        self
     }
 
     /// Records every script call in `metrics` (see [`super::call`]).
@@ -144,8 +159,11 @@ impl RedisLockStore {
         op: &'static str,
         script: &Script,
         keys: Vec<String>,
-        args: Vec<String>,
+        mut args: Vec<String>,
     ) -> EngineResult<Vec<Item>> {
+        // Every script gets the fence retention as ARGV[2]; lib.lua takes it out again, so
+        // each script's own arguments keep the numbers in its header.
+        args.insert(1.min(args.len()), self.fence_retention_ms.to_string());
         let eval = script.evalsha_with_reload(self.pool.next(), keys, args);
         let raw: Vec<String> = call(&self.metrics, op, eval).await.map_err(engine_err)?;
         parse_items(&raw)

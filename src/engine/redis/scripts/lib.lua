@@ -21,7 +21,8 @@
 --   lock:<res>     hash  token room resource user_id name session_id node_id action since
 --                        expires_at lease_until lease_ms (lease_until = 0: no lease). Held
 --                        until reaped.
---   fence:<res>    string, last token issued; never decreases.
+--   fence:<res>    string, last token issued; never decreases; expires FENCE_TTL_MS after its
+--                  last write (an idle counter restarts from the clock, above it).
 --   queue:<res>    list of waiting session ids, head first; waiters:<res> hash sid -> JSON.
 --   due            zset res -> next instant something is due (lock end, earliest deadline).
 --   room:<room>    set of lock keys locked in room; sess:<sid> set of lock keys sid holds or
@@ -29,6 +30,10 @@
 --   audit          stream, one entry per audit record: field `rec` = the record's JSON.
 
 local PREFIX = ARGV[1]
+-- ARGV[2] is added by locks.rs (`run`) to every call: the fence keys' retention in ms. It is
+-- taken out here, so every script's own arguments keep the positions its header lists.
+local FENCE_TTL_MS = tonumber(ARGV[2])
+table.remove(ARGV, 2)
 local TIME = redis.call('TIME')
 local NOW = tonumber(TIME[1]) * 1000 + math.floor(tonumber(TIME[2]) / 1000)
 local NOW_US = tonumber(TIME[1]) * 1000000 + tonumber(TIME[2])
@@ -205,7 +210,7 @@ local function next_token(res)
     local fk = key('fence', res)
     local last = tonumber(redis.call('GET', fk) or '0') or 0
     local token = int(math.max(last + 1, NOW_US))
-    redis.call('SET', fk, token)
+    redis.call('SET', fk, token, 'PX', int(FENCE_TTL_MS))
     return token
 end
 

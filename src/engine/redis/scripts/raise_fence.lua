@@ -10,6 +10,6 @@ local fk = key('fence', ARGV[2])
 local at_least = tonumber(ARGV[3])
 local last = tonumber(redis.call('GET', fk) or '0') or 0
 if at_least and at_least > last then
-    redis.call('SET', fk, int(at_least))
+    redis.call('SET', fk, int(at_least), 'PX', int(FENCE_TTL_MS))
 end
 return {}

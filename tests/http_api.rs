@@ -1004,7 +1004,7 @@ async fn validate_needs_a_role_in_the_room() {
     let (s, v) = post(
         &server,
         "/v1/locks/validate",
-        Some(&ADMIN),
+        Some(ADMIN),
         json!({"room": "scene:1", "resource": "segment:42-7", "token": token}),
     )
     .await;

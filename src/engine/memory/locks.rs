@@ -6,8 +6,10 @@
 //!
 //! # Model
 //!
-//! Per resource: the current lock (a [`LockInfo`] plus a private `lease_until`, `u64::MAX` for a
-//! lock without a lease) and a FIFO queue of waiters. Tokens come from one store-wide counter.
+//! Per lock key ([`LockKey`]: room and resource — the same resource locked in two rooms is two
+//! independent entries): the current lock (a [`LockInfo`] plus a private `lease_until`,
+//! `u64::MAX` for a lock without a lease) and a FIFO queue of waiters. Tokens come from one
+//! store-wide counter.
 //!
 //! - **A lock stays held until [`reap`](LockStore::reap) ends it**, even after its hold limit
 //!   (`expires_at`) or lease (`lease_until`) has passed: [`get`](LockStore::get) and
@@ -55,7 +57,9 @@
 //! | `lock_denied` | requester | holder's | `{action, holder: {user_id, session_id, action}}` |
 //! | `lock_waiting` | requester | holder's | `{action, ttl_ms, position, timeout_ms, request_id}` (+ `already_queued`) |
 //! | `lock_released` / `lock_expired` / `lock_disconnected` | holder | held | — |
-//! | `lock_forced` | holder | held | `{by: actor user_id}` |
+//! | `lock_forced` | holder | held | `{by: actor user_id}`; the record's `actor` is the [`Actor`] |
+//! | `lock_released` by an admin with the token | holder | held | `{by}` + `actor`, as above |
+//! | `lock_withdrawn` | holder | held | `{reason}`: strict fencing could not register the grant |
 //! | `lock_extended` | holder | held | `{ttl_ms, expires_at}` |
 //! | `lock_wait_cancelled` / `lock_wait_expired` | waiter | — | `{request_id}` |
 

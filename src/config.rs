@@ -70,6 +70,12 @@ pub struct Settings {
     /// every node every 10 minutes); unset or `0s`: keep them forever.
     #[arg(long, env = "LOCKSTEP_AUDIT_RETENTION")]
     pub audit_retention: Option<HumanDuration>,
+    /// How long a lock's fencing counter (Redis fence key, `lockstep.fences` row) is kept
+    /// after its last grant. Tokens are seeded from the clock in µs, so a counter idle longer
+    /// restarts above its old value anyway (see docs/fencing.md, "Retention"). Must exceed
+    /// `lock_max_ttl`.
+    #[arg(long, env = "LOCKSTEP_FENCE_RETENTION")]
+    pub fence_retention: Option<HumanDuration>,
     /// Directory for the JSON-lines audit log.
     #[arg(long, env = "LOCKSTEP_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -189,6 +195,7 @@ pub struct Config {
     pub redis_url: Option<String>,
     pub database_url: Option<String>,
     pub audit_retention: Option<Duration>,
+    pub fence_retention: Duration,
     pub data_dir: PathBuf,
     pub node_id: String,
     pub jwt_secret: Option<String>,
@@ -249,6 +256,7 @@ impl Settings {
             redis_url: self.redis_url.or(other.redis_url),
             database_url: self.database_url.or(other.database_url),
             audit_retention: self.audit_retention.or(other.audit_retention),
+            fence_retention: self.fence_retention.or(other.fence_retention),
             data_dir: self.data_dir.or(other.data_dir),
             node_id: self.node_id.or(other.node_id),
             jwt_secret: self.jwt_secret.or(other.jwt_secret),
@@ -327,6 +335,7 @@ impl Config {
             redis_url: s.redis_url.filter(|u| !u.is_empty()),
             database_url: s.database_url.filter(|u| !u.is_empty()),
             audit_retention: s.audit_retention.map(|h| h.0).filter(|d| !d.is_zero()),
+            fence_retention: d(s.fence_retention, Duration::from_secs(7 * 24 * 3600)),
             data_dir: s.data_dir.unwrap_or_else(|| PathBuf::from("data")),
             node_id: s.node_id.unwrap_or_else(default_node_id),
             jwt_secret: s.jwt_secret.filter(|v| !v.is_empty()),
@@ -389,6 +398,16 @@ impl Config {
         }
         if self.lock_default_ttl > self.lock_max_ttl {
             return invalid("lock_default_ttl", "must not exceed lock_max_ttl");
+        }
+        // A live lock's counter must outlive it: a lock lives at most `lock_max_ttl` from its
+        // last grant or extend.
+        if self.fence_retention <= self.lock_max_ttl
+            || self.fence_retention < Duration::from_secs(1)
+        {
+            return invalid(
+                "fence_retention",
+                "must exceed lock_max_ttl (and be at least 1s)",
+            );
         }
         if self.presence_ttl < Duration::from_millis(300) {
             return invalid("presence_ttl", "must be at least 300ms");
@@ -515,6 +534,15 @@ mod tests {
         assert_eq!(c.heartbeat_interval, Duration::from_secs(30));
         assert_eq!(c.heartbeat_misses, 3);
         assert_eq!(c.lock_max_ttl, Duration::from_secs(1800));
+        assert_eq!(c.fence_retention, Duration::from_secs(7 * 24 * 3600));
+        let short = Settings {
+            fence_retention: Some(HumanDuration(Duration::from_secs(60))),
+            ..Settings::default()
+        };
+        assert!(
+            Config::from_settings(short).is_err(),
+            "a fence retention within lock_max_ttl is refused"
+        );
         assert_eq!(c.resume_grace, Duration::from_secs(15));
         assert!(c.dev_mode());
     }

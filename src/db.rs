@@ -6,6 +6,8 @@
 
 use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod};
 
+use crate::engine::LockKey;
+
 refinery::embed_migrations!("migrations");
 
 /// An arbitrary constant identifying "lockstep migrations" among advisory locks.
@@ -95,35 +97,36 @@ pub async fn migrate(url: &str) -> Result<Vec<String>, DbError> {
     result
 }
 
-/// `lockstep.fence_register(resource, token)`: true if `token` is above every token registered
-/// for `resource` (and is now the registered one), false if not (the grant must be refused).
+/// `lockstep.fence_register(room, resource, token)` (V3): true if `token` is above every
+/// token registered for the lock `key` (and is now the registered one), false if not (the
+/// grant must be refused).
 ///
 /// One round trip on a pooled connection; the statement is prepared once per connection
 /// (deadpool's statement cache).
-pub async fn fence_register(pool: &Pool, resource: &str, token: u64) -> Result<bool, DbError> {
+pub async fn fence_register(pool: &Pool, key: &LockKey, token: u64) -> Result<bool, DbError> {
     let token = i64::try_from(token)
         .map_err(|_| DbError::Unavailable(format!("token {token} does not fit a bigint")))?;
     let client = pool.get().await.map_err(unavailable)?;
     let stmt = client
-        .prepare_cached("SELECT lockstep.fence_register($1, $2)")
+        .prepare_cached("SELECT lockstep.fence_register($1, $2, $3)")
         .await
         .map_err(unavailable)?;
     let row = client
-        .query_one(&stmt, &[&resource, &token])
+        .query_one(&stmt, &[&key.room.as_str(), &key.resource.as_str(), &token])
         .await
         .map_err(unavailable)?;
     row.try_get::<_, bool>(0).map_err(unavailable)
 }
 
-/// The token registered for `resource` (0 if none).
-pub async fn fence_registered(pool: &Pool, resource: &str) -> Result<u64, DbError> {
+/// The token registered for the lock `key` (0 if none).
+pub async fn fence_registered(pool: &Pool, key: &LockKey) -> Result<u64, DbError> {
     let client = pool.get().await.map_err(unavailable)?;
     let stmt = client
-        .prepare_cached("SELECT token FROM lockstep.fences WHERE resource = $1")
+        .prepare_cached("SELECT token FROM lockstep.fences WHERE room = $1 AND resource = $2")
         .await
         .map_err(unavailable)?;
     let row = client
-        .query_opt(&stmt, &[&resource])
+        .query_opt(&stmt, &[&key.room.as_str(), &key.resource.as_str()])
         .await
         .map_err(unavailable)?;
     match row {
@@ -133,6 +136,19 @@ pub async fn fence_registered(pool: &Pool, resource: &str) -> Result<u64, DbErro
         }
         None => Ok(0),
     }
+}
+
+/// Deletes the fence rows of locks whose registered token is below `below_token` (µs since the
+/// epoch of now − retention; see `docs/fencing.md`, "Retention"); returns how many.
+pub async fn fence_prune(pool: &Pool, below_token: u64) -> Result<u64, DbError> {
+    let below = i64::try_from(below_token).unwrap_or(i64::MAX);
+    let client = pool.get().await.map_err(unavailable)?;
+    let row = client
+        .query_one("SELECT lockstep.fence_prune($1)", &[&below])
+        .await
+        .map_err(unavailable)?;
+    let n: i64 = row.try_get(0).map_err(unavailable)?;
+    Ok(u64::try_from(n).unwrap_or(0))
 }
 
 fn unavailable(e: impl std::fmt::Display) -> DbError {

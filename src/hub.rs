@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use axum::extract::ws::Message;
 
-use crate::engine::{EventSink, RoomEvent, RoomEventKind, SessionId};
+use crate::engine::{EventSink, LockKey, RoomEvent, RoomEventKind, SessionId};
 use crate::error::ErrorCode;
 use crate::names::Entity;
 use crate::protocol::server::{ErrorFrame, From, HolderView};
@@ -384,7 +384,7 @@ impl EventSink for Hub {
                 if let Some(holder) = s.sessions.get(&lock.holder.session_id) {
                     holder.hold(&lock.room, &lock.resource, lock.token);
                     if *via_queue {
-                        holder.remove_wait(&lock.resource);
+                        holder.remove_wait(&lock.key());
                         holder.send(&ServerMessage::LockGranted {
                             id: grant.request_id,
                             room: &lock.room,
@@ -409,7 +409,7 @@ impl EventSink for Hub {
             }
             RoomEventKind::LockReleased { lock, reason } => {
                 if let Some(holder) = s.sessions.get(&lock.holder.session_id) {
-                    holder.unhold(&lock.resource, lock.token);
+                    holder.unhold(&lock.key(), lock.token);
                 }
                 if local.is_some_and(|l| !l.admit_released(&lock.resource, lock.token)) {
                     return;
@@ -431,7 +431,7 @@ impl EventSink for Hub {
                 request_id,
             } => {
                 if let Some(h) = s.sessions.get(session_id) {
-                    h.remove_wait(resource);
+                    h.remove_wait(&LockKey::new(room.clone(), resource.clone()));
                     let mut frame = ErrorFrame::new(
                         *request_id,
                         ErrorCode::WaitTimeout,
@@ -448,7 +448,7 @@ impl EventSink for Hub {
                 request_id,
             } => {
                 if let Some(h) = s.sessions.get(session_id) {
-                    h.remove_wait(resource);
+                    h.remove_wait(&LockKey::new(room.clone(), resource.clone()));
                     let mut frame = ErrorFrame::new(
                         *request_id,
                         ErrorCode::Unavailable,

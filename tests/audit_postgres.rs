@@ -85,11 +85,18 @@ async fn acquire(
     }
 }
 
-async fn release(http: &reqwest::Client, node: &Target, bearer: &str, resource: &str, token: u64) {
+async fn release(
+    http: &reqwest::Client,
+    node: &Target,
+    bearer: &str,
+    room: &str,
+    resource: &str,
+    token: u64,
+) {
     let r = http
         .post(node.url("/v1/locks/release"))
         .bearer_auth(bearer)
-        .json(&json!({"resource": resource, "token": token}))
+        .json(&json!({"room": room, "resource": resource, "token": token}))
         .send()
         .await
         .unwrap_or_else(|e| panic!("release on {}: {e}", node.name));
@@ -266,7 +273,7 @@ async fn postgres_outage_and_a_killed_node_lose_and_double_nothing() {
                 } else {
                     &tb
                 };
-                release(&http, node, &bearer, &resource, t).await;
+                release(&http, node, &bearer, &room, &resource, t).await;
                 released.fetch_add(1, Ordering::SeqCst);
             }
         }));
@@ -300,22 +307,24 @@ async fn postgres_outage_and_a_killed_node_lose_and_double_nothing() {
     );
     assert!(stranded > 0, "node a died with unacknowledged entries");
     assert_eq!(granted, released);
-    // Every grant is one `lock_acquired`; a withdrawn grant (503) also one `lock_released`.
-    let (acquired, released) = (granted + withdrawn, released + withdrawn);
+    // Every grant is one `lock_acquired`; a grant withdrawn because Postgres was down (503)
+    // is followed by one `lock_withdrawn` — never by a `lock_released`, as if it had been held.
+    let acquired = granted + withdrawn;
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let (ra, rr) = (
+        let (ra, rr, rw) = (
             rows(&pg, &run, "lock_acquired"),
             rows(&pg, &run, "lock_released"),
+            rows(&pg, &run, "lock_withdrawn"),
         );
-        if ra >= acquired && rr >= released {
+        if ra >= acquired && rr >= released && rw >= withdrawn {
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "not converged: acquired {acquired} (rows {ra}), released {released} (rows {rr}), \
-             pending {}, stream entries {}",
+             withdrawn {withdrawn} (rows {rw}), pending {}, stream entries {}",
             pending(&redis),
             stream_lengths(&redis)
         );
@@ -325,6 +334,13 @@ async fn postgres_outage_and_a_killed_node_lose_and_double_nothing() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(rows(&pg, &run, "lock_acquired"), acquired);
     assert_eq!(rows(&pg, &run, "lock_released"), released);
+    assert_eq!(rows(&pg, &run, "lock_withdrawn"), withdrawn);
+    assert!(withdrawn > 0, "grants were withdrawn during the outage");
+    let reasons = pg.psql(&format!(
+        "SELECT count(*) FROM lockstep.audit_events WHERE kind = 'lock_withdrawn' \
+         AND resource LIKE 'segment:{run}%' AND detail->>'reason' <> ''"
+    ));
+    assert_eq!(reasons, withdrawn.to_string(), "each says why");
     assert_no_duplicates(&pg, &run);
 
     eventually(
@@ -373,7 +389,7 @@ async fn a_writer_killed_between_commit_and_ack_doubles_nothing() {
         let t = acquire(&http, &ta, &bearer, &room, &resource, &format!("k{i}"))
             .await
             .token();
-        release(&http, &ta, &bearer, &resource, t).await;
+        release(&http, &ta, &bearer, &room, &resource, t).await;
     }
     eventually(
         Duration::from_secs(40),
@@ -415,7 +431,7 @@ async fn a_writer_killed_between_commit_and_ack_doubles_nothing() {
         let t = acquire(&http, &tb, &bearer, &room, &resource, &format!("k{i}"))
             .await
             .token();
-        release(&http, &tb, &bearer, &resource, t).await;
+        release(&http, &tb, &bearer, &room, &resource, t).await;
     }
     eventually(Duration::from_secs(20), "the new records", || {
         rows(&pg, &run, "lock_acquired") == 25 && rows(&pg, &run, "lock_released") == 25
@@ -455,7 +471,7 @@ async fn embedded_mode_drains_the_file_once_across_restarts() {
                 let t = acquire(&http, &node, &bearer, &room, &resource, &format!("k{i}"))
                     .await
                     .token();
-                release(&http, &node, &bearer, &resource, t).await;
+                release(&http, &node, &bearer, &room, &resource, t).await;
             }
         }
     };
@@ -546,7 +562,7 @@ async fn audit_queries_are_served_from_postgres() {
     let r = http
         .post(node.url("/v1/admin/locks/release"))
         .bearer_auth(ADMIN)
-        .json(&json!({"resource": x}))
+        .json(&json!({"room": room, "resource": x}))
         .send()
         .await
         .expect("force");
@@ -555,7 +571,7 @@ async fn audit_queries_are_served_from_postgres() {
         let t = acquire(&http, &node, &alice, &room, &y, &format!("y{i}"))
             .await
             .token();
-        release(&http, &node, &alice, &y, t).await;
+        release(&http, &node, &alice, &room, &y, t).await;
     }
     eventually(Duration::from_secs(20), "all records in Postgres", || {
         count(
@@ -598,6 +614,27 @@ async fn audit_queries_are_served_from_postgres() {
         "the holder whose lock was forced"
     );
     assert_eq!(forced[0]["resource"], x.as_str());
+    assert_eq!(forced[0]["actor"]["user_id"], "admin", "who forced it");
+    assert_eq!(forced[0]["actor"]["via"], "admin_token");
+    assert_eq!(forced[0]["actor"]["node_id"], "node-q");
+    // Found by its actor (the `actor` column, V3).
+    let (s, by_admin) = get(format!("actor=admin&room={room}")).await;
+    assert_eq!(s, 200, "{by_admin}");
+    assert_eq!(
+        recs(&by_admin),
+        forced,
+        "only the forced release names an actor"
+    );
+    assert_eq!(
+        count(
+            &pg,
+            &format!(
+                "SELECT count(*) FROM lockstep.audit_events WHERE room = '{room}' \
+                 AND actor->>'user_id' = 'admin' AND actor->>'via' = 'admin_token'"
+            )
+        ),
+        1
+    );
 
     let (_, all_alice) = get(format!("user_id=alice&room={room}")).await;
     let all_alice = recs(&all_alice);
@@ -699,7 +736,7 @@ async fn poison_entries_become_dead_letters_and_block_nothing() {
         let t = acquire(&http, &node, &bearer, &room, &resource, "k")
             .await
             .token();
-        release(&http, &node, &bearer, &resource, t).await;
+        release(&http, &node, &bearer, &room, &resource, t).await;
     }
     eventually(Duration::from_secs(20), "later records arrive", || {
         rows(&pg, &run, "lock_acquired") == 5 && rows(&pg, &run, "lock_released") == 5

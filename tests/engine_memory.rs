@@ -112,5 +112,6 @@ async fn audit_failure_does_not_lose_the_transition() {
         matches!(outcome, AcquireOutcome::Granted { .. }),
         "{outcome:?}"
     );
-    assert!(store.get(&resource).await.unwrap().is_some());
+    let key = lockstep::engine::LockKey::new(Entity::parse("scene:1").unwrap(), resource);
+    assert!(store.get(&key).await.unwrap().is_some());
 }

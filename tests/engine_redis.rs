@@ -15,8 +15,8 @@ use lockstep::engine::redis::audit::RedisAuditSink;
 use lockstep::engine::redis::keys;
 use lockstep::engine::redis::locks::RedisLockStore;
 use lockstep::engine::{
-    AcquireOutcome, AcquireRequest, EngineError, Holder, LockInfo, LockStore, LockTransition,
-    ReleaseReason, TokenOutcome, WaitSpec,
+    AcquireOutcome, AcquireRequest, EngineError, Holder, LockInfo, LockKey, LockStore,
+    LockTransition, ReleaseReason, TokenOutcome, WaitSpec,
 };
 use lockstep::names::Entity;
 use tokio::time::sleep;
@@ -88,11 +88,11 @@ fn resource_of(t: &LockTransition) -> &Entity {
     }
 }
 
-/// A resource name in `shard`, unique.
-fn in_shard(shard: u32) -> Entity {
+/// A resource name whose lock in `room` is in `shard`, unique.
+fn in_shard(room: &Entity, shard: u32) -> Entity {
     loop {
         let e = unique("segment");
-        if keys::shard_of(e.as_str()) == shard {
+        if keys::shard_of(&LockKey::new(room.clone(), e.clone()).to_string()) == shard {
             return e;
         }
     }
@@ -118,7 +118,7 @@ async fn tokens_survive_an_empty_restart() {
     let res = unique("segment");
     let first = grant(&store, request(&room, &res, &holder("a"), LONG)).await;
     assert_eq!(
-        redis.cli(&["GET", &keys::fence(res.as_str())]),
+        redis.cli(&["GET", &keys::fence(&first.key().to_string())]),
         first.token.to_string()
     );
 
@@ -159,14 +159,23 @@ async fn noscript_is_survived_and_keys_follow_the_layout() {
     let res = unique("segment");
     let (a, w) = (holder("a"), holder("w"));
     let la = grant(&store, request(&room, &res, &a, LONG)).await;
-    let shard = keys::shard_of(res.as_str());
-    let r = res.as_str();
+    // Keys are named by the lock key `room/resource`, and sharded by it.
+    let key = LockKey::new(room.clone(), res.clone());
+    let kstr = key.to_string();
+    assert_eq!(kstr, format!("{room}/{res}"));
+    let shard = keys::shard_of(&kstr);
+    let r = kstr.as_str();
 
     // The layout of keys.rs, and the safety-net expiry of the lock hash (end + 30 s).
     assert_eq!(redis.cli(&["EXISTS", &keys::lock(r)]), "1");
     assert_eq!(
         redis.cli(&["HGET", &keys::lock(r), "session_id"]),
         a.session_id.as_ref()
+    );
+    assert_eq!(redis.cli(&["HGET", &keys::lock(r), "room"]), room.as_str());
+    assert_eq!(
+        redis.cli(&["HGET", &keys::lock(r), "resource"]),
+        res.as_str()
     );
     assert_eq!(
         redis.cli(&["SISMEMBER", &keys::room_locks(shard, room.as_str()), r]),
@@ -182,10 +191,10 @@ async fn noscript_is_survived_and_keys_follow_the_layout() {
     );
     let pttl: u64 = redis.cli(&["PTTL", &keys::lock(r)]).parse().unwrap();
     assert!(pttl > LONG && pttl <= LONG + 30_000, "pttl {pttl}");
-    assert_eq!(
-        redis.cli(&["TTL", &keys::fence(r)]),
-        "-1",
-        "fence never expires"
+    let fence_ttl: u64 = redis.cli(&["PTTL", &keys::fence(r)]).parse().unwrap();
+    assert!(
+        fence_ttl > 6 * 24 * 3600 * 1000 && fence_ttl <= 7 * 24 * 3600 * 1000,
+        "the fence key expires after the default retention (7 days): {fence_ttl}"
     );
 
     match store
@@ -205,7 +214,7 @@ async fn noscript_is_survived_and_keys_follow_the_layout() {
     assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]), "OK");
 
     let t = store
-        .release(&res, la.token, ReleaseReason::Released)
+        .release(&key, la.token, ReleaseReason::Released, None)
         .await
         .expect("release after SCRIPT FLUSH");
     let granted = match t {
@@ -226,7 +235,7 @@ async fn noscript_is_survived_and_keys_follow_the_layout() {
         redis.cli(&["SISMEMBER", &keys::session_locks(shard, &a.session_id), r]),
         "0"
     );
-    assert_eq!(store.get(&res).await.unwrap(), Some(granted.lock));
+    assert_eq!(store.get(&key).await.unwrap(), Some(granted.lock));
 }
 
 /// Two nodes (two stores, two connection pools) on one Redis: 20 simultaneous acquires, one
@@ -271,7 +280,10 @@ async fn two_nodes_racing_grant_once() {
         "Held names the winner"
     );
     for node in &nodes {
-        assert_eq!(node.get(&res).await.unwrap(), Some(winners[0].clone()));
+        assert_eq!(
+            node.get(&winners[0].key()).await.unwrap(),
+            Some(winners[0].clone())
+        );
     }
 }
 
@@ -369,16 +381,16 @@ async fn reap_uses_the_redis_clock_and_drains_a_backlog() {
     let store = RedisLockStore::new(pool(&redis).await);
     let room = unique("scene");
     // The live lock sits outside the backlog's shard, so that shard's index empties.
-    let live = in_shard(6);
+    let live = in_shard(&room, 6);
     let l = grant(&store, request(&room, &live, &holder("l"), LONG)).await;
     // A node whose clock is far ahead must not end a live lock.
     let ts = store.reap(u64::MAX).await.unwrap();
     assert!(ts.iter().all(|t| resource_of(t) != &live));
-    assert_eq!(store.get(&live).await.unwrap(), Some(l));
+    assert_eq!(store.get(&l.key()).await.unwrap(), Some(l));
 
     let mut ours = HashSet::new();
     for i in 0..250 {
-        let res = in_shard(5);
+        let res = in_shard(&room, 5);
         grant(&store, request(&room, &res, &holder(&format!("b{i}")), 100)).await;
         ours.insert(res);
     }
@@ -404,7 +416,7 @@ async fn list_room_spans_shards() {
     let other = unique("scene");
     let mut locks = Vec::new();
     for i in 0..keys::SHARDS {
-        let res = in_shard(i);
+        let res = in_shard(&room, i);
         locks.push(
             grant(
                 &store,
@@ -420,7 +432,7 @@ async fn list_room_spans_shards() {
     .await;
     let shards: HashSet<u32> = locks
         .iter()
-        .map(|l| keys::shard_of(l.resource.as_str()))
+        .map(|l| keys::shard_of(&l.key().to_string()))
         .collect();
     assert_eq!(shards.len() as u32, keys::SHARDS);
     locks.sort_by(|a, b| a.resource.cmp(&b.resource));
@@ -428,7 +440,7 @@ async fn list_room_spans_shards() {
 
     let gone = locks.remove(3);
     store
-        .release(&gone.resource, gone.token, ReleaseReason::Released)
+        .release(&gone.key(), gone.token, ReleaseReason::Released, None)
         .await
         .unwrap();
     assert_eq!(store.list_room(&room).await.unwrap(), locks);
@@ -446,7 +458,7 @@ async fn audit_records_are_exact_and_ids_stable() {
     let res = unique("segment");
     let a = holder("a");
     let la = grant(&store, request(&room, &res, &a, LONG)).await;
-    let extended = match store.extend(&res, la.token, 2 * LONG).await.unwrap() {
+    let extended = match store.extend(&la.key(), la.token, 2 * LONG).await.unwrap() {
         TokenOutcome::Done(l) => l,
         other => panic!("{other:?}"),
     };
@@ -469,7 +481,7 @@ async fn audit_records_are_exact_and_ids_stable() {
     assert!(page.records.iter().all(|r| r.id.get_version_num() == 8));
 
     // Raw stream entry: the token is an exact JSON number, `at` a number of ms, no id.
-    let shard = keys::shard_of(res.as_str());
+    let shard = keys::shard_of(&la.key().to_string());
     let raw = redis.cli(&["XRANGE", &keys::audit_stream(shard), "-", "+"]);
     assert!(
         raw.contains(&format!("\"token\":{}", la.token)),
@@ -587,11 +599,11 @@ async fn audit_sink_appends_and_queries_node_records() {
 async fn redis_down_is_unavailable() {
     let mut redis = RedisServer::start();
     let store = RedisLockStore::new(pool(&redis).await);
-    let res = unique("segment");
-    assert_eq!(store.get(&res).await.unwrap(), None);
+    let key = LockKey::new(unique("scene"), unique("segment"));
+    assert_eq!(store.get(&key).await.unwrap(), None);
     redis.kill();
     let started = std::time::Instant::now();
-    let err = store.get(&res).await.unwrap_err();
+    let err = store.get(&key).await.unwrap_err();
     assert!(matches!(err, EngineError::Unavailable(_)), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(15));
 }
@@ -630,4 +642,46 @@ async fn audit_query_reads_past_one_batch() {
         .unwrap();
     assert_eq!(page.records.len(), 1000);
     assert!(page.next.is_some());
+}
+
+/// Fence keys expire `fence_retention` after their last write, so counters of resources never
+/// used again do not pile up; the next grant after the expiry still gets a larger token (tokens
+/// are seeded from the Redis clock in µs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_keys_expire_after_the_retention_and_tokens_keep_increasing() {
+    let redis = RedisServer::start();
+    let store =
+        RedisLockStore::new(pool(&redis).await).with_fence_retention(Duration::from_millis(1500));
+    let room = unique("scene");
+    let res = unique("segment");
+    let first = grant(&store, request(&room, &res, &holder("a"), LONG)).await;
+    let fence = keys::fence(&first.key().to_string());
+    let pttl: i64 = redis.cli(&["PTTL", &fence]).parse().unwrap();
+    assert!(pttl > 0 && pttl <= 1500, "{pttl}");
+    store
+        .release(&first.key(), first.token, ReleaseReason::Released, None)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while redis.cli(&["EXISTS", &fence]) != "0" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the fence key never expired"
+        );
+        sleep(Duration::from_millis(100)).await;
+    }
+    let second = grant(&store, request(&room, &res, &holder("b"), LONG)).await;
+    assert!(
+        second.token > first.token,
+        "after the counter expired: {} > {}",
+        second.token,
+        first.token
+    );
+    // raise_fence writes the key with the same expiry.
+    store
+        .raise_fence(&second.key(), second.token + 10)
+        .await
+        .unwrap();
+    let pttl: i64 = redis.cli(&["PTTL", &fence]).parse().unwrap();
+    assert!(pttl > 0 && pttl <= 1500, "{pttl}");
 }

@@ -17,7 +17,7 @@ use lockstep::engine::conformance::{self, LockStoreUnderTest, RecordingAuditSink
 use lockstep::engine::memory::MemoryLockStore;
 use lockstep::engine::redis::audit::RedisAuditSink;
 use lockstep::engine::redis::locks::RedisLockStore;
-use lockstep::engine::{AcquireOutcome, AcquireRequest, Holder, LockStore};
+use lockstep::engine::{AcquireOutcome, AcquireRequest, Holder, LockKey, LockStore};
 use lockstep::names::Entity;
 use serde_json::{Value, json};
 
@@ -43,8 +43,8 @@ fn acquire(room: &str, resource: &str, extra: Value) -> Value {
     m
 }
 
-fn release(resource: &str, token: u64) -> Value {
-    json!({"type": "lock.release", "resource": resource, "token": token})
+fn release(room: &str, resource: &str, token: u64) -> Value {
+    json!({"type": "lock.release", "room": room, "resource": resource, "token": token})
 }
 
 async fn post(g: &Gateway, path: &str, sub: &str, body: Value) -> (u16, Value) {
@@ -64,8 +64,8 @@ async fn http_acquire(g: &Gateway, sub: &str, room: &str, resource: &str) -> (u1
     post(g, "/v1/locks/acquire", sub, body).await
 }
 
-async fn http_release(g: &Gateway, sub: &str, resource: &str, token: u64) {
-    let body = json!({"resource": resource, "token": token});
+async fn http_release(g: &Gateway, sub: &str, room: &str, resource: &str, token: u64) {
+    let body = json!({"room": room, "resource": resource, "token": token});
     let (s, b) = post(g, "/v1/locks/release", sub, body).await;
     assert_eq!(s, 200, "release {resource}: {b}");
 }
@@ -98,10 +98,10 @@ async fn metric(g: &Gateway, name: &str) -> f64 {
     metric_sum(&text, name, &[]).unwrap_or(0.0)
 }
 
-/// The token registered for `resource` in `lockstep.fences`.
-fn registered(pg: &PostgresServer, resource: &str) -> u64 {
+/// The token registered for the lock (`room`, `resource`) in `lockstep.fences`.
+fn registered(pg: &PostgresServer, room: &str, resource: &str) -> u64 {
     pg.psql(&format!(
-        "SELECT token FROM lockstep.fences WHERE resource = '{resource}'"
+        "SELECT token FROM lockstep.fences WHERE room = '{room}' AND resource = '{resource}'"
     ))
     .parse()
     .expect("a registered token")
@@ -146,12 +146,12 @@ async fn a_counter_that_went_backwards_is_refused_raised_and_reissued() {
 
     // A normal resource first: registered as granted.
     let t = http_acquire_eventually(&g, "carol", room, "segment:9-2").await;
-    assert_eq!(registered(&pg, "segment:9-2"), t);
-    http_release(&g, "carol", "segment:9-2", t).await;
+    assert_eq!(registered(&pg, room, "segment:9-2"), t);
+    http_release(&g, "carol", room, "segment:9-2", t).await;
     let mut other = vec![t];
 
     pg.psql(&format!(
-        "INSERT INTO lockstep.fences VALUES ('{res}', {HUGE})"
+        "INSERT INTO lockstep.fences (room, resource, token) VALUES ('{room}', '{res}', {HUGE})"
     ));
     let mut watcher = ws(&g, "watcher", room).await;
     let mut alice = ws(&g, "alice", room).await;
@@ -162,7 +162,7 @@ async fn a_counter_that_went_backwards_is_refused_raised_and_reissued() {
     assert_eq!(r["type"], "reply", "{r}");
     let t1 = r["token"].as_u64().expect("token");
     assert!(t1 > HUGE, "above the registered token: {t1}");
-    assert_eq!(registered(&pg, res), t1);
+    assert_eq!(registered(&pg, room, res), t1);
     tokens.push(t1);
     assert!(metric(&g, "lockstep_fence_refusals_total").await >= 1.0);
 
@@ -171,16 +171,16 @@ async fn a_counter_that_went_backwards_is_refused_raised_and_reissued() {
     assert_eq!(q["queue_position"], 1, "{q}");
     let raised = HUGE + 1_000_000;
     pg.psql(&format!(
-        "UPDATE lockstep.fences SET token = {raised} WHERE resource = '{res}'"
+        "UPDATE lockstep.fences SET token = {raised} WHERE room = '{room}' AND resource = '{res}'"
     ));
-    let r = alice.request(release(res, t1)).await;
+    let r = alice.request(release(room, res, t1)).await;
     assert_eq!(r["type"], "reply", "{r}");
     let granted = bob
         .recv_where(|v| v["type"] == "lock.granted" && v["id"] == q["id"])
         .await;
     let t2 = granted["token"].as_u64().expect("token");
     assert!(t2 > raised, "hand-off reissued above {raised}: {t2}");
-    assert_eq!(registered(&pg, res), t2);
+    assert_eq!(registered(&pg, room, res), t2);
     tokens.push(t2);
     assert!(metric(&g, "lockstep_fence_refusals_total").await >= 2.0);
 
@@ -211,22 +211,22 @@ async fn a_counter_that_went_backwards_is_refused_raised_and_reissued() {
         ],
         "{seen:?}"
     );
-    let r = bob.request(release(res, t2)).await;
+    let r = bob.request(release(room, res, t2)).await;
     assert_eq!(r["type"], "reply", "{r}");
 
     // Redis restarts empty: its counters are gone, the registered tokens are not.
     redis.restart();
     let t3 = http_acquire_eventually(&g, "carol", room, res).await;
     assert!(t3 > t2, "after an empty restart: {t3} > {t2}");
-    assert_eq!(registered(&pg, res), t3);
+    assert_eq!(registered(&pg, room, res), t3);
     tokens.push(t3);
-    http_release(&g, "carol", res, t3).await;
+    http_release(&g, "carol", room, res, t3).await;
     let t4 = http_acquire_eventually(&g, "carol", room, res).await;
     tokens.push(t4);
-    http_release(&g, "carol", res, t4).await;
+    http_release(&g, "carol", room, res, t4).await;
     let t = http_acquire_eventually(&g, "carol", room, "segment:9-2").await;
     other.push(t);
-    assert_eq!(registered(&pg, "segment:9-2"), t);
+    assert_eq!(registered(&pg, room, "segment:9-2"), t);
 
     assert_increasing(&tokens);
     assert_increasing(&other);
@@ -245,13 +245,13 @@ async fn a_counter_that_went_backwards_is_refused_raised_and_reissued() {
     );
     let raised = HUGE + 5_000_000;
     pg.psql(&format!(
-        "UPDATE lockstep.fences SET token = {raised} WHERE resource = '{res}'"
+        "UPDATE lockstep.fences SET token = {raised} WHERE room = '{room}' AND resource = '{res}'"
     ));
     let (s, third) = post(&g, "/v1/locks/acquire", "carol", body).await;
     assert_eq!(s, 200, "{third}");
     let t = third["token"].as_u64().expect("token");
     assert!(t > raised, "a stale existing grant is reissued: {third}");
-    assert_eq!(registered(&pg, res), t);
+    assert_eq!(registered(&pg, room, res), t);
 
     assert!(metric(&g, "lockstep_fence_refusals_total").await >= 4.0);
     assert_eq!(metric(&g, "lockstep_fence_failures_total").await, 0.0);
@@ -265,7 +265,8 @@ async fn embedded_node_with_a_database_fences_too() {
     let url = pg.url();
     let mut server = common::Server::start_with(|c| c.database_url = Some(url)).await;
     pg.psql(&format!(
-        "INSERT INTO lockstep.fences VALUES ('segment:3-1', {HUGE})"
+        "INSERT INTO lockstep.fences (room, resource, token) \
+         VALUES ('scene:3', 'segment:3-1', {HUGE})"
     ));
     let mut alice = server.client("alice").await;
     alice.join("scene:3").await;
@@ -274,15 +275,15 @@ async fn embedded_node_with_a_database_fences_too() {
         .await;
     let t1 = r["token"].as_u64().expect("token");
     assert!(t1 > HUGE, "{r}");
-    assert_eq!(registered(&pg, "segment:3-1"), t1);
-    let r = alice.request(release("segment:3-1", t1)).await;
+    assert_eq!(registered(&pg, "scene:3", "segment:3-1"), t1);
+    let r = alice.request(release("scene:3", "segment:3-1", t1)).await;
     assert_eq!(r["type"], "reply", "{r}");
     let r = alice
         .request(acquire("scene:3", "segment:3-1", json!({})))
         .await;
     let t2 = r["token"].as_u64().expect("token");
     assert!(t2 > t1);
-    assert_eq!(registered(&pg, "segment:3-1"), t2);
+    assert_eq!(registered(&pg, "scene:3", "segment:3-1"), t2);
     server.shutdown().await;
 }
 
@@ -300,7 +301,7 @@ async fn postgres_down_means_no_grant_and_recovery_keeps_tokens_increasing() {
     let g = gateway(&redis, &pg, "node-f2").await;
     let (room, res) = ("scene:7", "segment:7-1");
     let t0 = http_acquire_eventually(&g, "carol", room, res).await;
-    http_release(&g, "carol", res, t0).await;
+    http_release(&g, "carol", room, res, t0).await;
 
     let mut alice = ws(&g, "alice", room).await;
     let mut bob = ws(&g, "bob", room).await;
@@ -312,7 +313,7 @@ async fn postgres_down_means_no_grant_and_recovery_keeps_tokens_increasing() {
     pg.stop();
 
     // The hand-off to bob cannot be registered: bob is told, nobody holds the lock.
-    let r = alice.request(release(res, t1)).await;
+    let r = alice.request(release(room, res, t1)).await;
     assert_eq!(r["type"], "reply", "{r}");
     let failed = bob
         .recv_where(|v| v["id"] == q["id"] && v["type"] != "reply")
@@ -342,12 +343,98 @@ async fn postgres_down_means_no_grant_and_recovery_keeps_tokens_increasing() {
     pg.start_again();
     let t2 = http_acquire_eventually(&g, "carol", room, res).await;
     assert!(t2 > t1, "{t2} > {t1}");
-    assert_eq!(registered(&pg, res), t2);
-    http_release(&g, "carol", res, t2).await;
+    assert_eq!(registered(&pg, room, res), t2);
+    http_release(&g, "carol", room, res, t2).await;
     let r = alice.request(acquire(room, res, json!({}))).await;
     let t3 = r["token"].as_u64().expect("token after recovery");
     assert_increasing(&[t0, t1, t2, t3]);
-    assert_eq!(registered(&pg, res), t3);
+    assert_eq!(registered(&pg, room, res), t3);
+}
+
+/// An app passing made-up tokens cannot poison a lock: `fence_check` raises LS001 for a token
+/// that was never issued (2^53, 2^63 − 1) and writes nothing, `validate` answers false, and the
+/// next grant is registered with an ordinary token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_tokens_neither_pass_nor_poison() {
+    let pg = PostgresServer::start();
+    let redis = RedisServer::start();
+    let g = gateway(&redis, &pg, "node-f3").await;
+    let (room, res) = ("scene:8", "segment:8-1");
+    let t1 = http_acquire_eventually(&g, "carol", room, res).await;
+    let db = pg_client(&pg).await;
+    for forged in [t1 as i64 + 1, 1i64 << 53, i64::MAX] {
+        let err = db
+            .query_one(
+                "SELECT lockstep.fence_check($1, $2, $3)",
+                &[&room, &res, &forged],
+            )
+            .await
+            .expect_err("a token above the registered one was never issued");
+        assert_eq!(err.code().map(|c| c.code()), Some("LS001"), "{err}");
+        let (s, v) = post(
+            &g,
+            "/v1/locks/validate",
+            "carol",
+            json!({"room": room, "resource": res, "token": forged}),
+        )
+        .await;
+        assert_eq!((s, &v["valid"]), (200, &json!(false)), "{v}");
+    }
+    let ok: bool = db
+        .query_one(
+            "SELECT lockstep.fence_check($1, $2, $3)",
+            &[&room, &res, &(t1 as i64)],
+        )
+        .await
+        .expect("the issued token")
+        .get(0);
+    assert!(ok);
+    assert_eq!(registered(&pg, room, res), t1, "nothing was written");
+    http_release(&g, "carol", room, res, t1).await;
+    let t2 = http_acquire_eventually(&g, "carol", room, res).await;
+    assert!(t2 > t1 && t2 < 1 << 53, "{t1} then {t2}");
+    assert_eq!(registered(&pg, room, res), t2);
+    assert_eq!(metric(&g, "lockstep_fence_refusals_total").await, 0.0);
+}
+
+/// `lockstep.fences` rows of locks idle longer than `LOCKSTEP_FENCE_RETENTION` are pruned by
+/// the nodes, and a later grant of the same lock still registers a larger token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_fence_rows_are_pruned_and_tokens_keep_increasing() {
+    let pg = PostgresServer::start();
+    let redis = RedisServer::start();
+    let g = Gateway::start(
+        &redis.url(),
+        "node-f4",
+        &[
+            ("LOCKSTEP_DATABASE_URL", &pg.url()),
+            ("LOCKSTEP_FENCE_RETENTION", "2s"),
+            ("LOCKSTEP_LOCK_MAX_TTL", "1s"),
+            ("LOCKSTEP_LOCK_DEFAULT_TTL", "1s"),
+        ],
+    )
+    .await;
+    let (room, res) = ("scene:6", "segment:6-1");
+    let t1 = http_acquire_eventually(&g, "carol", room, res).await;
+    assert_eq!(registered(&pg, room, res), t1);
+    http_release(&g, "carol", room, res, t1).await;
+    let count = || {
+        pg.psql(&format!(
+            "SELECT count(*) FROM lockstep.fences WHERE room = '{room}' AND resource = '{res}'"
+        ))
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while count() != "0" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the idle row was never pruned"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let t2 = http_acquire_eventually(&g, "carol", room, res).await;
+    assert!(t2 > t1, "after pruning: {t2} > {t1}");
+    assert_eq!(registered(&pg, room, res), t2);
+    assert_eq!(metric(&g, "lockstep_fence_refusals_total").await, 0.0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -378,10 +465,11 @@ async fn raise_fence_and_reissue_on_both_stores() {
     // Redis specifics: a raise survives as the fence key of an emptied server; 2^53 is refused.
     let store = RedisLockStore::new(pool.clone());
     let res = Entity::parse("segment:4-1").expect("entity");
-    store.raise_fence(&res, 1 << 53).await.expect_err("2^53");
+    let key = LockKey::new(Entity::parse("scene:4").expect("entity"), res.clone());
+    store.raise_fence(&key, 1 << 53).await.expect_err("2^53");
     redis.restart();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while store.raise_fence(&res, HUGE).await.is_err() {
+    while store.raise_fence(&key, HUGE).await.is_err() {
         assert!(tokio::time::Instant::now() < deadline, "redis back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -480,8 +568,8 @@ async fn write(db: &mut tokio_postgres::Client, guard: Guard, token: u64, value:
     if guard == Guard::LockAndFenceCheck {
         let fresh: bool = tx
             .query_one(
-                "SELECT lockstep.fence_check($1, $2)",
-                &[&COUNTER, &(token as i64)],
+                "SELECT lockstep.fence_check($1, $2, $3)",
+                &[&ROOM, &COUNTER, &(token as i64)],
             )
             .await
             .expect("fence_check")
@@ -526,7 +614,7 @@ async fn increment(
     }
     if guard != Guard::NoLock {
         // A paused holder's lock is gone by now: `lock_not_held` is expected then.
-        c.request(release(COUNTER, token)).await;
+        c.request(release(ROOM, COUNTER, token)).await;
     }
 }
 

@@ -232,10 +232,42 @@ async fn presence_of_rooms_and_focused_entities() {
     assert_eq!(a["role"], "editor", "{a}");
     assert!(a["color"].is_string() && a["since"].is_u64(), "{a}");
 
-    let (s, body) = get(&server, "/v1/presence/segment/42-1", Some(&reader)).await;
+    let (s, body) = get(
+        &server,
+        "/v1/presence/segment/42-1?room=scene:7",
+        Some(&reader),
+    )
+    .await;
     assert_eq!(s, 200, "{body}");
     assert_eq!(user_ids(&body["members"]), set(&["carol"]), "{body}");
     assert_eq!(body["members"][0]["focus"], "segment:42-1", "{body}");
+    assert_eq!(body["room"], "scene:7", "{body}");
+    // Without `room` the entity is the room: carol, focused on it from scene:7, is not shown.
+    let (s, body) = get(&server, "/v1/presence/segment/42-1", Some(&reader)).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(user_ids(&body["members"]), set(&[]), "{body}");
+    // A viewer of scene:42 only cannot learn who focuses on it from scene:7.
+    let viewer42 = server
+        .token("viewer42", Some(json!({"scene:42": "viewer"})))
+        .await;
+    assert_error(
+        &get(
+            &server,
+            "/v1/presence/segment/42-1?room=scene:7",
+            Some(&viewer42),
+        )
+        .await,
+        403,
+        "forbidden",
+    );
+    assert_error(
+        &get(&server, "/v1/presence/segment/42-1", Some(&viewer42)).await,
+        403,
+        "forbidden",
+    );
+    let (s, body) = get(&server, "/v1/presence/scene/42", Some(&viewer42)).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(user_ids(&body["members"]), set(&["alice", "bob"]), "{body}");
 
     // Presence follows leaves and focus changes.
     let r = bob
@@ -248,7 +280,12 @@ async fn presence_of_rooms_and_focused_entities() {
     assert_eq!(r["type"], "reply", "{r}");
     let (_, body) = get(&server, "/v1/presence/scene/42", Some(&reader)).await;
     assert_eq!(user_ids(&body["members"]), set(&["alice"]), "{body}");
-    let (s, body) = get(&server, "/v1/presence/segment/42-1", Some(&reader)).await;
+    let (s, body) = get(
+        &server,
+        "/v1/presence/segment/42-1?room=scene:7",
+        Some(&reader),
+    )
+    .await;
     assert_eq!(s, 200, "{body}");
     assert_eq!(user_ids(&body["members"]), set(&[]), "{body}");
 
@@ -339,7 +376,7 @@ async fn http_lock_lifecycle() {
         &server,
         "/v1/locks/validate",
         Some(&bob),
-        json!({"resource": "segment:1-1", "token": token}),
+        json!({"room": "scene:1", "resource": "segment:1-1", "token": token}),
     )
     .await;
     assert_eq!(s, 200, "{v}");
@@ -349,7 +386,7 @@ async fn http_lock_lifecycle() {
         &server,
         "/v1/locks/validate",
         Some(&bob),
-        json!({"resource": "segment:1-1", "token": token - 1}),
+        json!({"room": "scene:1", "resource": "segment:1-1", "token": token - 1}),
     )
     .await;
     assert_eq!(v["valid"], false, "{v}");
@@ -359,7 +396,7 @@ async fn http_lock_lifecycle() {
         &server,
         "/v1/locks/extend",
         Some(&alice),
-        json!({"resource": "segment:1-1", "token": token, "ttl_ms": 600_000}),
+        json!({"room": "scene:1", "resource": "segment:1-1", "token": token, "ttl_ms": 600_000}),
     )
     .await;
     assert_eq!(s, 200, "{ext}");
@@ -377,7 +414,7 @@ async fn http_lock_lifecycle() {
             &server,
             "/v1/locks/extend",
             Some(&alice),
-            json!({"resource": "segment:1-1", "token": token + 1, "ttl_ms": 1000}),
+            json!({"room": "scene:1", "resource": "segment:1-1", "token": token + 1, "ttl_ms": 1000}),
         )
         .await,
         409,
@@ -388,7 +425,7 @@ async fn http_lock_lifecycle() {
             &server,
             "/v1/locks/extend",
             Some(&bob),
-            json!({"resource": "segment:1-1", "token": token, "ttl_ms": 1000}),
+            json!({"room": "scene:1", "resource": "segment:1-1", "token": token, "ttl_ms": 1000}),
         )
         .await,
         403,
@@ -401,7 +438,7 @@ async fn http_lock_lifecycle() {
             &server,
             "/v1/locks/release",
             Some(&alice),
-            json!({"resource": "segment:1-1", "token": token + 1}),
+            json!({"room": "scene:1", "resource": "segment:1-1", "token": token + 1}),
         )
         .await,
         409,
@@ -412,7 +449,7 @@ async fn http_lock_lifecycle() {
             &server,
             "/v1/locks/release",
             Some(&bob),
-            json!({"resource": "segment:1-1", "token": token}),
+            json!({"room": "scene:1", "resource": "segment:1-1", "token": token}),
         )
         .await,
         403,
@@ -422,7 +459,7 @@ async fn http_lock_lifecycle() {
         &server,
         "/v1/locks/release",
         Some(&alice),
-        json!({"resource": "segment:1-1", "token": token}),
+        json!({"room": "scene:1", "resource": "segment:1-1", "token": token}),
     )
     .await;
     assert_eq!(s, 200, "{body}");
@@ -435,7 +472,7 @@ async fn http_lock_lifecycle() {
         &server,
         "/v1/locks/validate",
         Some(&bob),
-        json!({"resource": "segment:1-1", "token": token}),
+        json!({"room": "scene:1", "resource": "segment:1-1", "token": token}),
     )
     .await;
     assert_eq!(v["valid"], false, "{v}");
@@ -445,7 +482,7 @@ async fn http_lock_lifecycle() {
             &server,
             "/v1/locks/release",
             Some(&alice),
-            json!({"resource": "segment:1-1", "token": token}),
+            json!({"room": "scene:1", "resource": "segment:1-1", "token": token}),
         )
         .await,
         409,
@@ -534,7 +571,7 @@ async fn tokens_strictly_increase_across_cycles() {
                 &server,
                 "/v1/locks/release",
                 Some(&alice),
-                json!({"resource": "segment:1-1", "token": t}),
+                json!({"room": "scene:1", "resource": "segment:1-1", "token": t}),
             )
             .await;
             assert_eq!(s, 200, "{r}");
@@ -567,7 +604,7 @@ async fn tokens_strictly_increase_across_cycles() {
         &server,
         "/v1/admin/locks/release",
         Some(ADMIN),
-        json!({"resource": "segment:1-2"}),
+        json!({"room": "scene:1", "resource": "segment:1-2"}),
     )
     .await;
     let (_, g2) = post(
@@ -598,7 +635,7 @@ async fn admin_force_release() {
     let token = g["token"].as_u64().unwrap();
     watcher.recv_type("lock.acquired").await;
 
-    let force = json!({"resource": "segment:1-1"});
+    let force = json!({"room": "scene:1", "resource": "segment:1-1"});
     assert_error(
         &post(&server, "/v1/admin/locks/release", None, force.clone()).await,
         401,
@@ -631,7 +668,7 @@ async fn admin_force_release() {
         &server,
         "/v1/locks/validate",
         Some(&alice),
-        json!({"resource": "segment:1-1", "token": token}),
+        json!({"room": "scene:1", "resource": "segment:1-1", "token": token}),
     )
     .await;
     assert_eq!(v["valid"], true, "{v}");
@@ -652,7 +689,7 @@ async fn admin_force_release() {
         &server,
         "/v1/locks/validate",
         Some(&alice),
-        json!({"resource": "segment:1-1", "token": token}),
+        json!({"room": "scene:1", "resource": "segment:1-1", "token": token}),
     )
     .await;
     assert_eq!(v["valid"], false, "{v}");
@@ -668,7 +705,7 @@ async fn admin_force_release() {
         &server,
         "/v1/admin/locks/release",
         Some(ADMIN),
-        json!({"resource": "segment:1-2"}),
+        json!({"room": "scene:1", "resource": "segment:1-2"}),
     )
     .await;
     assert_eq!(s, 200, "{body}");
@@ -775,7 +812,7 @@ async fn http_errors_have_codes_and_statuses() {
             &server,
             "/v1/locks/extend",
             Some(&alice),
-            json!({"resource": "segment:1", "token": 1}),
+            json!({"room": "scene:1", "resource": "segment:1", "token": 1}),
         )
         .await,
         400,
@@ -820,7 +857,7 @@ async fn force_release_of_an_unlocked_resource_is_not_found() {
             &server,
             "/v1/admin/locks/release",
             Some(ADMIN),
-            json!({"resource": "segment:9-9"}),
+            json!({"room": "scene:9", "resource": "segment:9-9"}),
         )
         .await,
         404,
@@ -831,7 +868,7 @@ async fn force_release_of_an_unlocked_resource_is_not_found() {
     let mut boss = common::Client::connect(server.addr, &owner, common::Codec::Json, None).await;
     boss.join("scene:9").await;
     boss.expect_error(
-        json!({"type": "lock.release", "resource": "segment:9-9", "force": true}),
+        json!({"type": "lock.release", "room": "scene:9", "resource": "segment:9-9", "force": true}),
         "not_found",
     )
     .await;
@@ -891,4 +928,215 @@ async fn bad_query_strings_get_json_errors() {
             "bad_request",
         );
     }
+}
+
+/// Every HTTP endpoint that names a lock needs its room: 400 `bad_request` with a message
+/// that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_endpoints_require_the_room() {
+    let server = server().await;
+    let alice = server.token("alice", None).await;
+    for (path, bearer) in [
+        ("/v1/locks/release", alice.as_str()),
+        ("/v1/locks/extend", alice.as_str()),
+        ("/v1/locks/validate", alice.as_str()),
+        ("/v1/admin/locks/release", ADMIN),
+    ] {
+        let got = post(
+            &server,
+            path,
+            Some(bearer),
+            json!({"resource": "segment:1-1", "token": 1, "ttl_ms": 1000}),
+        )
+        .await;
+        assert_error(&got, 400, "bad_request");
+        assert!(
+            got.1["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("room is required"),
+            "{path}: {}",
+            got.1
+        );
+    }
+}
+
+/// `validate` needs a role in the lock's room (viewer or above; the admin token too), and
+/// answers with the holder. Outsiders cannot probe tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_needs_a_role_in_the_room() {
+    let server = server().await;
+    let alice = server.token("alice", None).await;
+    let (s, g) = post(
+        &server,
+        "/v1/locks/acquire",
+        Some(&alice),
+        json!({"room": "scene:42", "resource": "segment:42-7", "action": "approve"}),
+    )
+    .await;
+    assert_eq!(s, 200, "{g}");
+    let token = g["token"].as_u64().unwrap();
+    let probe = json!({"room": "scene:42", "resource": "segment:42-7", "token": token});
+    let outsider = server
+        .token("outsider", Some(json!({"scene:1": "owner"})))
+        .await;
+    assert_error(
+        &post(
+            &server,
+            "/v1/locks/validate",
+            Some(&outsider),
+            probe.clone(),
+        )
+        .await,
+        403,
+        "forbidden",
+    );
+    let viewer = server
+        .token("viewer", Some(json!({"scene:42": "viewer"})))
+        .await;
+    for bearer in [viewer.as_str(), ADMIN] {
+        let (s, v) = post(&server, "/v1/locks/validate", Some(bearer), probe.clone()).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["valid"], true, "{v}");
+        assert_eq!(v["holder"]["user_id"], "alice", "{v}");
+    }
+    // The same resource in another room is another lock: not valid there.
+    let (s, v) = post(
+        &server,
+        "/v1/locks/validate",
+        Some(ADMIN),
+        json!({"room": "scene:1", "resource": "segment:42-7", "token": token}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["valid"], false, "{v}");
+}
+
+/// No token value a caller passes in — 2^53, 2^63 − 1, u64::MAX — to validate, release or
+/// extend changes anything: the lock stays, and later grants get normal tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_tokens_break_nothing() {
+    let server = server().await;
+    let alice = server.token("alice", None).await;
+    let acquire = json!({"room": "scene:1", "resource": "segment:1-9", "action": "approve"});
+    let (_, g) = post(&server, "/v1/locks/acquire", Some(&alice), acquire.clone()).await;
+    let token = g["token"].as_u64().expect("token");
+    for huge in [1u64 << 53, (1u64 << 63) - 1, u64::MAX] {
+        let body =
+            json!({"room": "scene:1", "resource": "segment:1-9", "token": huge, "ttl_ms": 1000});
+        let (s, v) = post(&server, "/v1/locks/validate", Some(&alice), body.clone()).await;
+        assert_eq!((s.as_u16(), &v["valid"]), (200, &json!(false)), "{v}");
+        assert_error(
+            &post(&server, "/v1/locks/extend", Some(&alice), body.clone()).await,
+            409,
+            "lock_not_held",
+        );
+        assert_error(
+            &post(&server, "/v1/locks/release", Some(&alice), body).await,
+            409,
+            "lock_not_held",
+        );
+    }
+    let (s, _) = post(
+        &server,
+        "/v1/locks/release",
+        Some(&alice),
+        json!({"room": "scene:1", "resource": "segment:1-9", "token": token}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, g) = post(&server, "/v1/locks/acquire", Some(&alice), acquire).await;
+    assert_eq!(s, 200, "{g}");
+    let next = g["token"].as_u64().expect("token");
+    assert!(next > token && next < 1 << 53, "{token} then {next}");
+}
+
+/// A forced release names who forced it: the victim stays in `user_id`, the forcer is the
+/// record's `actor` (`via` admin_token, http or ws), and `GET /v1/audit?actor=` finds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_releases_are_audited_with_their_actor() {
+    let server = server().await;
+    let alice = server.token("alice", None).await;
+    let owner = server
+        .token("olga", Some(json!({"scene:5": "owner"})))
+        .await;
+    let mut ws_owner =
+        common::Client::connect(server.addr, &owner, common::Codec::Json, None).await;
+    ws_owner.join("scene:5").await;
+    for res in ["segment:5-1", "segment:5-2", "segment:5-3"] {
+        let (s, g) = post(
+            &server,
+            "/v1/locks/acquire",
+            Some(&alice),
+            json!({"room": "scene:5", "resource": res, "action": "approve"}),
+        )
+        .await;
+        assert_eq!(s, 200, "{g}");
+    }
+    let force = |res: &str| json!({"room": "scene:5", "resource": res});
+    let (s, b) = post(
+        &server,
+        "/v1/admin/locks/release",
+        Some(ADMIN),
+        force("segment:5-1"),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = post(
+        &server,
+        "/v1/admin/locks/release",
+        Some(&owner),
+        force("segment:5-2"),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let r = ws_owner
+        .request(json!({"type": "lock.release", "room": "scene:5", "resource": "segment:5-3", "force": true}))
+        .await;
+    assert_eq!(r["type"], "reply", "{r}");
+
+    let (s, page) = get(&server, "/v1/audit?kind=lock_forced", Some(ADMIN)).await;
+    assert_eq!(s, 200, "{page}");
+    let records = page["records"].as_array().expect("records");
+    assert_eq!(records.len(), 3, "{page}");
+    let by_res = |res: &str| {
+        records
+            .iter()
+            .find(|r| r["resource"] == res)
+            .unwrap_or_else(|| panic!("no record for {res}: {page}"))
+            .clone()
+    };
+    for r in records {
+        assert_eq!(r["user_id"], "alice", "the victim stays in user_id: {r}");
+        assert_eq!(r["room"], "scene:5", "{r}");
+    }
+    let admin = by_res("segment:5-1");
+    assert_eq!(admin["actor"]["user_id"], "admin", "{admin}");
+    assert_eq!(admin["actor"]["via"], "admin_token", "{admin}");
+    let http = by_res("segment:5-2");
+    assert_eq!(http["actor"]["user_id"], "olga", "{http}");
+    assert_eq!(http["actor"]["via"], "http", "{http}");
+    let ws = by_res("segment:5-3");
+    assert_eq!(ws["actor"]["user_id"], "olga", "{ws}");
+    assert_eq!(ws["actor"]["via"], "ws", "{ws}");
+    assert_eq!(
+        ws["actor"]["session_id"],
+        json!(ws_owner.session_id()),
+        "{ws}"
+    );
+    assert!(ws["actor"]["node_id"].is_string(), "{ws}");
+
+    let (s, page) = get(&server, "/v1/audit?actor=olga", Some(ADMIN)).await;
+    assert_eq!(s, 200, "{page}");
+    let found: Vec<&str> = page["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .map(|r| r["resource"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(found.len(), 2, "{page}");
+    assert!(
+        found.contains(&"segment:5-2") && found.contains(&"segment:5-3"),
+        "{page}"
+    );
 }

@@ -82,10 +82,11 @@ async fn locks_on(pool: &Pool, redis: &RedisServer, node_id: &str) -> HashMap<St
     let scan = redis.cli(&["--scan", "--pattern", "lockstep:ls:*:lock:*"]);
     for key in scan.lines().filter(|l| !l.is_empty()) {
         let h: HashMap<String, String> = pool.next().hgetall(key).await.expect("HGETALL");
+        // Lock keys name `<room>/<resource>`; the hash carries the resource itself.
         if h.get("node_id").map(String::as_str) == Some(node_id)
-            && let (Some(tok), Some(res)) = (h.get("token"), key.split_once(":lock:"))
+            && let (Some(tok), Some(res)) = (h.get("token"), h.get("resource"))
         {
-            out.insert(res.1.to_owned(), tok.parse().expect("numeric token"));
+            out.insert(res.to_owned(), tok.parse().expect("numeric token"));
         }
     }
     out

@@ -13,8 +13,7 @@
 //! The model is fed only by what the store answers, never by guessed timing, so the test holds on
 //! a slow machine. Cases: `LOCKSTEP_MODEL_CASES` (default 16 memory, 6 Redis).
 //!
-//! Lock identity: every trait call names its lock through [`Case::key`]; when locks become
-//! `(room, resource)` keys, only that helper changes.
+//! Lock identity: every trait call names its `(room, resource)` lock through [`Case::key`].
 
 mod common;
 
@@ -29,8 +28,8 @@ use lockstep::engine::memory::MemoryLockStore;
 use lockstep::engine::redis::audit::RedisAuditSink;
 use lockstep::engine::redis::locks::RedisLockStore;
 use lockstep::engine::{
-    AcquireOutcome, AcquireRequest, Actor, Holder, LockInfo, LockStore, LockTransition,
-    ReleaseReason, TokenOutcome, WaitSpec, now_ms,
+    AcquireOutcome, AcquireRequest, Actor, ActorVia, Holder, LockInfo, LockKey, LockStore,
+    LockTransition, ReleaseReason, TokenOutcome, WaitSpec, now_ms,
 };
 use lockstep::names::Entity;
 use proptest::prelude::*;
@@ -104,6 +103,8 @@ struct Case {
     audit: Arc<dyn AuditSink>,
     room: Entity,
     resources: Vec<Entity>,
+    /// `(room, resource)` of each resource: the lock identity in every trait call.
+    keys: Vec<LockKey>,
     sessions: Vec<Holder>,
     model: Vec<Res>,
 }
@@ -115,13 +116,20 @@ fn unique(ty: &str) -> String {
 
 impl Case {
     fn new(store: Arc<dyn LockStore>, audit: Arc<dyn AuditSink>) -> Case {
+        let room = Entity::parse(&unique("scene")).unwrap();
+        let resources: Vec<Entity> = (0..RESOURCES)
+            .map(|_| Entity::parse(&unique("segment")).unwrap())
+            .collect();
+        let keys = resources
+            .iter()
+            .map(|r| LockKey::new(room.clone(), r.clone()))
+            .collect();
         Case {
             store,
             audit,
-            room: Entity::parse(&unique("scene")).unwrap(),
-            resources: (0..RESOURCES)
-                .map(|_| Entity::parse(&unique("segment")).unwrap())
-                .collect(),
+            room,
+            resources,
+            keys,
             sessions: (0..SESSIONS)
                 .map(|i| Holder {
                     user_id: format!("u{i}").into(),
@@ -134,10 +142,9 @@ impl Case {
         }
     }
 
-    /// The lock identity of resource `r` in every trait call (the one place to change when
-    /// locks are keyed by `(room, resource)`).
-    fn key(&self, r: usize) -> &Entity {
-        &self.resources[r]
+    /// The lock identity of resource `r` in every trait call.
+    fn key(&self, r: usize) -> &LockKey {
+        &self.keys[r]
     }
 
     fn r_of(&self, resource: &Entity) -> usize {
@@ -245,7 +252,7 @@ impl Case {
             } => {
                 let req = AcquireRequest {
                     room: self.room.clone(),
-                    resource: self.key(r).clone(),
+                    resource: self.resources[r].clone(),
                     action: "trim".into(),
                     holder: self.sessions[s].clone(),
                     ttl_ms,
@@ -289,7 +296,7 @@ impl Case {
                 let token = self.token_for(r, stale);
                 let out = self
                     .store
-                    .release(self.key(r), token, ReleaseReason::Released)
+                    .release(self.key(r), token, ReleaseReason::Released, None)
                     .await
                     .expect("release");
                 self.token_outcome(r, token, out);
@@ -330,6 +337,7 @@ impl Case {
                     user_id: "owner".into(),
                     session_id: None,
                     node_id: "node-model".into(),
+                    via: ActorVia::AdminToken,
                 };
                 let out = self
                     .store

@@ -548,7 +548,9 @@ async fn a_scripted_session_moves_counters_exactly() {
     assert_eq!(bad["type"], "error", "{bad}");
     let bad_code = bad["code"].as_str().unwrap().to_owned();
     let r = alice
-        .request(json!({"type":"lock.release","resource":"segment:1-1","token":token}))
+        .request(
+            json!({"type":"lock.release","room":"scene:1","resource":"segment:1-1","token":token}),
+        )
         .await;
     assert_eq!(r["type"], "reply", "{r}");
     let r = alice

@@ -60,7 +60,7 @@ async fn everything_crosses_nodes() {
     assert_eq!(denied["holder"]["name"], "alice-name");
     assert_eq!(denied["queue_position"], 1);
     alice
-        .request(json!({"type":"lock.release","resource":"segment:5-1","token":t}))
+        .request(json!({"type":"lock.release","room":ROOM,"resource":"segment:5-1","token":t}))
         .await;
     let granted = bob.recv_type("lock.granted").await;
     assert!(granted["token"].as_u64().unwrap() > t);
@@ -69,7 +69,7 @@ async fn everything_crosses_nodes() {
     // Presence is answered from any node.
     let http = reqwest::Client::new();
     let p: Value = http
-        .get(b.url("/v1/presence/segment/5-1"))
+        .get(b.url("/v1/presence/segment/5-1?room=scene:5"))
         .bearer_auth(token("carol", None))
         .send()
         .await
@@ -123,7 +123,7 @@ async fn hundred_rounds_of_twelve_clients_on_three_nodes_have_one_winner_each() 
         }
         let token = w["token"].clone();
         let r = clients[wi]
-            .request(json!({"type":"lock.release","resource":resource,"token":token}))
+            .request(json!({"type":"lock.release","room":ROOM,"resource":resource,"token":token}))
             .await;
         assert_eq!(r["type"], "reply", "round {round}: {r}");
     }
@@ -186,18 +186,18 @@ async fn a_paused_holder_loses_its_lock_and_its_stale_token_is_refused() {
     let t2 = t2.expect("the lock was freed while its holder's node was paused");
     assert!(t2 > t1);
     let stale = holder
-        .request(json!({"type":"lock.release","resource":"segment:5-p","token":t1}))
+        .request(json!({"type":"lock.release","room":ROOM,"resource":"segment:5-p","token":t1}))
         .await;
     assert_eq!(stale["code"], "lock_not_held", "{stale}");
     let stale = holder
-        .request(json!({"type":"lock.extend","resource":"segment:5-p","token":t1,"ttl_ms":60000}))
+        .request(json!({"type":"lock.extend","room":ROOM,"resource":"segment:5-p","token":t1,"ttl_ms":60000}))
         .await;
     assert_eq!(stale["code"], "lock_not_held", "{stale}");
     let http = reqwest::Client::new();
     let v: Value = http
         .post(b.url("/v1/locks/validate"))
         .bearer_auth(token("app", None))
-        .json(&json!({"resource":"segment:5-p","token":t1}))
+        .json(&json!({"room":ROOM,"resource":"segment:5-p","token":t1}))
         .send()
         .await
         .unwrap()
@@ -327,7 +327,9 @@ async fn a_drained_nodes_client_resumes_on_another_node_with_its_lock() {
         "no flapping: {seen:?}"
     );
     let r = moved
-        .request(json!({"type":"lock.release","resource":"segment:5-d","token":g["token"]}))
+        .request(
+            json!({"type":"lock.release","room":ROOM,"resource":"segment:5-d","token":g["token"]}),
+        )
         .await;
     assert_eq!(r["type"], "reply", "{r}");
 }
@@ -351,7 +353,7 @@ async fn a_redis_cluster_deployment_works() {
         let w = bob.request(acquire(&resource, json!({"wait": true}))).await;
         assert_eq!(w["queue_position"], 1, "{w}");
         alice
-            .request(json!({"type":"lock.release","resource":resource,"token":t}))
+            .request(json!({"type":"lock.release","room":ROOM,"resource":resource,"token":t}))
             .await;
         let granted = bob
             .recv_where(|v| v["type"] == "lock.granted" && v["resource"] == json!(resource))
@@ -452,7 +454,7 @@ async fn a_rolling_restart_of_every_node_loses_no_lock_and_shows_no_flapping() {
         let v: Value = reqwest::Client::new()
             .post(nodes[0].url("/v1/locks/validate"))
             .bearer_auth(token("app", None))
-            .json(&json!({"resource": format!("segment:5-roll{}", c.user_id()[1..].to_owned()), "token": lock_token}))
+            .json(&json!({"room": ROOM, "resource": format!("segment:5-roll{}", c.user_id()[1..].to_owned()), "token": lock_token}))
             .send()
             .await
             .unwrap()

@@ -16,8 +16,8 @@ use lockstep::engine::redis::audit::RedisAuditSink;
 use lockstep::engine::redis::keys;
 use lockstep::engine::redis::locks::RedisLockStore;
 use lockstep::engine::{
-    AcquireOutcome, AcquireRequest, Holder, LockInfo, LockStore, LockTransition, ReleaseReason,
-    TokenOutcome, WaitSpec,
+    AcquireOutcome, AcquireRequest, Holder, LockInfo, LockKey, LockStore, LockTransition,
+    ReleaseReason, TokenOutcome, WaitSpec,
 };
 use lockstep::names::Entity;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -227,7 +227,7 @@ async fn a_release_resent_after_a_lost_reply_succeeds_once_with_its_hand_off() {
     let other = unique("segment");
     let warm = grant(&s.store, request(&room, &other, &a, 60_000)).await;
     s.store
-        .release(&other, warm.token, ReleaseReason::Released)
+        .release(&warm.key(), warm.token, ReleaseReason::Released, None)
         .await
         .unwrap();
     let held = grant(&s.store, request(&room, &res, &a, 60_000)).await;
@@ -247,7 +247,7 @@ async fn a_release_resent_after_a_lost_reply_succeeds_once_with_its_hand_off() {
     s.proxy.arm(&held.token.to_string());
     let out = s
         .store
-        .release(&res, held.token, ReleaseReason::Released)
+        .release(&held.key(), held.token, ReleaseReason::Released, None)
         .await
         .expect("the release succeeds");
     assert_eq!(s.proxy.cuts(), 1, "the proxy cut the release's reply");
@@ -266,7 +266,7 @@ async fn a_release_resent_after_a_lost_reply_succeeds_once_with_its_hand_off() {
     assert_eq!(granted.request_id, Some(7));
     assert!(granted.lock.token > held.token);
 
-    let now = s.store.get(&res).await.unwrap().expect("b holds it");
+    let now = s.store.get(&held.key()).await.unwrap().expect("b holds it");
     assert_eq!(now.token, granted.lock.token, "handed off once, not twice");
     assert_eq!(
         audit_kinds(&s.audit, &res).await,
@@ -292,7 +292,7 @@ async fn an_acquire_resent_after_a_lost_reply_is_one_fresh_grant() {
     s.proxy.arm(res.as_str());
     let lock = grant(&s.store, request(&room, &res, &a, 60_000)).await;
     assert_eq!(s.proxy.cuts(), 1, "the proxy cut the acquire's reply");
-    let now = s.store.get(&res).await.unwrap().expect("held");
+    let now = s.store.get(&lock.key()).await.unwrap().expect("held");
     assert_eq!(now.token, lock.token);
     assert_eq!(audit_kinds(&s.audit, &res).await, ["lock_acquired"]);
 }
@@ -317,7 +317,7 @@ async fn a_reap_resent_after_a_lost_reply_reports_its_expiries() {
     ));
     // Past the hold limit (Redis' clock decides; poll rather than guess).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while s.store.get(&res).await.unwrap().unwrap().expires_at > lockstep::engine::now_ms() {
+    while s.store.get(&held.key()).await.unwrap().unwrap().expires_at > lockstep::engine::now_ms() {
         assert!(Instant::now() < deadline, "the lock never reached its end");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -433,12 +433,15 @@ async fn only_calls_that_report_a_change_keep_an_op_key() {
     let (room, res) = (unique("scene"), unique("segment"));
     let held = grant(&s.store, request(&room, &res, &holder("a"), 60_000)).await;
     s.store
-        .release(&res, held.token, ReleaseReason::Released)
+        .release(&held.key(), held.token, ReleaseReason::Released, None)
         .await
         .unwrap();
     let keys = op_keys();
     assert_eq!(keys.len(), 2, "acquire and release: {keys:?}");
-    let tag = format!("lockstep:ls:{{ls{}}}:op:", keys::shard_of(res.as_str()));
+    let tag = format!(
+        "lockstep:ls:{{ls{}}}:op:",
+        keys::shard_of(&held.key().to_string())
+    );
     for k in &keys {
         assert!(k.starts_with(&tag), "{k}");
         let ttl: u64 = s.redis.cli(&["PTTL", k]).parse().unwrap();
@@ -446,8 +449,8 @@ async fn only_calls_that_report_a_change_keep_an_op_key() {
     }
 }
 
-/// A holder and a queued waiter on a fresh resource; returns (resource, holder's lock, waiter).
-async fn held_with_waiter(s: &Setup) -> (Entity, LockInfo, Holder) {
+/// A holder and a queued waiter on a fresh resource; returns (lock key, holder's lock, waiter).
+async fn held_with_waiter(s: &Setup) -> (LockKey, LockInfo, Holder) {
     let (room, res) = (unique("scene"), unique("segment"));
     let (a, b) = (holder("a"), holder("b"));
     let held = grant(&s.store, request(&room, &res, &a, 60_000)).await;
@@ -460,7 +463,7 @@ async fn held_with_waiter(s: &Setup) -> (Entity, LockInfo, Holder) {
         s.store.acquire(wait).await.unwrap(),
         AcquireOutcome::Held { .. }
     ));
-    (res, held, b)
+    (held.key(), held, b)
 }
 
 /// A forced release whose reply is lost does not, on its re-send, free the lock it had just
@@ -476,6 +479,7 @@ async fn force_and_session_releases_resent_after_a_lost_reply_act_once() {
         user_id: "admin".into(),
         session_id: None,
         node_id: "node-test".into(),
+        via: lockstep::engine::ActorVia::AdminToken,
     };
     s.store.force_release(&warm, &admin).await.unwrap();
 
@@ -484,6 +488,7 @@ async fn force_and_session_releases_resent_after_a_lost_reply_act_once() {
         user_id: format!("owner-{}", uuid::Uuid::new_v4().simple()).into(),
         session_id: None,
         node_id: "node-test".into(),
+        via: lockstep::engine::ActorVia::AdminToken,
     };
     s.proxy.arm(&actor.user_id);
     let out = s.store.force_release(&res, &actor).await.unwrap();
@@ -508,7 +513,7 @@ async fn force_and_session_releases_resent_after_a_lost_reply_act_once() {
 
     // Session loss of b (now the holder) hands nothing on, so add a waiter c first.
     let c = holder("c");
-    let mut wait = request(&now.room, &res, &c, 60_000);
+    let mut wait = request(&now.room, &res.resource, &c, 60_000);
     wait.wait = Some(WaitSpec {
         timeout_ms: 60_000,
         request_id: Some(4),
@@ -517,7 +522,7 @@ async fn force_and_session_releases_resent_after_a_lost_reply_act_once() {
         s.store.acquire(wait).await.unwrap(),
         AcquireOutcome::Held { .. }
     ));
-    let shard = keys::shard_of(res.as_str());
+    let shard = keys::shard_of(&res.to_string());
     s.proxy.arm(&keys::session_locks(shard, &b.session_id));
     let out = s
         .store
@@ -543,7 +548,7 @@ async fn force_and_session_releases_resent_after_a_lost_reply_act_once() {
         other => panic!("expected b's release with c's hand-off, got {other:?}"),
     }
     assert_eq!(
-        audit_kinds(&s.audit, &res).await,
+        audit_kinds(&s.audit, &res.resource).await,
         [
             "lock_acquired",
             "lock_waiting",

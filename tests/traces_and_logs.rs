@@ -139,7 +139,7 @@ async fn scripted_session(addr: std::net::SocketAddr) -> (String, String, u32) {
     )
     .await;
     alice
-        .request(json!({"type": "lock.release", "resource": "segment:1-1", "token": lock_token}))
+        .request(json!({"type": "lock.release", "room": "scene:1", "resource": "segment:1-1", "token": lock_token}))
         .await;
     let (a, b) = (alice.session_id(), bob.session_id());
     alice.close_normally().await;

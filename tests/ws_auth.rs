@@ -304,12 +304,12 @@ async fn owners_force_release_editors_may_not() {
     assert_eq!(r["type"], "reply", "{r}");
     let token = r["token"].as_u64().unwrap();
 
-    let force = json!({"type": "lock.release", "resource": "segment:1-1", "force": true});
+    let force = json!({"type": "lock.release", "room": "scene:1", "resource": "segment:1-1", "force": true});
     editor.expect_error(force.clone(), "forbidden").await;
     // Knowing the holder's token does not help either: it is still another's lock.
     editor
         .expect_error(
-            json!({"type": "lock.release", "resource": "segment:1-1", "token": token}),
+            json!({"type": "lock.release", "room": "scene:1", "resource": "segment:1-1", "token": token}),
             "forbidden",
         )
         .await;
@@ -326,7 +326,7 @@ async fn owners_force_release_editors_may_not() {
     // The old holder's token is dead.
     holder
         .expect_error(
-            json!({"type": "lock.release", "resource": "segment:1-1", "token": token}),
+            json!({"type": "lock.release", "room": "scene:1", "resource": "segment:1-1", "token": token}),
             "lock_not_held",
         )
         .await;

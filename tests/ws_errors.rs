@@ -108,7 +108,7 @@ async fn decode_errors(codec: Codec) {
     .await;
     expect_code(
         &mut alice,
-        json!({"type": "lock.extend", "resource": "segment:1", "token": 1}),
+        json!({"type": "lock.extend", "room": "scene:1", "resource": "segment:1", "token": 1}),
         "bad_request",
     )
     .await;
@@ -116,7 +116,7 @@ async fn decode_errors(codec: Codec) {
     // Wrong field types.
     expect_code(
         &mut alice,
-        json!({"type": "lock.release", "resource": "segment:1", "token": "7"}),
+        json!({"type": "lock.release", "room": "scene:1", "resource": "segment:1", "token": "7"}),
         "bad_request",
     )
     .await;
@@ -222,7 +222,7 @@ async fn decode_errors(codec: Codec) {
     // Cancelling a wait that does not exist.
     expect_code(
         &mut alice,
-        json!({"type": "lock.cancel_wait", "resource": "segment:1-1"}),
+        json!({"type": "lock.cancel_wait", "room": "scene:1", "resource": "segment:1-1"}),
         "not_found",
     )
     .await;
@@ -391,7 +391,7 @@ async fn read_until_marker(c: &mut Client, marker: u32) -> Vec<Value> {
 /// Sends `lock.cancel_wait` (exempt from the rate limit, answered `not_found`) as a marker.
 async fn send_marker(c: &mut Client) -> u32 {
     let id = c.fresh_id();
-    c.send(json!({"type": "lock.cancel_wait", "resource": "segment:marker", "id": id}))
+    c.send(json!({"type": "lock.cancel_wait", "room": "scene:1", "resource": "segment:marker", "id": id}))
         .await;
     id
 }
@@ -539,7 +539,7 @@ async fn lock_release_is_not_held_back_by_a_flood() {
     }
     let release_id = alice.fresh_id();
     alice
-        .send(json!({"type": "lock.release", "resource": "segment:1-1", "token": token, "id": release_id}))
+        .send(json!({"type": "lock.release", "room": "scene:1", "resource": "segment:1-1", "token": token, "id": release_id}))
         .await;
     let mut after = Vec::new();
     for _ in 0..20 {

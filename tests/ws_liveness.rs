@@ -48,7 +48,9 @@ async fn resume_within_grace_keeps_session_presence_and_locks_silently() {
         "no join either: {seen:?}"
     );
     let r = a2
-        .request(json!({"type":"lock.release","resource":"segment:9-1","token":lock_token}))
+        .request(
+            json!({"type":"lock.release","room":ROOM,"resource":"segment:9-1","token":lock_token}),
+        )
         .await;
     assert_eq!(r["type"], "reply", "{r}");
     assert_eq!(b.recv_type("lock.released").await["reason"], "released");
@@ -203,7 +205,9 @@ async fn a_parked_session_gives_up_its_waits() {
     waiter.drop_connection();
     tokio::time::sleep(Duration::from_millis(300)).await;
     holder
-        .request(json!({"type":"lock.release","resource":"segment:9-5","token":g["token"]}))
+        .request(
+            json!({"type":"lock.release","room":ROOM,"resource":"segment:9-5","token":g["token"]}),
+        )
         .await;
     let granted = next.recv_type("lock.granted").await;
     assert_eq!(

@@ -72,16 +72,28 @@ async fn tokens_increase_across_expiry_and_stale_holders_are_refused() {
     assert!(t2 > t1, "fencing tokens strictly increase: {t1} then {t2}");
 
     let stale_release = a
-        .request(json!({"type":"lock.release","resource":"segment:7-2","token":t1}))
+        .request(json!({"type":"lock.release","room":ROOM,"resource":"segment:7-2","token":t1}))
         .await;
     assert_eq!(stale_release["code"], "lock_not_held", "{stale_release}");
     let stale_extend = a
-        .request(json!({"type":"lock.extend","resource":"segment:7-2","token":t1,"ttl_ms":60000}))
+        .request(json!({"type":"lock.extend","room":ROOM,"resource":"segment:7-2","token":t1,"ttl_ms":60000}))
         .await;
     assert_eq!(stale_extend["code"], "lock_not_held", "{stale_extend}");
+    // Without `room`, a session holding nothing on the resource is asked for it.
+    let no_room = a
+        .request(json!({"type":"lock.release","resource":"segment:7-2","token":t1}))
+        .await;
+    assert_eq!(no_room["code"], "bad_request", "{no_room}");
+    assert!(
+        no_room["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("room is required"),
+        "{no_room}"
+    );
     // Even with the live token, another session cannot release the lock.
     let theft = a
-        .request(json!({"type":"lock.release","resource":"segment:7-2","token":t2}))
+        .request(json!({"type":"lock.release","room":ROOM,"resource":"segment:7-2","token":t2}))
         .await;
     assert_eq!(theft["code"], "forbidden", "{theft}");
 
@@ -298,4 +310,181 @@ async fn locks_and_waits_per_session_are_capped() {
     let mut alice2 = joined(&server, "alice").await;
     let ok = alice2.request(acquire("segment:9-6", json!({}))).await;
     assert_eq!(ok["type"], "reply", "{ok}");
+}
+
+/// The attack of the issue: an editor of `scene:1` who is only a viewer of `scene:42` locks
+/// `segment:42-7` naming `room: "scene:1"`. Locks are identified by (room, resource), so that
+/// lock is a lock *in scene:1* only: scene 42's editor still locks the segment in scene:42,
+/// scene 42's snapshot shows scene 42's lock (and only it) to its owner, the owner can
+/// force-release it, and the attacker can neither block, see, release nor extend it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_editor_of_another_room_can_neither_hold_nor_block_a_rooms_resource() {
+    let server = Server::start().await;
+    let connect = |sub: &'static str, rooms: Value| {
+        let server = &server;
+        async move {
+            let token = server.token(sub, Some(rooms)).await;
+            Client::connect(server.addr, &token, common::Codec::Json, None).await
+        }
+    };
+    let mut attacker = connect(
+        "mallory",
+        json!({"scene:1": "editor", "scene:42": "viewer"}),
+    )
+    .await;
+    let mut editor = connect("erin", json!({"scene:42": "editor"})).await;
+    let mut owner = connect("olga", json!({"scene:42": "owner"})).await;
+    attacker.join("scene:1").await;
+    attacker.join("scene:42").await;
+    editor.join("scene:42").await;
+
+    // The attack: lock scene 42's segment by naming scene:1.
+    let lock = json!({"type":"lock.acquire","room":"scene:1","resource":"segment:42-7","action":"approve"});
+    let stolen = attacker.request(lock).await;
+    assert_eq!(stolen["type"], "reply", "a lock in scene:1: {stolen}");
+    assert_eq!(stolen["room"], "scene:1");
+    // Naming scene:42 itself is refused (viewer).
+    let direct = json!({"type":"lock.acquire","room":"scene:42","resource":"segment:42-7","action":"approve"});
+    let refused = attacker.request(direct.clone()).await;
+    assert_eq!(refused["code"], "forbidden", "{refused}");
+
+    // Scene 42's editor is not blocked.
+    let mine = editor.request(direct).await;
+    assert_eq!(
+        mine["type"], "reply",
+        "not blocked by the lock in scene:1: {mine}"
+    );
+    let token = mine["token"].as_u64().expect("token");
+
+    // The owner's snapshot of scene:42 shows scene 42's lock, held by erin, and nothing else.
+    owner.send(json!({"type":"join","room":"scene:42"})).await;
+    let snap = owner.recv_type("room.snapshot").await;
+    let locks = snap["locks"].as_array().expect("locks");
+    assert_eq!(locks.len(), 1, "{snap}");
+    assert_eq!(locks[0]["resource"], "segment:42-7");
+    assert_eq!(locks[0]["holder"]["user_id"], "erin");
+
+    // The attacker cannot end or extend scene 42's lock, even with its token.
+    let forced = attacker
+        .request(
+            json!({"type":"lock.release","room":"scene:42","resource":"segment:42-7","force":true}),
+        )
+        .await;
+    assert_eq!(forced["code"], "forbidden", "{forced}");
+    let theft = attacker
+        .request(json!({"type":"lock.release","room":"scene:42","resource":"segment:42-7","token":token}))
+        .await;
+    assert_eq!(theft["code"], "forbidden", "{theft}");
+    // Without `room` the attacker's own lock (scene:1) is the one meant: the token is stale there.
+    let wrong = attacker
+        .request(
+            json!({"type":"lock.extend","resource":"segment:42-7","token":token,"ttl_ms":60_000}),
+        )
+        .await;
+    assert_eq!(wrong["code"], "lock_not_held", "{wrong}");
+
+    // The owner force-releases it; scene 42 hears `forced`; the attacker's lock stays in scene:1.
+    let r = owner
+        .request(
+            json!({"type":"lock.release","room":"scene:42","resource":"segment:42-7","force":true}),
+        )
+        .await;
+    assert_eq!(r["type"], "reply", "{r}");
+    assert_eq!(r["room"], "scene:42");
+    let released = editor
+        .recv_where(|v| v["type"] == "lock.released" && v["resource"] == "segment:42-7")
+        .await;
+    assert_eq!(
+        (released["room"].as_str(), released["reason"].as_str()),
+        (Some("scene:42"), Some("forced"))
+    );
+    let r = attacker
+        .request(json!({"type":"lock.release","resource":"segment:42-7","token":stolen["token"]}))
+        .await;
+    assert_eq!(
+        r["type"], "reply",
+        "its own lock, resolved without room: {r}"
+    );
+    assert_eq!(r["room"], "scene:1");
+}
+
+/// A session holding the same resource in two rooms must say which one; `lock.extend` is
+/// refused to a holder whose role in the lock's room is below editor now; releasing stays allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_is_required_when_ambiguous_and_extend_needs_an_editor() {
+    let server = Server::start().await;
+    let mut a = server.client("a").await;
+    a.join("scene:1").await;
+    a.join("scene:2").await;
+    let acq = |room: &str| json!({"type":"lock.acquire","room":room,"resource":"segment:5","action":"trim"});
+    let t1 = a.request(acq("scene:1")).await["token"]
+        .as_u64()
+        .expect("t1");
+    let t2 = a.request(acq("scene:2")).await["token"]
+        .as_u64()
+        .expect("t2");
+    let e = a
+        .request(json!({"type":"lock.release","resource":"segment:5","token":t1}))
+        .await;
+    assert_eq!(e["code"], "bad_request", "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("room is required"),
+        "{e}"
+    );
+    let r = a
+        .request(json!({"type":"lock.release","room":"scene:1","resource":"segment:5","token":t1}))
+        .await;
+    assert_eq!(r["type"], "reply", "{r}");
+    // Now unambiguous.
+    let r = a
+        .request(json!({"type":"lock.release","resource":"segment:5","token":t2}))
+        .await;
+    assert_eq!(
+        (r["type"].as_str(), r["room"].as_str()),
+        (Some("reply"), Some("scene:2")),
+        "{r}"
+    );
+
+    // The holder's role is checked again at extend: the same user, holding a lock granted
+    // while an editor of scene:3, presents a token that now says viewer. Extending is
+    // refused; releasing its own lock stays allowed.
+    let editor = server.token("v", Some(json!({"scene:3": "editor"}))).await;
+    let viewer = server.token("v", Some(json!({"scene:3": "viewer"}))).await;
+    let http = reqwest::Client::new();
+    let post = |path: &str, bearer: &str, body: Value| {
+        http.post(server.url(path))
+            .bearer_auth(bearer.to_owned())
+            .json(&body)
+            .send()
+    };
+    let g: Value = post(
+        "/v1/locks/acquire",
+        &editor,
+        json!({"room":"scene:3","resource":"segment:6","action":"trim"}),
+    )
+    .await
+    .expect("acquire")
+    .json()
+    .await
+    .expect("json");
+    let token = g["token"].as_u64().expect("token");
+    let ext = post(
+        "/v1/locks/extend",
+        &viewer,
+        json!({"room":"scene:3","resource":"segment:6","token":token,"ttl_ms":60_000}),
+    )
+    .await
+    .expect("extend");
+    assert_eq!(ext.status().as_u16(), 403);
+    let rel = post(
+        "/v1/locks/release",
+        &viewer,
+        json!({"room":"scene:3","resource":"segment:6","token":token}),
+    )
+    .await
+    .expect("release");
+    assert_eq!(rel.status().as_u16(), 200);
 }

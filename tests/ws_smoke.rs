@@ -38,7 +38,7 @@ async fn two_clients_see_each_other_and_lock() {
     assert_eq!(denied["holder"]["name"], "alice-name");
     assert_eq!(denied["holder"]["action"], "approve");
     let r = alice
-        .request(json!({"type":"lock.release","resource":"segment:42-1","token":token}))
+        .request(json!({"type":"lock.release","room":"scene:42","resource":"segment:42-1","token":token}))
         .await;
     assert_eq!(r["type"], "reply");
     let rel = bob.recv_type("lock.released").await;

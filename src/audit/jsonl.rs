@@ -340,6 +340,7 @@ pub struct RecordFilter {
     resource: Option<String>,
     room: Option<String>,
     user_id: Option<String>,
+    actor: Option<String>,
     kind: Option<AuditKind>,
     since: Option<u64>,
     until: Option<u64>,
@@ -376,6 +377,7 @@ impl RecordFilter {
             resource: q.resource.clone(),
             room: q.room.clone(),
             user_id: q.user_id.clone(),
+            actor: q.actor.clone(),
             kind,
             since: instant("since", &q.since)?,
             until: instant("until", &q.until)?,
@@ -397,6 +399,10 @@ impl RecordFilter {
     }
     pub fn user_id(&self) -> Option<&str> {
         self.user_id.as_deref()
+    }
+    /// Only records whose actor (who forced a release) is this user.
+    pub fn actor(&self) -> Option<&str> {
+        self.actor.as_deref()
     }
     pub fn kind(&self) -> Option<AuditKind> {
         self.kind
@@ -421,6 +427,10 @@ impl RecordFilter {
         eq(&self.resource, &r.resource)
             && eq(&self.room, &r.room)
             && eq(&self.user_id, &r.user_id)
+            && self
+                .actor
+                .as_deref()
+                .is_none_or(|a| r.actor.as_ref().is_some_and(|x| &*x.user_id == a))
             && self.kind.is_none_or(|k| r.kind == k)
             && self.since.is_none_or(|s| r.at >= s)
             && self.until.is_none_or(|u| r.at < u)

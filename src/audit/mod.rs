@@ -42,6 +42,9 @@ pub enum AuditKind {
     LockWaiting,
     LockWaitCancelled,
     LockWaitExpired,
+    /// A grant taken back before anyone was told its token: strict fencing could not register
+    /// it (`detail.reason`). The token was never valid; see `docs/fencing.md`.
+    LockWithdrawn,
     SessionOpened,
     SessionClosed,
     SessionRefreshed,
@@ -64,6 +67,7 @@ impl AuditKind {
             AuditKind::LockWaiting => "lock_waiting",
             AuditKind::LockWaitCancelled => "lock_wait_cancelled",
             AuditKind::LockWaitExpired => "lock_wait_expired",
+            AuditKind::LockWithdrawn => "lock_withdrawn",
             AuditKind::SessionOpened => "session_opened",
             AuditKind::SessionClosed => "session_closed",
             AuditKind::SessionRefreshed => "session_refreshed",
@@ -100,6 +104,10 @@ pub struct AuditRecord {
     pub token: Option<u64>,
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub detail: serde_json::Value,
+    /// Who acted on somebody else's lock (a forced release): `user_id`/`session_id` above stay
+    /// the lock's holder (the one it happened to), the forcer is here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<crate::engine::Actor>,
 }
 
 impl AuditRecord {
@@ -116,6 +124,7 @@ impl AuditRecord {
             node_id,
             token: None,
             detail: serde_json::Value::Null,
+            actor: None,
         }
     }
 }
@@ -126,6 +135,8 @@ pub struct AuditQuery {
     pub resource: Option<String>,
     pub room: Option<String>,
     pub user_id: Option<String>,
+    /// Only records whose `actor.user_id` is this (who forced a release).
+    pub actor: Option<String>,
     pub kind: Option<String>,
     /// Only records at or after this instant (RFC 3339 or ms since the epoch).
     pub since: Option<String>,

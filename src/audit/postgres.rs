@@ -49,14 +49,15 @@ use uuid::Uuid;
 use super::jsonl::RecordFilter;
 use super::{AuditError, AuditKind, AuditPage, AuditQuery, AuditRecord, AuditSink};
 
-/// Records per `INSERT` statement (10 parameters each, far below Postgres' 65535).
+/// Records per `INSERT` statement (11 parameters each, far below Postgres' 65535).
 pub const INSERT_CHUNK: usize = 1000;
 /// Upper bound of every database call made here.
 pub const DB_TIMEOUT: Duration = Duration::from_secs(15);
 /// The latest `at` accepted: 9999-12-31T23:59:59.999Z.
 pub const MAX_AT_MS: u64 = 253_402_300_799_999;
 
-const COLUMNS: &str = "id, at, kind, room, resource, user_id, session_id, node_id, token, detail";
+const COLUMNS: &str =
+    "id, at, kind, room, resource, user_id, session_id, node_id, token, detail, actor";
 
 /// Why a batch was not written.
 #[derive(Debug, thiserror::Error)]
@@ -226,6 +227,8 @@ struct RowParams<'a> {
     node_id: &'a str,
     token: Option<i64>,
     detail: &'a serde_json::Value,
+    /// `{user_id, session_id?, node_id, via}` (jsonb, V3), null for most records.
+    actor: Option<serde_json::Value>,
 }
 
 async fn insert_records(
@@ -253,18 +256,19 @@ async fn insert_records(
                 } else {
                     &r.detail
                 },
+                actor: r.actor.as_ref().and_then(|a| serde_json::to_value(a).ok()),
             })
             .collect();
         let mut sql = format!("INSERT INTO lockstep.audit_events ({COLUMNS}) VALUES ");
-        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(rows.len() * 10);
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(rows.len() * 11);
         for (i, row) in rows.iter().enumerate() {
-            let b = i * 10;
+            let b = i * 11;
             if i > 0 {
                 sql.push(',');
             }
             let _ = write!(
                 sql,
-                "(${},${},${},${},${},${},${},${},${},${})",
+                "(${},${},${},${},${},${},${},${},${},${},${})",
                 b + 1,
                 b + 2,
                 b + 3,
@@ -274,7 +278,8 @@ async fn insert_records(
                 b + 7,
                 b + 8,
                 b + 9,
-                b + 10
+                b + 10,
+                b + 11
             );
             params.extend([
                 &row.id as &(dyn ToSql + Sync),
@@ -287,6 +292,7 @@ async fn insert_records(
                 &row.node_id,
                 &row.token,
                 &row.detail,
+                &row.actor,
             ]);
         }
         sql.push_str(" ON CONFLICT (id) DO NOTHING");
@@ -388,6 +394,11 @@ fn select_statement(f: &RecordFilter) -> (String, Vec<Param>) {
             conds.push(format!("{column} = ${n}"));
         }
     }
+    if let Some(a) = f.actor() {
+        // Served by the `(actor->>'user_id', at DESC, id DESC)` index (V3).
+        let n = add(&mut params, Box::new(a.to_owned()));
+        conds.push(format!("actor->>'user_id' = ${n}"));
+    }
     if let Some(k) = f.kind() {
         let n = add(&mut params, Box::new(k.as_str()));
         conds.push(format!("kind = ${n}"));
@@ -447,6 +458,11 @@ fn record_of(row: &tokio_postgres::Row) -> Result<AuditRecord, String> {
         d => d,
     };
     let node_id: String = row.try_get("node_id").map_err(|e| e.to_string())?;
+    let actor: Option<serde_json::Value> = row.try_get("actor").map_err(|e| e.to_string())?;
+    let actor = actor
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|e| format!("unreadable actor: {e}"))?;
     Ok(AuditRecord {
         id: row.try_get("id").map_err(|e| e.to_string())?,
         at,
@@ -458,6 +474,7 @@ fn record_of(row: &tokio_postgres::Row) -> Result<AuditRecord, String> {
         node_id: Arc::from(node_id),
         token: token.and_then(|t| u64::try_from(t).ok()),
         detail,
+        actor,
     })
 }
 

@@ -32,9 +32,9 @@ use crate::audit::jsonl::{PageCollector, RecordFilter};
 use crate::audit::{AuditError, AuditKind, AuditPage, AuditQuery, AuditRecord, AuditSink};
 use crate::auth::Role;
 use crate::engine::{
-    AcquireOutcome, AcquireRequest, Actor, Broker, EventSink, Grant, Holder, LockInfo, LockStore,
-    LockTransition, Member, PresencePatch, PresenceStore, ReleaseReason, RoomEvent, RoomEventKind,
-    SessionId, TokenOutcome, WaitSpec, now_ms,
+    AcquireOutcome, AcquireRequest, Actor, ActorVia, Broker, EventSink, Grant, Holder, LockInfo,
+    LockKey, LockStore, LockTransition, Member, PresencePatch, PresenceStore, ReleaseReason,
+    RoomEvent, RoomEventKind, SessionId, TokenOutcome, WaitSpec, now_ms,
 };
 use crate::names::Entity;
 
@@ -110,6 +110,11 @@ fn unique(ty: &str) -> Entity {
     Entity::parse(&format!("{ty}:c-{}", &id[..16])).expect("valid generated entity")
 }
 
+/// The identity of `resource` locked in `room`.
+fn key(room: &Entity, resource: &Entity) -> LockKey {
+    LockKey::new(room.clone(), resource.clone())
+}
+
 /// A fresh session of user `user`.
 fn holder(user: &str) -> Holder {
     let id = uuid::Uuid::new_v4().simple().to_string();
@@ -180,7 +185,7 @@ async fn must_hold(store: &dyn LockStore, req: AcquireRequest) -> (LockInfo, Opt
 /// Releases with reason `Released` and expects success.
 async fn must_release(store: &dyn LockStore, lock: &LockInfo) -> Option<Grant> {
     match store
-        .release(&lock.resource, lock.token, ReleaseReason::Released)
+        .release(&lock.key(), lock.token, ReleaseReason::Released, None)
         .await
         .expect("release")
     {
@@ -287,6 +292,9 @@ where
     lock_audit_trail(&new_store().await).await;
     raise_fence(&new_store().await).await;
     reissue(&new_store().await).await;
+    rooms_lock_independently(&new_store().await).await;
+    validate_is_the_stores_notion(&new_store().await).await;
+    withdraw_is_recorded_as_withdrawn(&new_store().await).await;
 }
 
 /// 20 sessions acquire one resource at once: exactly one is granted, the 19 others are told
@@ -333,7 +341,10 @@ pub async fn simultaneous_acquires(t: &LockStoreUnderTest) {
             assert_eq!(*queue_position, None, "nobody asked to wait");
         }
     }
-    assert_eq!(t.store.get(&res).await.expect("get"), Some(winner));
+    assert_eq!(
+        t.store.get(&key(&room, &res)).await.expect("get"),
+        Some(winner)
+    );
 }
 
 /// Tokens grow strictly across release, expiry (via reap) and forced release, and stay exact
@@ -360,8 +371,11 @@ pub async fn tokens_strictly_increase(t: &LockStoreUnderTest) {
         user_id: "admin".into(),
         session_id: None,
         node_id: "node-conformance".into(),
+        via: ActorVia::AdminToken,
     };
-    s.force_release(&res, &actor).await.expect("force");
+    s.force_release(&key(&room, &res), &actor)
+        .await
+        .expect("force");
     let d = must_grant(s, request(&room, &res, &holder("d"), LONG)).await;
     assert!(d.token > c.token, "after force: {} > {}", d.token, c.token);
     assert!(d.token < 1 << 53, "tokens stay exact in JavaScript");
@@ -426,7 +440,7 @@ pub async fn stale_token_refused(t: &LockStoreUnderTest) {
     one_release(reap_for(s, &res).await);
     let b = must_grant(s, request(&room, &res, &holder("b"), LONG)).await;
     let refused = s
-        .release(&res, a.token, ReleaseReason::Released)
+        .release(&key(&room, &res), a.token, ReleaseReason::Released, None)
         .await
         .expect("release");
     assert_eq!(
@@ -435,7 +449,10 @@ pub async fn stale_token_refused(t: &LockStoreUnderTest) {
             current: Some(b.clone())
         }
     );
-    let refused = s.extend(&res, a.token, LONG).await.expect("extend");
+    let refused = s
+        .extend(&key(&room, &res), a.token, LONG)
+        .await
+        .expect("extend");
     assert_eq!(
         refused,
         TokenOutcome::NotHeld {
@@ -443,7 +460,7 @@ pub async fn stale_token_refused(t: &LockStoreUnderTest) {
         }
     );
     assert_eq!(
-        s.get(&res).await.expect("get"),
+        s.get(&key(&room, &res)).await.expect("get"),
         Some(b.clone()),
         "b untouched"
     );
@@ -453,11 +470,14 @@ pub async fn stale_token_refused(t: &LockStoreUnderTest) {
         user_id: "owner".into(),
         session_id: None,
         node_id: "node-conformance".into(),
+        via: ActorVia::AdminToken,
     };
-    s.force_release(&res, &actor).await.expect("force");
+    s.force_release(&key(&room, &res), &actor)
+        .await
+        .expect("force");
     let c = must_grant(s, request(&room, &res, &holder("c"), LONG)).await;
     let refused = s
-        .release(&res, b.token, ReleaseReason::Released)
+        .release(&key(&room, &res), b.token, ReleaseReason::Released, None)
         .await
         .expect("release");
     assert_eq!(
@@ -467,7 +487,10 @@ pub async fn stale_token_refused(t: &LockStoreUnderTest) {
         }
     );
     // A token that was never issued is refused too.
-    let refused = s.extend(&res, c.token + 1, LONG).await.expect("extend");
+    let refused = s
+        .extend(&key(&room, &res), c.token + 1, LONG)
+        .await
+        .expect("extend");
     assert_eq!(refused, TokenOutcome::NotHeld { current: Some(c) });
 }
 
@@ -480,7 +503,7 @@ pub async fn release_after_expiry_refused(t: &LockStoreUnderTest) {
     let a = must_grant(s, request(&room, &res, &holder("a"), SHORT)).await;
     sleep(PAST_SHORT).await;
     assert_eq!(
-        s.get(&res).await.expect("get"),
+        s.get(&key(&room, &res)).await.expect("get"),
         Some(a.clone()),
         "a lock stays until reap ends it"
     );
@@ -489,13 +512,16 @@ pub async fn release_after_expiry_refused(t: &LockStoreUnderTest) {
         (lock, reason, granted),
         (a.clone(), ReleaseReason::Expired, None)
     );
-    assert_eq!(s.get(&res).await.expect("get"), None);
+    assert_eq!(s.get(&key(&room, &res)).await.expect("get"), None);
     let refused = s
-        .release(&res, a.token, ReleaseReason::Released)
+        .release(&key(&room, &res), a.token, ReleaseReason::Released, None)
         .await
         .expect("release");
     assert_eq!(refused, TokenOutcome::NotHeld { current: None });
-    let refused = s.extend(&res, a.token, LONG).await.expect("extend");
+    let refused = s
+        .extend(&key(&room, &res), a.token, LONG)
+        .await
+        .expect("extend");
     assert_eq!(refused, TokenOutcome::NotHeld { current: None });
 }
 
@@ -507,7 +533,11 @@ pub async fn extend_moves_expiry(t: &LockStoreUnderTest) {
     // Hold limit.
     let res = unique("segment");
     let a = must_grant(s, request(&room, &res, &holder("a"), 1_000)).await;
-    let extended = match s.extend(&res, a.token, LONG).await.expect("extend") {
+    let extended = match s
+        .extend(&key(&room, &res), a.token, LONG)
+        .await
+        .expect("extend")
+    {
         TokenOutcome::Done(lock) => lock,
         other => panic!("expected an extension, got {other:?}"),
     };
@@ -516,14 +546,16 @@ pub async fn extend_moves_expiry(t: &LockStoreUnderTest) {
     assert!(extended.expires_at >= a.expires_at + LONG - 10_000);
     sleep(Duration::from_millis(1_300)).await;
     assert!(reap_for(s, &res).await.is_empty(), "extended past 1 s");
-    assert_eq!(s.get(&res).await.expect("get"), Some(extended));
+    assert_eq!(s.get(&key(&room, &res)).await.expect("get"), Some(extended));
 
     // Lease: renewed with its original duration.
     let res = unique("segment");
     let b = must_grant(s, leased(request(&room, &res, &holder("b"), LONG), 1_000)).await;
     sleep(Duration::from_millis(600)).await;
     assert!(matches!(
-        s.extend(&res, b.token, LONG).await.expect("extend"),
+        s.extend(&key(&room, &res), b.token, LONG)
+            .await
+            .expect("extend"),
         TokenOutcome::Done(_)
     ));
     sleep(Duration::from_millis(600)).await;
@@ -531,13 +563,16 @@ pub async fn extend_moves_expiry(t: &LockStoreUnderTest) {
         reap_for(s, &res).await.is_empty(),
         "extend renewed the 1 s lease"
     );
-    assert!(s.get(&res).await.expect("get").is_some());
+    assert!(s.get(&key(&room, &res)).await.expect("get").is_some());
 
     // Past its end (not reaped yet): refused, the lock still shown as current.
     let res = unique("segment");
     let c = must_grant(s, request(&room, &res, &holder("c"), SHORT)).await;
     sleep(PAST_SHORT).await;
-    let refused = s.extend(&res, c.token, LONG).await.expect("extend");
+    let refused = s
+        .extend(&key(&room, &res), c.token, LONG)
+        .await
+        .expect("extend");
     assert_eq!(refused, TokenOutcome::NotHeld { current: Some(c) });
     let (_, reason, _) = one_release(reap_for(s, &res).await);
     assert_eq!(reason, ReleaseReason::Expired);
@@ -558,9 +593,9 @@ pub async fn expiry_via_reap(t: &LockStoreUnderTest) {
     let (lock, reason, granted) = one_release(reap_for(s, &res).await);
     assert_eq!((lock, reason, granted), (a, ReleaseReason::Expired, None));
     assert!(reap_for(s, &res).await.is_empty(), "announced once");
-    assert_eq!(s.get(&res).await.expect("get"), None);
+    assert_eq!(s.get(&key(&room, &res)).await.expect("get"), None);
     assert!(reap_for(s, &long).await.is_empty(), "still not due");
-    assert_eq!(s.get(&long).await.expect("get"), Some(l));
+    assert_eq!(s.get(&key(&room, &long)).await.expect("get"), Some(l));
 
     let res = unique("segment");
     let b = must_grant(s, leased(request(&room, &res, &holder("b"), LONG), SHORT)).await;
@@ -580,28 +615,31 @@ pub async fn refresh_leases_keeps_alive(t: &LockStoreUnderTest) {
     let room = unique("scene");
     let res = unique("segment");
     let a = must_grant(s, leased(request(&room, &res, &holder("a"), LONG), 600)).await;
-    let bogus = (res.clone(), a.token + 1);
+    let bogus = (key(&room, &res), a.token + 1);
     for _ in 0..6 {
         sleep(Duration::from_millis(150)).await;
         let lost = s
-            .refresh_leases(&[(res.clone(), a.token), bogus.clone()], 600)
+            .refresh_leases(&[(key(&room, &res), a.token), bogus.clone()], 600)
             .await
             .expect("refresh");
         assert_eq!(lost, vec![bogus.clone()], "only the bogus grant is lost");
         assert!(reap_for(s, &res).await.is_empty(), "lease kept alive");
     }
     // 900 ms > 600 ms: alive only thanks to the refreshes. Now stop refreshing.
-    assert_eq!(s.get(&res).await.expect("get"), Some(a.clone()));
+    assert_eq!(
+        s.get(&key(&room, &res)).await.expect("get"),
+        Some(a.clone())
+    );
     sleep(Duration::from_millis(1_000)).await;
     let (lock, reason, _) = one_release(reap_for(s, &res).await);
     assert_eq!((lock, reason), (a.clone(), ReleaseReason::Disconnected));
     let lost = s
-        .refresh_leases(&[(res.clone(), a.token)], 600)
+        .refresh_leases(&[(key(&room, &res), a.token)], 600)
         .await
         .expect("refresh");
     assert_eq!(
         lost,
-        vec![(res, a.token)],
+        vec![(key(&room, &res), a.token)],
         "an ended lease is reported lost"
     );
 }
@@ -640,11 +678,14 @@ pub async fn fifo_queue(t: &LockStoreUnderTest) {
         let granted = must_release(s, &current).await;
         let next = expect_grant(granted, w, i as u32 + 1, current.token);
         assert_eq!(next.room, room);
-        assert_eq!(s.get(&res).await.expect("get"), Some(next.clone()));
+        assert_eq!(
+            s.get(&key(&room, &res)).await.expect("get"),
+            Some(next.clone())
+        );
         current = next;
     }
     assert_eq!(must_release(s, &current).await, None, "queue empty");
-    assert_eq!(s.get(&res).await.expect("get"), None);
+    assert_eq!(s.get(&key(&room, &res)).await.expect("get"), None);
 }
 
 /// `cancel_wait` takes a waiter out of the queue; the next one is served.
@@ -657,10 +698,18 @@ pub async fn cancel_wait(t: &LockStoreUnderTest) {
     let w2 = holder("w2");
     must_hold(s, waiting(request(&room, &res, &w1, LONG), LONG, 1)).await;
     must_hold(s, waiting(request(&room, &res, &w2, LONG), LONG, 2)).await;
-    assert!(s.cancel_wait(&res, &w1.session_id).await.expect("cancel"));
-    assert!(!s.cancel_wait(&res, &w1.session_id).await.expect("cancel"));
     assert!(
-        !s.cancel_wait(&res, &holder("x").session_id)
+        s.cancel_wait(&key(&room, &res), &w1.session_id)
+            .await
+            .expect("cancel")
+    );
+    assert!(
+        !s.cancel_wait(&key(&room, &res), &w1.session_id)
+            .await
+            .expect("cancel")
+    );
+    assert!(
+        !s.cancel_wait(&key(&room, &res), &holder("x").session_id)
             .await
             .expect("cancel")
     );
@@ -748,7 +797,7 @@ pub async fn release_session(t: &LockStoreUnderTest) {
         (l2, ReleaseReason::Disconnected, None),
         "only the lock in room y"
     );
-    assert_eq!(s.get(&r1).await.expect("get"), Some(l1.clone()));
+    assert_eq!(s.get(&key(&x, &r1)).await.expect("get"), Some(l1.clone()));
     assert_eq!(
         must_release(s, &l4).await,
         None,
@@ -785,21 +834,33 @@ pub async fn force_release(t: &LockStoreUnderTest) {
         user_id: "owner".into(),
         session_id: Some("owner-session".into()),
         node_id: "node-conformance".into(),
+        via: ActorVia::Ws,
     };
     let a = must_grant(s, request(&room, &res, &holder("a"), LONG)).await;
     let w = holder("w");
     must_hold(s, waiting(request(&room, &res, &w, LONG), LONG, 5)).await;
-    let t1 = s.force_release(&res, &actor).await.expect("force");
+    let t1 = s
+        .force_release(&key(&room, &res), &actor)
+        .await
+        .expect("force");
     let (lock, reason, granted) = one_release(t1.into_iter().collect());
     assert_eq!((lock, reason), (a.clone(), ReleaseReason::Forced));
     let b = expect_grant(granted, &w, 5, a.token);
-    let t2 = s.force_release(&res, &actor).await.expect("force");
+    let t2 = s
+        .force_release(&key(&room, &res), &actor)
+        .await
+        .expect("force");
     assert_eq!(
         one_release(t2.into_iter().collect()),
         (b, ReleaseReason::Forced, None)
     );
-    assert_eq!(s.force_release(&res, &actor).await.expect("force"), None);
-    assert_eq!(s.get(&res).await.expect("get"), None);
+    assert_eq!(
+        s.force_release(&key(&room, &res), &actor)
+            .await
+            .expect("force"),
+        None
+    );
+    assert_eq!(s.get(&key(&room, &res)).await.expect("get"), None);
 }
 
 /// `list_room` shows the live locks announced in a room, and only those.
@@ -840,20 +901,29 @@ pub async fn lock_audit_trail(t: &LockStoreUnderTest) {
         user_id: "owner".into(),
         session_id: None,
         node_id: "node-conformance".into(),
+        via: ActorVia::AdminToken,
     };
 
     let la = must_grant(s, leased(request(&room, &res, &a, LONG), LONG)).await;
     acquire(s, leased(request(&room, &res, &a, LONG), LONG)).await; // reentrant: no record
     must_hold(s, request(&room, &res, &b, LONG)).await;
     must_hold(s, waiting(request(&room, &res, &c, LONG), LONG, 9)).await;
-    let la = match s.extend(&res, la.token, LONG).await.expect("extend") {
+    let la = match s
+        .extend(&key(&room, &res), la.token, LONG)
+        .await
+        .expect("extend")
+    {
         TokenOutcome::Done(lock) => lock,
         other => panic!("expected an extension, got {other:?}"),
     };
     let lc = expect_grant(must_release(s, &la).await, &c, 9, la.token);
     must_hold(s, waiting(request(&room, &res, &d, LONG), LONG, 10)).await;
-    s.cancel_wait(&res, &d.session_id).await.expect("cancel");
-    s.force_release(&res, &actor).await.expect("force");
+    s.cancel_wait(&key(&room, &res), &d.session_id)
+        .await
+        .expect("cancel");
+    s.force_release(&key(&room, &res), &actor)
+        .await
+        .expect("force");
     let le = must_grant(s, request(&room, &res, &holder("e"), SHORT)).await;
     sleep(PAST_SHORT).await;
     one_release(reap_for(s, &res).await);
@@ -940,6 +1010,17 @@ pub async fn lock_audit_trail(t: &LockStoreUnderTest) {
         (Some(c.session_id.clone()), Some(lc.token))
     );
     assert_eq!(records[8].detail["by"], "owner");
+    assert_eq!(
+        records[8].actor.as_ref(),
+        Some(&actor),
+        "a forced release names who forced it; user_id stays the holder's"
+    );
+    assert!(
+        records
+            .iter()
+            .filter(|r| r.kind != LockForced)
+            .all(|r| r.actor.is_none())
+    );
     assert_eq!(token(9), Some(le.token));
     assert_eq!(token(10), Some(le.token));
     assert_eq!(token(11), Some(lf.token));
@@ -970,6 +1051,198 @@ pub async fn lock_audit_trail(t: &LockStoreUnderTest) {
     );
 }
 
+/// The same resource locked in two rooms is two locks: independent holders, queues, tokens,
+/// listings, releases and waits. Nothing done in one room reaches the other.
+pub async fn rooms_lock_independently(t: &LockStoreUnderTest) {
+    let s = &*t.store;
+    let (x, y) = (unique("scene"), unique("scene"));
+    let res = unique("segment");
+    let (a, b, c) = (holder("a"), holder("b"), holder("c"));
+    let la = must_grant(s, leased(request(&x, &res, &a, LONG), LONG)).await;
+    // Not blocked by the lock in x.
+    let lb = must_grant(s, leased(request(&y, &res, &b, LONG), LONG)).await;
+    assert_eq!(s.get(&key(&x, &res)).await.expect("get"), Some(la.clone()));
+    assert_eq!(s.get(&key(&y, &res)).await.expect("get"), Some(lb.clone()));
+    assert_eq!(s.list_room(&x).await.expect("list"), vec![la.clone()]);
+    assert_eq!(s.list_room(&y).await.expect("list"), vec![lb.clone()]);
+    // The same session may hold the resource in both rooms.
+    let la_y = must_hold(s, waiting(request(&y, &res, &a, LONG), LONG, 2)).await;
+    assert_eq!(la_y.0, lb, "a waits for b's lock in y");
+
+    // A token from room x means nothing in room y.
+    assert!(matches!(
+        s.release(&key(&y, &res), la.token, ReleaseReason::Released, None)
+            .await
+            .expect("release"),
+        TokenOutcome::NotHeld { current: Some(ref cur) } if *cur == lb
+    ));
+    assert!(matches!(
+        s.extend(&key(&y, &res), la.token, LONG)
+            .await
+            .expect("extend"),
+        TokenOutcome::NotHeld { .. }
+    ));
+    assert!(
+        !s.validate(&key(&y, &res), la.token)
+            .await
+            .expect("validate")
+            .0
+    );
+    assert!(
+        s.validate(&key(&x, &res), la.token)
+            .await
+            .expect("validate")
+            .0
+    );
+    let lost = s
+        .refresh_leases(
+            &[(key(&y, &res), la.token), (key(&x, &res), la.token)],
+            LONG,
+        )
+        .await
+        .expect("refresh");
+    assert_eq!(lost, vec![(key(&y, &res), la.token)]);
+    // A wait in x is not a wait in y.
+    assert!(
+        !s.cancel_wait(&key(&x, &res), &a.session_id)
+            .await
+            .expect("cancel")
+    );
+
+    // Leaving room y ends a's wait there and nothing in x.
+    let ts = s
+        .release_session(
+            &a.session_id,
+            ReleaseReason::Disconnected,
+            Some(std::slice::from_ref(&y)),
+        )
+        .await
+        .expect("release_session");
+    assert!(ts.is_empty(), "a held nothing in y: {ts:?}");
+    assert_eq!(s.get(&key(&x, &res)).await.expect("get"), Some(la.clone()));
+
+    // Forcing x's lock leaves y's alone; c then gets x's lock, y's stays b's.
+    let actor = Actor {
+        user_id: "owner-x".into(),
+        session_id: None,
+        node_id: "node-conformance".into(),
+        via: ActorVia::Http,
+    };
+    let t1 = s
+        .force_release(&key(&x, &res), &actor)
+        .await
+        .expect("force");
+    assert_eq!(one_release(t1.into_iter().collect()).0, la);
+    assert_eq!(s.get(&key(&y, &res)).await.expect("get"), Some(lb.clone()));
+    must_hold(s, request(&y, &res, &c, LONG)).await;
+    let lc = must_grant(s, request(&x, &res, &c, LONG)).await;
+    assert!(lc.token > la.token, "x's tokens keep increasing");
+    assert_eq!(lc.room, x);
+    let records = audit_of(t, &res).await;
+    assert!(
+        records.iter().all(|r| r.room.as_deref() == Some(x.as_str())
+            || r.room.as_deref() == Some(y.as_str())),
+        "records carry the lock's room"
+    );
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r.kind == AuditKind::LockForced)
+            .map(|r| (r.room.clone(), r.token))
+            .collect::<Vec<_>>(),
+        vec![(Some(x.as_str().into()), Some(la.token))]
+    );
+    must_release(s, &lc).await;
+    must_release(s, &lb).await;
+}
+
+/// `validate` is the store's own notion of "live holder": the token must match and the lock
+/// be inside its hold limit and its lease, by the store's clock — even before a reap ends it.
+/// No token value passed in (2^53, 2^63 − 1, u64::MAX) changes anything for later grants.
+pub async fn validate_is_the_stores_notion(t: &LockStoreUnderTest) {
+    let s = &*t.store;
+    let room = unique("scene");
+    let res = unique("segment");
+    let k = key(&room, &res);
+    assert_eq!(s.validate(&k, 1).await.expect("validate"), (false, None));
+    let la = must_grant(s, leased(request(&room, &res, &holder("a"), LONG), SHORT)).await;
+    assert_eq!(
+        s.validate(&k, la.token).await.expect("validate"),
+        (true, Some(la.clone()))
+    );
+    for probe in [la.token + 1, la.token - 1, 1 << 53, (1 << 63) - 1, u64::MAX] {
+        assert_eq!(
+            s.validate(&k, probe).await.expect("validate"),
+            (false, Some(la.clone())),
+            "probe {probe}"
+        );
+        assert!(matches!(
+            s.release(&k, probe, ReleaseReason::Released, None)
+                .await
+                .expect("release"),
+            TokenOutcome::NotHeld { .. }
+        ));
+        assert!(matches!(
+            s.extend(&k, probe, LONG).await.expect("extend"),
+            TokenOutcome::NotHeld { .. }
+        ));
+    }
+    // The lease ran out: no longer valid, though not reaped yet (still listed).
+    sleep(PAST_SHORT).await;
+    let (valid, current) = s.validate(&k, la.token).await.expect("validate");
+    assert!(!valid, "past its lease");
+    assert_eq!(current, Some(la.clone()));
+    one_release(reap_for(s, &res).await);
+    let lb = must_grant(s, request(&room, &res, &holder("b"), LONG)).await;
+    assert!(
+        lb.token > la.token && lb.token < 1 << 53,
+        "{} then {}",
+        la.token,
+        lb.token
+    );
+    must_release(s, &lb).await;
+}
+
+/// A withdrawn grant (strict fencing could not register it) is recorded as `lock_withdrawn`
+/// with its reason — never as a release — and the queue is served as by a release.
+pub async fn withdraw_is_recorded_as_withdrawn(t: &LockStoreUnderTest) {
+    let s = &*t.store;
+    let room = unique("scene");
+    let res = unique("segment");
+    let k = key(&room, &res);
+    let w = holder("w");
+    let la = must_grant(s, request(&room, &res, &holder("a"), LONG)).await;
+    must_hold(s, waiting(request(&room, &res, &w, LONG), LONG, 3)).await;
+    assert!(matches!(
+        s.withdraw(&k, la.token + 1, "x").await.expect("withdraw"),
+        TokenOutcome::NotHeld { .. }
+    ));
+    let granted = match s
+        .withdraw(&k, la.token, "fence registration failed")
+        .await
+        .expect("withdraw")
+    {
+        TokenOutcome::Done(LockTransition::Released { lock, granted, .. }) => {
+            assert_eq!(lock, la);
+            granted
+        }
+        other => panic!("expected a withdrawal, got {other:?}"),
+    };
+    let lw = expect_grant(granted, &w, 3, la.token);
+    let records = audit_of(t, &res).await;
+    let about_a: Vec<(AuditKind, serde_json::Value)> = records
+        .iter()
+        .filter(|r| r.token == Some(la.token) && r.session_id == Some(la.holder.session_id.clone()))
+        .map(|r| (r.kind, r.detail.clone()))
+        .collect();
+    assert_eq!(about_a.len(), 2, "{about_a:?}");
+    assert_eq!(about_a[0].0, AuditKind::LockAcquired);
+    assert_eq!(about_a[1].0, AuditKind::LockWithdrawn);
+    assert_eq!(about_a[1].1["reason"], "fence registration failed");
+    assert!(!records.iter().any(|r| r.kind == AuditKind::LockReleased));
+    must_release(s, &lw).await;
+}
+
 /// Microseconds since the Unix epoch (the scale of clock-seeded tokens).
 fn unix_micros() -> u64 {
     std::time::SystemTime::now()
@@ -988,9 +1261,11 @@ pub async fn raise_fence(t: &LockStoreUnderTest) {
     let a = must_grant(s, request(&room, &res, &holder("a"), LONG)).await;
     // Far above the clock (≈ 1.5 h of µs), as a registered token left by a lost counter is.
     let at_least = a.token.max(unix_micros()) + 5_000_000_000;
-    s.raise_fence(&res, at_least).await.expect("raise_fence");
+    s.raise_fence(&key(&room, &res), at_least)
+        .await
+        .expect("raise_fence");
     assert_eq!(
-        s.get(&res).await.expect("get"),
+        s.get(&key(&room, &res)).await.expect("get"),
         Some(a.clone()),
         "a held lock keeps its token"
     );
@@ -1002,7 +1277,7 @@ pub async fn raise_fence(t: &LockStoreUnderTest) {
         b.token
     );
     must_release(s, &b).await;
-    s.raise_fence(&res, at_least - 1_000)
+    s.raise_fence(&key(&room, &res), at_least - 1_000)
         .await
         .expect("raise_fence lower");
     let c = must_grant(s, request(&room, &res, &holder("c"), LONG)).await;
@@ -1015,7 +1290,9 @@ pub async fn raise_fence(t: &LockStoreUnderTest) {
 
     let fresh = unique("segment");
     let above = c.token + 1_000_000;
-    s.raise_fence(&fresh, above).await.expect("raise_fence new");
+    s.raise_fence(&key(&room, &fresh), above)
+        .await
+        .expect("raise_fence new");
     let d = must_grant(s, request(&room, &fresh, &holder("d"), LONG)).await;
     assert!(
         d.token > above,
@@ -1034,8 +1311,14 @@ pub async fn reissue(t: &LockStoreUnderTest) {
     let a = holder("a");
     let old = must_grant(s, leased(request(&room, &res, &a, LONG), LONG)).await;
     let at_least = old.token.max(unix_micros()) + 5_000_000_000;
-    s.raise_fence(&res, at_least).await.expect("raise_fence");
-    let fresh = match s.reissue(&res, old.token).await.expect("reissue") {
+    s.raise_fence(&key(&room, &res), at_least)
+        .await
+        .expect("raise_fence");
+    let fresh = match s
+        .reissue(&key(&room, &res), old.token)
+        .await
+        .expect("reissue")
+    {
         TokenOutcome::Done(lock) => lock,
         other => panic!("expected a reissue, got {other:?}"),
     };
@@ -1048,7 +1331,10 @@ pub async fn reissue(t: &LockStoreUnderTest) {
         old,
         "only the token changes"
     );
-    assert_eq!(s.get(&res).await.expect("get"), Some(fresh.clone()));
+    assert_eq!(
+        s.get(&key(&room, &res)).await.expect("get"),
+        Some(fresh.clone())
+    );
     // The session's retry is reentrant on the fresh grant.
     match acquire(s, leased(request(&room, &res, &a, LONG), LONG)).await {
         AcquireOutcome::Granted {
@@ -1058,25 +1344,27 @@ pub async fn reissue(t: &LockStoreUnderTest) {
         other => panic!("expected a reentrant grant, got {other:?}"),
     }
     assert!(matches!(
-        s.reissue(&res, old.token).await.expect("reissue stale"),
+        s.reissue(&key(&room, &res), old.token).await.expect("reissue stale"),
         TokenOutcome::NotHeld { current: Some(ref c) } if *c == fresh
     ));
     assert!(matches!(
-        s.release(&res, old.token, ReleaseReason::Released)
+        s.release(&key(&room, &res), old.token, ReleaseReason::Released, None)
             .await
             .expect("release stale"),
         TokenOutcome::NotHeld { .. }
     ));
     assert!(matches!(
-        s.extend(&res, fresh.token, LONG).await.expect("extend"),
+        s.extend(&key(&room, &res), fresh.token, LONG)
+            .await
+            .expect("extend"),
         TokenOutcome::Done(_)
     ));
     let refreshed = s
-        .refresh_leases(&[(res.clone(), fresh.token)], LONG)
+        .refresh_leases(&[(key(&room, &res), fresh.token)], LONG)
         .await
         .expect("refresh");
     assert!(refreshed.is_empty(), "the lease follows the fresh token");
-    let fresh = match s.get(&res).await.expect("get") {
+    let fresh = match s.get(&key(&room, &res)).await.expect("get") {
         Some(l) => l,
         None => panic!("lock gone"),
     };
@@ -1086,7 +1374,9 @@ pub async fn reissue(t: &LockStoreUnderTest) {
     let short = must_grant(s, request(&room, &res, &holder("b"), SHORT)).await;
     sleep(PAST_SHORT).await;
     assert!(matches!(
-        s.reissue(&res, short.token).await.expect("reissue ended"),
+        s.reissue(&key(&room, &res), short.token)
+            .await
+            .expect("reissue ended"),
         TokenOutcome::NotHeld { .. }
     ));
     reap_for(s, &res).await;

@@ -76,12 +76,49 @@ pub struct Holder {
     pub node_id: Arc<str>,
 }
 
+/// The identity of a lock: a resource *as locked in a room*.
+///
+/// `segment:42-7` locked in `scene:1` and in `scene:42` are two different locks, with
+/// independent holders, queues and fencing counters: nothing done in one room can block, show
+/// up in, or be released from the other. That is what binds a lock to its room — the role
+/// check is made in the room of the key, and the key is all a store knows.
+///
+/// Written `room/resource` (`Display`, [`LockKey::parse`]): `/` cannot occur in entity names,
+/// so the text form is unambiguous. It is the memory store's map key, the Redis key suffix and
+/// shard hash input, and the fencing registry's primary key is the same pair.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct LockKey {
+    pub room: Entity,
+    pub resource: Entity,
+}
+
+impl LockKey {
+    pub fn new(room: Entity, resource: Entity) -> LockKey {
+        LockKey { room, resource }
+    }
+
+    /// Parses `room/resource`.
+    pub fn parse(s: &str) -> Option<LockKey> {
+        let (room, resource) = s.split_once('/')?;
+        Some(LockKey {
+            room: Entity::parse(room).ok()?,
+            resource: Entity::parse(resource).ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for LockKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.room, self.resource)
+    }
+}
+
 /// A granted lock as the store keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockInfo {
     pub room: Entity,
     pub resource: Entity,
-    /// Fencing token: strictly increasing per resource, forever.
+    /// Fencing token: strictly increasing per lock key (room, resource), forever.
     pub token: u64,
     pub holder: Holder,
     pub action: Arc<str>,
@@ -89,6 +126,13 @@ pub struct LockInfo {
     pub since: u64,
     /// The hold limit (ms): the lock is released with reason `expired` at this instant.
     pub expires_at: u64,
+}
+
+impl LockInfo {
+    /// The lock's identity.
+    pub fn key(&self) -> LockKey {
+        LockKey::new(self.room.clone(), self.resource.clone())
+    }
 }
 
 /// Why a lock ended; sent as `lock.released {reason}`.
@@ -177,12 +221,26 @@ pub enum TokenOutcome<T> {
     },
 }
 
-/// Who performs a forced release (for the audit trail).
-#[derive(Debug, Clone)]
+/// Who acts on somebody else's lock (a forced release), for the audit trail's `actor`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Actor {
     pub user_id: UserId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_id: Option<SessionId>,
     pub node_id: Arc<str>,
+    pub via: ActorVia,
+}
+
+/// How the actor reached the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActorVia {
+    /// A WebSocket session (`session_id` is set).
+    Ws,
+    /// The HTTP API with a user JWT.
+    Http,
+    /// The HTTP API with the admin/service token.
+    AdminToken,
 }
 
 /// Exclusive locks with fencing tokens.
@@ -191,33 +249,48 @@ pub struct Actor {
 /// (the Redis store `XADD`s inside its Lua script), so lock state and audit never diverge.
 #[async_trait]
 pub trait LockStore: Send + Sync + 'static {
-    /// Grants the lock if free (new token), returns the existing grant for the same session,
-    /// or reports the holder (and queues the requester when `wait` is set).
+    /// Grants the lock `(req.room, req.resource)` if free (new token), returns the existing
+    /// grant for the same session, or reports the holder (and queues the requester when `wait`
+    /// is set).
     async fn acquire(&self, req: AcquireRequest) -> EngineResult<AcquireOutcome>;
 
     /// Compare-and-delete on `token`. On success the head waiter, if any, is granted the lock.
+    /// `actor` is who ends somebody else's lock (a forced release), recorded as the audit
+    /// record's `actor`; `None` when the holder (or the store itself) ends it.
     async fn release(
         &self,
-        resource: &Entity,
+        key: &LockKey,
         token: u64,
         reason: ReleaseReason,
+        actor: Option<&Actor>,
+    ) -> EngineResult<TokenOutcome<LockTransition>>;
+
+    /// Takes back a grant whose token could not be registered (strict fencing), before
+    /// anyone was told its token: compare-and-delete on `token` like `release`, recorded as
+    /// `lock_withdrawn {reason: why}` (never as a release); the head waiter, if any, is granted
+    /// the lock in the same step.
+    async fn withdraw(
+        &self,
+        key: &LockKey,
+        token: u64,
+        why: &str,
     ) -> EngineResult<TokenOutcome<LockTransition>>;
 
     /// Compare-and-extend on `token`: the hold limit becomes `now + ttl_ms`.
     async fn extend(
         &self,
-        resource: &Entity,
+        key: &LockKey,
         token: u64,
         ttl_ms: u64,
     ) -> EngineResult<TokenOutcome<LockInfo>>;
 
-    /// Removes the session from the resource's queue; false if it was not waiting.
-    async fn cancel_wait(&self, resource: &Entity, session_id: &SessionId) -> EngineResult<bool>;
+    /// Removes the session from the lock's queue; false if it was not waiting.
+    async fn cancel_wait(&self, key: &LockKey, session_id: &SessionId) -> EngineResult<bool>;
 
-    /// Releases whatever holds `resource`, whoever it is (owner/admin action).
+    /// Releases whatever holds `key`, whoever it is (owner/admin action), recording `actor`.
     async fn force_release(
         &self,
-        resource: &Entity,
+        key: &LockKey,
         actor: &Actor,
     ) -> EngineResult<Option<LockTransition>>;
 
@@ -230,40 +303,46 @@ pub trait LockStore: Send + Sync + 'static {
         rooms: Option<&[Entity]>,
     ) -> EngineResult<Vec<LockTransition>>;
 
-    /// Renews the leases of these `(resource, token)` grants; returns those no longer held.
+    /// Renews the leases of these `(key, token)` grants; returns those no longer held.
     async fn refresh_leases(
         &self,
-        held: &[(Entity, u64)],
+        held: &[(LockKey, u64)],
         lease_ms: u64,
-    ) -> EngineResult<Vec<(Entity, u64)>>;
+    ) -> EngineResult<Vec<(LockKey, u64)>>;
 
     /// Ends locks past their hold limit or lease and waiters past their timeout, serving
     /// the next waiters. Called periodically by every node; each transition is returned once.
     async fn reap(&self, now_ms: u64) -> EngineResult<Vec<LockTransition>>;
 
-    /// The live holder of `resource`, if any.
-    async fn get(&self, resource: &Entity) -> EngineResult<Option<LockInfo>>;
+    /// The holder of `key`, if any (held until reaped, even past its end).
+    async fn get(&self, key: &LockKey) -> EngineResult<Option<LockInfo>>;
+
+    /// Whether `token` is the live holder of `key` right now, by the store's own clock (Redis
+    /// server time in Redis mode) and its own notion of live: inside the hold limit **and** the
+    /// lease. Also returns the current holder, if any. Any `token` value is harmless: it is
+    /// only compared, never stored.
+    async fn validate(&self, key: &LockKey, token: u64) -> EngineResult<(bool, Option<LockInfo>)>;
 
     /// All live locks announced in `room`.
     async fn list_room(&self, room: &Entity) -> EngineResult<Vec<LockInfo>>;
 
-    /// Raises the fencing counter behind `resource`'s tokens to at least `at_least` (never
-    /// lowers it), so every later grant of `resource` gets a token above `at_least`.
+    /// Raises the fencing counter behind `key`'s tokens to at least `at_least` (never
+    /// lowers it), so every later grant of `key` gets a token above `at_least`.
     ///
     /// Strict fencing (see `docs/fencing.md`) calls it when Postgres refused a token because a
     /// higher one was registered: the counter went backwards (Redis lost data or failed over, a
     /// clock stepped back). Changes no lock and writes no audit record.
-    async fn raise_fence(&self, resource: &Entity, at_least: u64) -> EngineResult<()>;
+    async fn raise_fence(&self, key: &LockKey, at_least: u64) -> EngineResult<()>;
 
     /// Gives the live lock held with `token` a fresh token from the counter (after
     /// [`raise_fence`](LockStore::raise_fence): one above the raised value), keeping its holder,
     /// room, action, `since`, hold limit and lease. Records `lock_acquired` for the new token
     /// with detail `{action, via: "reissue", replaces: "<old token>"}`.
     ///
-    /// `NotHeld` when `token` no longer holds `resource` or its lock is past its end. Strict
+    /// `NotHeld` when `token` no longer holds `key` or its lock is past its end. Strict
     /// fencing uses it to retry a refused grant in place: the requester (or the waiter the lock
     /// was handed to) keeps it, and nobody was ever told the refused token.
-    async fn reissue(&self, resource: &Entity, token: u64) -> EngineResult<TokenOutcome<LockInfo>>;
+    async fn reissue(&self, key: &LockKey, token: u64) -> EngineResult<TokenOutcome<LockInfo>>;
 }
 
 /// Focus/state change of a member; `None` = unchanged, `Some(None)` = cleared.

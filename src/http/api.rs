@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::{ApiError, ApiJson, ApiQuery, Authed};
 use crate::audit::{AuditPage, AuditQuery};
 use crate::auth::Role;
-use crate::engine::{LockInfo, Member};
+use crate::engine::{LockInfo, LockKey, Member};
 use crate::error::ErrorCode;
 use crate::names::{Entity, valid_action};
 use crate::node::Node;
@@ -34,27 +34,60 @@ async fn require_role(
     }
 }
 
+/// The room a lock request names; required by every HTTP lock endpoint (a lock is
+/// identified by room and resource).
+fn lock_key(room: Option<&str>, resource: &str) -> Result<LockKey, ApiError> {
+    let room = room.ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::BadRequest,
+            "room is required: a lock is identified by its room and resource",
+        )
+    })?;
+    Ok(LockKey::new(entity(room)?, entity(resource)?))
+}
+
 #[derive(Serialize)]
 pub struct PresenceBody {
     entity: Entity,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    room: Option<Entity>,
     members: Vec<Member>,
 }
 
-/// `GET /v1/presence/{type}/{id}`: members of that room plus members focused on that entity.
+#[derive(Deserialize)]
+pub struct PresenceQuery {
+    room: Option<String>,
+}
+
+/// `GET /v1/presence/{type}/{id}[?room=]`. With `room`: the members of that room focused on
+/// the entity (all its members when the entity is the room). Without: the entity is the room,
+/// and the answer is its members. Either way the caller needs a role in the room whose members
+/// are revealed, and only that room's members are: a viewer of `scene:1` cannot learn who
+/// focuses on `segment:42-7` in `scene:42`.
 pub async fn presence(
     State(node): State<Arc<Node>>,
     caller: Authed,
     Path((ty, id)): Path<(String, String)>,
+    ApiQuery(q): ApiQuery<PresenceQuery>,
 ) -> Result<Json<PresenceBody>, ApiError> {
     let e = Entity::from_parts(&ty, &id)
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
-    require_role(&node, &caller, &e, Role::Viewer, "reading presence").await?;
-    let members = node
+    let room = q.room.as_deref().map(entity).transpose()?;
+    let in_room = room.clone().unwrap_or_else(|| e.clone());
+    require_role(&node, &caller, &in_room, Role::Viewer, "reading presence").await?;
+    let mut members = node
         .presence
-        .presence_of(&e)
+        .members(&in_room)
         .await
         .map_err(crate::node::OpError::from)?;
-    Ok(Json(PresenceBody { entity: e, members }))
+    if in_room != e {
+        members.retain(|m| m.focus.as_ref() == Some(&e));
+    }
+    Ok(Json(PresenceBody {
+        entity: e,
+        room,
+        members,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -166,35 +199,36 @@ pub async fn acquire(
 
 #[derive(Deserialize)]
 pub struct TokenBody {
+    room: Option<String>,
     resource: String,
     token: u64,
     ttl_ms: Option<u64>,
 }
 
-/// `POST /v1/locks/release {resource, token}`.
+/// `POST /v1/locks/release {room, resource, token}`.
 pub async fn release(
     State(node): State<Arc<Node>>,
     caller: Authed,
     ApiJson(b): ApiJson<TokenBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let resource = entity(&b.resource)?;
+    let key = lock_key(b.room.as_deref(), &b.resource)?;
     let who = LockCaller::Http {
         principal: &caller.0,
         holder_key: None,
     };
-    node.release(who, &resource, Some(b.token), false).await?;
+    node.release(who, &key, Some(b.token), false).await?;
     Ok(Json(
-        serde_json::json!({ "released": true, "resource": resource }),
+        serde_json::json!({ "released": true, "room": key.room, "resource": key.resource }),
     ))
 }
 
-/// `POST /v1/locks/extend {resource, token, ttl_ms}`.
+/// `POST /v1/locks/extend {room, resource, token, ttl_ms}`.
 pub async fn extend(
     State(node): State<Arc<Node>>,
     caller: Authed,
     ApiJson(b): ApiJson<TokenBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let resource = entity(&b.resource)?;
+    let key = lock_key(b.room.as_deref(), &b.resource)?;
     let ttl_ms = b
         .ttl_ms
         .filter(|t| *t > 0)
@@ -203,31 +237,31 @@ pub async fn extend(
         principal: &caller.0,
         holder_key: None,
     };
-    let lock = node.extend(who, &resource, b.token, ttl_ms).await?;
+    let lock = node.extend(who, &key, b.token, ttl_ms).await?;
     Ok(Json(
         serde_json::to_value(Granted::of(&lock)).unwrap_or_default(),
     ))
 }
 
-/// `POST /v1/locks/validate {resource, token}` → `{valid, holder?}`.
+/// `POST /v1/locks/validate {room, resource, token}` → `{valid, holder?}`: whether `token`
+/// is the live holder of the lock now (hold limit and lease, by the lock store's clock). The
+/// caller needs a role in `room` (viewer or above, or the admin token). A token is ordering,
+/// not a capability: apps check `holder.user_id` too (docs/fencing.md).
 pub async fn validate(
     State(node): State<Arc<Node>>,
     caller: Authed,
     ApiJson(b): ApiJson<TokenBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let resource = entity(&b.resource)?;
-    let (valid, current) = node.validate(&resource, b.token).await?;
+    let key = lock_key(b.room.as_deref(), &b.resource)?;
+    let (valid, current) = node.validate(&caller.0, &key, b.token).await?;
     let mut body = serde_json::json!({ "valid": valid });
     if let Some(lock) = &current {
-        // Only callers who may see the room learn who holds the lock.
-        if caller.0.role_in(&lock.room).is_some() {
-            body["holder"] = serde_json::to_value(HolderView::of(lock)).unwrap_or_default();
-        }
+        body["holder"] = serde_json::to_value(HolderView::of(lock)).unwrap_or_default();
     }
     Ok(Json(body))
 }
 
-/// `GET /v1/audit?resource=&room=&user_id=&kind=&since=&until=&before=&limit=` (admin).
+/// `GET /v1/audit?resource=&room=&user_id=&actor=&kind=&since=&until=&before=&limit=` (admin).
 pub async fn audit(
     State(node): State<Arc<Node>>,
     caller: Authed,
@@ -247,23 +281,24 @@ pub async fn audit(
 
 #[derive(Deserialize)]
 pub struct ForceBody {
+    room: Option<String>,
     resource: String,
 }
 
-/// `POST /v1/admin/locks/release {resource}`: force-release (admin token, or an owner of
-/// the lock's room).
+/// `POST /v1/admin/locks/release {room, resource}`: force-release (admin token, or an owner
+/// of `room`); the audit record names the caller as `actor`.
 pub async fn admin_release(
     State(node): State<Arc<Node>>,
     caller: Authed,
     ApiJson(b): ApiJson<ForceBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let resource = entity(&b.resource)?;
+    let key = lock_key(b.room.as_deref(), &b.resource)?;
     let who = LockCaller::Http {
         principal: &caller.0,
         holder_key: None,
     };
-    node.release(who, &resource, None, true).await?;
-    Ok(Json(
-        serde_json::json!({ "released": true, "resource": resource, "reason": "forced" }),
-    ))
+    node.release(who, &key, None, true).await?;
+    Ok(Json(serde_json::json!({
+        "released": true, "room": key.room, "resource": key.resource, "reason": "forced"
+    })))
 }

@@ -131,7 +131,11 @@ pub async fn build(
         ),
     };
     Ok(Engines {
-        locks: Arc::new(RedisLockStore::new(pool.clone()).with_metrics(m.clone())),
+        locks: Arc::new(
+            RedisLockStore::new(pool.clone())
+                .with_metrics(m.clone())
+                .with_fence_retention(config.fence_retention),
+        ),
         presence: Arc::new(
             RedisPresenceStore::new(pool.clone(), presence_ttl_ms)
                 .with_max_members(config.max_members_per_room)

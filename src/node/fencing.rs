@@ -12,8 +12,9 @@
 //!   refused token was never told to anyone. After [`MAX_REISSUES`] refusals in a row (another
 //!   writer keeps registering higher tokens: a misconfiguration) the grant is given up as below.
 //! - **Registration failed** (Postgres down or slower than [`REGISTER_TIMEOUT`]): counted in
-//!   `lockstep_fence_failures_total`; the grant is released (compare-and-release on its token,
-//!   not announced: nobody saw it) and the request fails with `unavailable` — a direct acquire
+//!   `lockstep_fence_failures_total`; the grant is withdrawn
+//!   ([`LockStore::withdraw`](crate::engine::LockStore::withdraw): compare-and-delete on its
+//!   token, recorded as `lock_withdrawn {reason}`, not announced: nobody saw it) and the request fails with `unavailable` — a direct acquire
 //!   answers it (HTTP 503), a waiter receives an `unavailable` error frame with its request id
 //!   ([`RoomEventKind::WaitFailed`]). Releasing may hand the lock to the next waiter, who is
 //!   served the same way. Strict mode never hands out an unregistered token.
@@ -23,7 +24,7 @@
 use std::time::Duration;
 
 use super::{Node, OpError};
-use crate::engine::{Grant, LockInfo, LockTransition, ReleaseReason, RoomEventKind, TokenOutcome};
+use crate::engine::{Grant, LockInfo, LockTransition, RoomEventKind, TokenOutcome};
 
 /// How long one registration (pool checkout included) may take before the grant is withdrawn.
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -77,11 +78,10 @@ impl Node {
             reason = %why,
             "fencing: grant withdrawn, its token could not be registered"
         );
-        let released = match self
-            .locks
-            .release(&lock.resource, lock.token, ReleaseReason::Released)
-            .await
-        {
+        // Recorded as `lock_withdrawn {reason}`: the grant's own `lock_acquired` record was
+        // written with the grant (atomically, before registration could be tried), and this
+        // record says its token was never handed out — not a release by its holder.
+        let released = match self.locks.withdraw(&lock.key(), lock.token, &why).await {
             Ok(TokenOutcome::Done(t)) => Some(t),
             Ok(TokenOutcome::NotHeld { .. }) => None,
             Err(e) => {
@@ -121,7 +121,7 @@ impl Node {
         };
         let registered = tokio::time::timeout(
             REGISTER_TIMEOUT,
-            crate::db::fence_registered(pool, lock.resource.as_str()),
+            crate::db::fence_registered(pool, &lock.key()),
         )
         .await;
         match registered {
@@ -140,12 +140,13 @@ impl Node {
     }
 
     async fn register(&self, pool: &deadpool_postgres::Pool, mut lock: LockInfo) -> Registration {
-        let resource = lock.resource.clone();
+        let key = lock.key();
+        let resource = &key.resource;
         let mut refusals = 0;
         loop {
             let registered = tokio::time::timeout(
                 REGISTER_TIMEOUT,
-                crate::db::fence_register(pool, resource.as_str(), lock.token),
+                crate::db::fence_register(pool, &key, lock.token),
             )
             .await;
             match registered {
@@ -168,11 +169,9 @@ impl Node {
                 return Registration::Failed { lock, why };
             }
             // Refused: the store's counter is at or below the registered token.
-            let above = tokio::time::timeout(
-                REGISTER_TIMEOUT,
-                crate::db::fence_registered(pool, resource.as_str()),
-            )
-            .await;
+            let above =
+                tokio::time::timeout(REGISTER_TIMEOUT, crate::db::fence_registered(pool, &key))
+                    .await;
             let registered = match above {
                 Ok(Ok(t)) => t.max(lock.token),
                 Ok(Err(e)) => {
@@ -189,16 +188,17 @@ impl Node {
             };
             tracing::warn!(
                 %resource,
+                room = %key.room,
                 token = lock.token,
                 registered,
                 "fencing: the lock store issued a token not above the registered one (lost data, \
                  failover or clock step); raising its counter and reissuing the grant"
             );
-            if let Err(e) = self.locks.raise_fence(&resource, registered).await {
+            if let Err(e) = self.locks.raise_fence(&key, registered).await {
                 let why = format!("raising the fence counter: {e}");
                 return Registration::Failed { lock, why };
             }
-            match self.locks.reissue(&resource, lock.token).await {
+            match self.locks.reissue(&key, lock.token).await {
                 Ok(TokenOutcome::Done(fresh)) => lock = fresh,
                 Ok(TokenOutcome::NotHeld { .. }) => return Registration::Gone,
                 Err(e) => {
@@ -249,6 +249,36 @@ impl Node {
             self.serve_handoff(grant).await;
         }
     }
+}
+
+/// Deletes `lockstep.fences` rows idle for longer than `LOCKSTEP_FENCE_RETENTION`: those whose
+/// token (µs since the epoch at its grant, by the Redis or process clock) is below
+/// now − retention. Every node with a database runs it, every quarter of the retention (at least
+/// every 10 minutes, at most every second); `fence_prune` is safe concurrently.
+pub(crate) fn spawn_pruning(node: &std::sync::Arc<Node>) {
+    let Some(db) = node.db.clone() else {
+        return;
+    };
+    let retention = node.config.fence_retention;
+    let period = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(600));
+    super::every(node, period, move |_| {
+        let db = db.clone();
+        async move {
+            let now_us = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or_default();
+            let below = now_us.saturating_sub(retention.as_micros() as u64);
+            match tokio::time::timeout(Duration::from_secs(300), crate::db::fence_prune(&db, below))
+                .await
+            {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::info!(removed = n, "pruned idle fence rows"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "fence pruning failed"),
+                Err(_) => tracing::warn!("fence pruning timed out"),
+            }
+        }
+    });
 }
 
 /// The hand-off a release made, if any.

@@ -83,9 +83,10 @@ impl Node {
         let mut demoted = Vec::new();
         let mut rooms = handle.rooms();
         // Locks announced in a room the session is not in (it left while a grant raced).
-        for (room, _) in handle.snapshot_state().held.into_values() {
-            if !rooms.contains(&room) {
-                rooms.push(room);
+        let state = handle.snapshot_state();
+        for key in state.held.into_keys().chain(state.waits) {
+            if !rooms.contains(&key.room) {
+                rooms.push(key.room);
             }
         }
         for room in rooms {
@@ -108,12 +109,18 @@ impl Node {
                         if let LockTransition::Released { lock, .. } = &t
                             && lock.holder.session_id == handle.id
                         {
-                            handle.unhold(&lock.resource, lock.token);
+                            handle.unhold(&lock.key(), lock.token);
                         }
                         self.announce(t).await;
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "releasing revoked locks failed"),
+            }
+            // The engine dropped the waits there too: stop counting them against the budget.
+            for key in handle.snapshot_state().waits {
+                if lost.contains(&key.room) {
+                    handle.remove_wait(&key);
+                }
             }
         }
         let mut left = Vec::new();

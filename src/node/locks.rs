@@ -7,8 +7,8 @@ use std::time::Instant;
 use super::{Node, OpError};
 use crate::auth::{Principal, Role};
 use crate::engine::{
-    AcquireOutcome, AcquireRequest, Actor, Grant, Holder, LockInfo, ReleaseReason, RoomEventKind,
-    TokenOutcome, WaitSpec, now_ms,
+    AcquireOutcome, AcquireRequest, Actor, ActorVia, Grant, Holder, LockInfo, LockKey,
+    ReleaseReason, RoomEventKind, TokenOutcome, WaitSpec,
 };
 use crate::names::Entity;
 use crate::session::handle::SessionHandle;
@@ -29,6 +29,43 @@ impl Caller<'_> {
             Caller::Session(h) => &h.principal,
             Caller::Http { principal, .. } => principal,
         }
+    }
+
+    /// The caller as the audit trail names someone acting on another's lock.
+    fn actor(&self, node_id: &Arc<str>) -> Actor {
+        let principal = self.principal();
+        let (session_id, via) = match self {
+            Caller::Session(h) => (Some(h.id.clone()), ActorVia::Ws),
+            Caller::Http { .. } if principal.admin => (None, ActorVia::AdminToken),
+            Caller::Http { .. } => (None, ActorVia::Http),
+        };
+        Actor {
+            user_id: principal.user_id.clone(),
+            session_id,
+            node_id: node_id.clone(),
+            via,
+        }
+    }
+}
+
+/// The lock a WebSocket `lock.release`/`extend`/`cancel_wait` names: its `room` and `resource`,
+/// or — `room` omitted — the one lock this session holds or waits for on `resource`.
+pub fn resolve_key(
+    handle: &SessionHandle,
+    room: Option<&Entity>,
+    resource: &Entity,
+) -> Result<LockKey, OpError> {
+    if let Some(room) = room {
+        return Ok(LockKey::new(room.clone(), resource.clone()));
+    }
+    match handle.lock_rooms_of(resource).as_slice() {
+        [room] => Ok(LockKey::new(room.clone(), resource.clone())),
+        [] => Err(OpError::BadRequest(format!(
+            "room is required: this session holds no lock on {resource}"
+        ))),
+        _ => Err(OpError::BadRequest(format!(
+            "room is required: this session holds locks on {resource} in several rooms"
+        ))),
     }
 }
 
@@ -76,7 +113,8 @@ impl Node {
                 // Every lock and wait costs the engine state until it ends: one session must
                 // not be able to grow that without bound.
                 let max = self.config.max_locks_per_session;
-                if !h.has_lock_budget(&p.resource, max) {
+                let key = LockKey::new(p.room.clone(), p.resource.clone());
+                if !h.has_lock_budget(&key, max) {
                     return Err(OpError::TooManyLocks(max));
                 }
                 let wait = p.wait.then(|| WaitSpec {
@@ -165,7 +203,7 @@ impl Node {
                     "denied"
                 });
                 if let (Caller::Session(h), Some(_)) = (&caller, queue_position) {
-                    h.add_wait(&current.resource);
+                    h.add_wait(&current.key());
                 }
                 Err(OpError::LockHeld(Box::new(Denied {
                     current,
@@ -189,31 +227,40 @@ impl Node {
         self.publish(&lock.room, None, kind).await;
     }
 
-    /// Checks that `caller` may act on `lock` as its holder (or, with `force`, as an owner).
+    /// Whether `caller` holds `lock` (its session, or over HTTP its user).
+    fn is_holder(caller: &Caller<'_>, lock: &LockInfo) -> bool {
+        match caller {
+            Caller::Session(h) => lock.holder.session_id == h.id,
+            Caller::Http { principal, .. } => lock.holder.user_id == principal.user_id,
+        }
+    }
+
+    /// Checks that `caller` may act on `lock` as its holder (or, with `force`, as an owner of
+    /// the lock's room).
     fn may_act_on(&self, caller: &Caller<'_>, lock: &LockInfo, force: bool) -> bool {
         let principal = caller.principal();
-        let is_holder = match caller {
-            Caller::Session(h) => lock.holder.session_id == h.id,
-            Caller::Http { .. } => lock.holder.user_id == principal.user_id,
-        };
-        is_holder
+        Self::is_holder(caller, lock)
             || principal.admin
             || (force && principal.role_in(&lock.room) == Some(Role::Owner))
     }
 
-    /// Releases the lock held with `token`. With `force` (owners, admins) the token is not
-    /// needed and the release is recorded as forced.
+    /// Releases the lock `key` held with `token`. With `force` (owners of the key's room,
+    /// admins) the token is not needed and the release is recorded as forced, with the caller
+    /// as its `actor`.
     pub async fn release(
         &self,
         caller: Caller<'_>,
-        resource: &Entity,
+        key: &LockKey,
         token: Option<u64>,
         force: bool,
     ) -> Result<(), OpError> {
-        let current = self.locks.get(resource).await?;
+        let current = self.locks.get(key).await?;
         let Some(current) = current else {
             if force {
-                return Err(OpError::NotFound(format!("{resource} is not locked")));
+                return Err(OpError::NotFound(format!(
+                    "{} is not locked in {}",
+                    key.resource, key.room
+                )));
             }
             self.metrics.lock_outcome("stale");
             return Err(OpError::LockNotHeld);
@@ -224,11 +271,12 @@ impl Node {
                     .forbidden(caller.principal(), &current.room, "force-releasing")
                     .await);
             }
-            // Compare-and-release on the lock that was checked, so a newer lock (perhaps in a
-            // room where the caller is no owner) is never ended by mistake.
+            // Compare-and-release on the lock that was checked, so a newer grant is never
+            // ended by mistake.
+            let actor = caller.actor(&self.id);
             return match self
                 .locks
-                .release(resource, current.token, ReleaseReason::Forced)
+                .release(key, current.token, ReleaseReason::Forced, Some(&actor))
                 .await?
             {
                 TokenOutcome::Done(t) => {
@@ -252,14 +300,16 @@ impl Node {
                 )
                 .await);
         }
+        // An admin releasing somebody else's lock with its token is named as the actor.
+        let actor = (!Self::is_holder(&caller, &current)).then(|| caller.actor(&self.id));
         match self
             .locks
-            .release(resource, token, ReleaseReason::Released)
+            .release(key, token, ReleaseReason::Released, actor.as_ref())
             .await?
         {
             TokenOutcome::Done(t) => {
                 if let Caller::Session(h) = &caller {
-                    h.unhold(resource, token);
+                    h.unhold(key, token);
                 }
                 self.announce(t).await;
                 Ok(())
@@ -272,15 +322,16 @@ impl Node {
     }
 
     /// Moves the hold limit to now + `ttl_ms` (clamped); the room sees `lock.acquired` again
-    /// with the new `expires_at`.
+    /// with the new `expires_at`. The holder must still be an editor of the lock's room (its
+    /// role may have been lowered since the grant); releasing stays allowed.
     pub async fn extend(
         &self,
         caller: Caller<'_>,
-        resource: &Entity,
+        key: &LockKey,
         token: u64,
         ttl_ms: u64,
     ) -> Result<LockInfo, OpError> {
-        match self.locks.get(resource).await? {
+        match self.locks.get(key).await? {
             Some(current) if current.token == token => {
                 if !self.may_act_on(&caller, &current, false) {
                     return Err(self
@@ -291,6 +342,11 @@ impl Node {
                         )
                         .await);
                 }
+                if caller.principal().role_in(&current.room) < Some(Role::Editor) {
+                    return Err(self
+                        .forbidden(caller.principal(), &current.room, "extending a lock")
+                        .await);
+                }
             }
             _ => {
                 self.metrics.lock_outcome("stale");
@@ -299,7 +355,7 @@ impl Node {
         }
         match self
             .locks
-            .extend(resource, token, self.clamp_ttl(Some(ttl_ms)))
+            .extend(key, token, self.clamp_ttl(Some(ttl_ms)))
             .await?
         {
             TokenOutcome::Done(lock) => {
@@ -314,55 +370,32 @@ impl Node {
         }
     }
 
-    pub async fn cancel_wait(
-        &self,
-        handle: &SessionHandle,
-        resource: &Entity,
-    ) -> Result<(), OpError> {
-        handle.remove_wait(resource);
-        if self.locks.cancel_wait(resource, &handle.id).await? {
+    pub async fn cancel_wait(&self, handle: &SessionHandle, key: &LockKey) -> Result<(), OpError> {
+        handle.remove_wait(key);
+        if self.locks.cancel_wait(key, &handle.id).await? {
             Ok(())
         } else {
-            Err(OpError::NotFound(format!("not waiting for {resource}")))
+            Err(OpError::NotFound(format!(
+                "not waiting for {} in {}",
+                key.resource, key.room
+            )))
         }
     }
 
-    /// Releases whatever holds `resource` (admin endpoint, owners' `force`).
-    pub async fn force_release(
-        &self,
-        by: &Principal,
-        resource: &Entity,
-    ) -> Result<LockInfo, OpError> {
-        let actor = Actor {
-            user_id: by.user_id.clone(),
-            session_id: None,
-            node_id: self.id.clone(),
-        };
-        match self.locks.force_release(resource, &actor).await? {
-            Some(t) => {
-                let lock = match &t {
-                    crate::engine::LockTransition::Released { lock, .. } => lock.clone(),
-                    crate::engine::LockTransition::WaitExpired { .. } => {
-                        return Err(OpError::NotFound(format!("{resource} is not locked")));
-                    }
-                };
-                self.announce(t).await;
-                Ok(lock)
-            }
-            None => Err(OpError::NotFound(format!("{resource} is not locked"))),
-        }
-    }
-
-    /// Whether `token` is the live holder of `resource` right now, and who holds it.
+    /// Whether `token` is the live holder of `key` right now (the store's notion: hold limit
+    /// and lease, by its clock), and who holds it. The caller needs a role (viewer or above)
+    /// in the lock's room: nobody probes tokens of rooms they cannot see.
     pub async fn validate(
         &self,
-        resource: &Entity,
+        by: &Principal,
+        key: &LockKey,
         token: u64,
     ) -> Result<(bool, Option<LockInfo>), OpError> {
-        let current = self.locks.get(resource).await?;
-        let valid = current
-            .as_ref()
-            .is_some_and(|l| l.token == token && now_ms() < l.expires_at);
-        Ok((valid, current))
+        if by.role_in(&key.room).is_none() {
+            return Err(self
+                .forbidden(by, &key.room, "validating lock tokens")
+                .await);
+        }
+        Ok(self.locks.validate(key, token).await?)
     }
 }

@@ -190,6 +190,7 @@ impl Node {
         });
         spawn_background(&node);
         audit_writer::spawn(&node, engines.audit_outbox);
+        fencing::spawn_pruning(&node);
         if let Some(parts) = engines.cluster {
             cluster::spawn(&node, parts);
         }
@@ -421,7 +422,7 @@ where
 /// duplicate of an announcement already made is dropped by every hub (same token).
 async fn renew_leases(node: &Node) {
     let sessions = node.hub.sessions();
-    let held: Vec<(Entity, u64)> = sessions.iter().flat_map(|h| h.held()).collect();
+    let held: Vec<(crate::engine::LockKey, u64)> = sessions.iter().flat_map(|h| h.held()).collect();
     if held.is_empty() {
         return;
     }
@@ -433,15 +434,16 @@ async fn renew_leases(node: &Node) {
             return;
         }
     };
-    for (resource, token) in lost {
+    for (key, token) in lost {
         for h in &sessions {
-            let Some(room) = h.held_room(&resource, token) else {
+            if !h.holds(&key, token) {
                 continue;
-            };
-            h.unhold(&resource, token);
+            }
+            h.unhold(&key, token);
+            let room = key.room.clone();
             let lock = crate::engine::LockInfo {
-                room: room.clone(),
-                resource: resource.clone(),
+                room: key.room.clone(),
+                resource: key.resource.clone(),
                 token,
                 holder: crate::engine::Holder {
                     user_id: h.principal.user_id.clone(),

@@ -17,7 +17,7 @@ use base64::Engine;
 use super::Node;
 use crate::audit::AuditKind;
 use crate::auth::Principal;
-use crate::engine::{ParkedSession, ReleaseReason};
+use crate::engine::{LockKey, ParkedSession, ReleaseReason};
 use crate::hub::TooManySessions;
 use crate::names::Entity;
 use crate::protocol::server::UserView;
@@ -124,7 +124,9 @@ impl Node {
                 held: rec
                     .held
                     .iter()
-                    .map(|(resource, room, token)| (resource.clone(), (room.clone(), *token)))
+                    .map(|(resource, room, token)| {
+                        (LockKey::new(room.clone(), resource.clone()), *token)
+                    })
                     .collect(),
                 share_cursor: rec.share_cursor,
                 resume_token: new_resume_token(),
@@ -321,7 +323,7 @@ impl Node {
             held: state
                 .held
                 .into_iter()
-                .map(|(resource, (room, token))| (resource, room, token))
+                .map(|(key, token)| (key.resource, key.room, token))
                 .collect(),
             share_cursor: state.share_cursor,
             node_id: self.id.clone(),
@@ -344,7 +346,7 @@ impl Node {
     /// the hold limit still caps each lock, the resuming node goes back to normal renewals, and
     /// a session never resumed ends at its grace as usual (wherever its record is expired).
     pub(crate) async fn hand_over_parked(&self) {
-        let held: Vec<(Entity, u64)> = self.hub.sessions().iter().flat_map(|h| h.held()).collect();
+        let held: Vec<(LockKey, u64)> = self.hub.sessions().iter().flat_map(|h| h.held()).collect();
         if held.is_empty() {
             return;
         }

@@ -65,6 +65,9 @@ impl ClientMessage {
             | ClientMessage::Cursor(CursorMsg { room, .. })
             | ClientMessage::Broadcast(BroadcastMsg { room, .. })
             | ClientMessage::LockAcquire(LockAcquire { room, .. }) => Some(room),
+            ClientMessage::LockRelease(LockRelease { room, .. })
+            | ClientMessage::LockExtend(LockExtend { room, .. })
+            | ClientMessage::LockCancelWait(LockCancelWait { room, .. }) => room.as_ref(),
             _ => None,
         }
     }
@@ -135,6 +138,10 @@ pub struct LockAcquire {
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct LockRelease {
+    /// The room the lock belongs to (locks are identified by room and resource). May be
+    /// omitted when this session holds exactly one lock on `resource`.
+    #[serde(default)]
+    pub room: Option<Entity>,
     pub resource: Entity,
     /// Required unless `force` is set.
     #[serde(default)]
@@ -146,6 +153,9 @@ pub struct LockRelease {
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct LockExtend {
+    /// As in [`LockRelease`].
+    #[serde(default)]
+    pub room: Option<Entity>,
     pub resource: Entity,
     pub token: u64,
     pub ttl_ms: u64,
@@ -153,6 +163,9 @@ pub struct LockExtend {
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct LockCancelWait {
+    /// May be omitted when this session waits for exactly one lock on `resource`.
+    #[serde(default)]
+    pub room: Option<Entity>,
     pub resource: Entity,
 }
 

@@ -2,9 +2,10 @@
 
 use std::sync::Arc;
 
+use crate::engine::LockKey;
 use crate::engine::PresencePatch;
 use crate::names::Entity;
-use crate::node::locks::{AcquireParams, Caller};
+use crate::node::locks::{AcquireParams, Caller, resolve_key};
 use crate::node::{Node, OpError};
 use crate::protocol::client::ClientMessage;
 use crate::protocol::server::{ErrorFrame, HolderView, Reply};
@@ -62,26 +63,38 @@ pub async fn handle(node: &Node, session: &Arc<SessionHandle>, req: Request) {
                     }));
                 })
         }
-        ClientMessage::LockRelease(r) => node
-            .release(Caller::Session(session), &r.resource, r.token, r.force)
-            .await
-            .map(|_| reply_resource(id, &r.resource, session)),
-        ClientMessage::LockExtend(e) => node
-            .extend(Caller::Session(session), &e.resource, e.token, e.ttl_ms)
-            .await
-            .map(|lock| {
-                session.send(&ServerMessage::Reply(Reply {
-                    id,
-                    room: Some(&lock.room),
-                    resource: Some(&lock.resource),
-                    token: Some(lock.token),
-                    expires_at: Some(lock.expires_at),
-                }));
-            }),
-        ClientMessage::LockCancelWait(c) => node
-            .cancel_wait(session, &c.resource)
-            .await
-            .map(|_| reply_resource(id, &c.resource, session)),
+        ClientMessage::LockRelease(r) => match resolve_key(session, r.room.as_ref(), &r.resource) {
+            Ok(key) => node
+                .release(Caller::Session(session), &key, r.token, r.force)
+                .await
+                .map(|_| reply_lock(id, &key, session)),
+            Err(e) => Err(e),
+        },
+        ClientMessage::LockExtend(e) => match resolve_key(session, e.room.as_ref(), &e.resource) {
+            Ok(key) => {
+                node.extend(Caller::Session(session), &key, e.token, e.ttl_ms)
+                    .await
+            }
+            Err(e) => Err(e),
+        }
+        .map(|lock| {
+            session.send(&ServerMessage::Reply(Reply {
+                id,
+                room: Some(&lock.room),
+                resource: Some(&lock.resource),
+                token: Some(lock.token),
+                expires_at: Some(lock.expires_at),
+            }));
+        }),
+        ClientMessage::LockCancelWait(c) => {
+            match resolve_key(session, c.room.as_ref(), &c.resource) {
+                Ok(key) => node
+                    .cancel_wait(session, &key)
+                    .await
+                    .map(|_| reply_lock(id, &key, session)),
+                Err(e) => Err(e),
+            }
+        }
         ClientMessage::Settings(s) => {
             session.set_share_cursor(s.share_cursor);
             reply(id, session);
@@ -131,8 +144,8 @@ fn reply_room(id: Option<u32>, room: &Entity, session: &SessionHandle) {
     reply_with(id, session, Some(room), None);
 }
 
-fn reply_resource(id: Option<u32>, resource: &Entity, session: &SessionHandle) {
-    reply_with(id, session, None, Some(resource));
+fn reply_lock(id: Option<u32>, key: &LockKey, session: &SessionHandle) {
+    reply_with(id, session, Some(&key.room), Some(&key.resource));
 }
 
 /// Sends an operation error; `lock_held` carries the holder and the expected wait.

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::outbound::{Outbound, Pushed};
 use crate::auth::Principal;
-use crate::engine::SessionId;
+use crate::engine::{LockKey, SessionId};
 use crate::names::Entity;
 use crate::protocol::{Codec, ServerMessage};
 use crate::telemetry::Metrics;
@@ -36,10 +36,10 @@ pub struct SessionHandle {
 #[derive(Debug, Clone, Default)]
 pub struct HandleState {
     pub rooms: Vec<Entity>,
-    /// resource → (room, token) of every lock this session holds.
-    pub held: HashMap<Entity, (Entity, u64)>,
-    /// Resources this session is queued for.
-    pub waits: Vec<Entity>,
+    /// Lock (room, resource) → token of every lock this session holds.
+    pub held: HashMap<LockKey, u64>,
+    /// Locks this session is queued for.
+    pub waits: Vec<LockKey>,
     /// This session's presence entry per joined room, as last stored: what the node
     /// re-registers when the presence store lost it (Redis restarted empty).
     pub members: Vec<(Entity, crate::engine::Member)>,
@@ -192,33 +192,47 @@ impl SessionHandle {
         }
     }
 
-    pub fn add_wait(&self, resource: &Entity) {
+    pub fn add_wait(&self, key: &LockKey) {
         let mut s = self.lock();
-        if !s.waits.contains(resource) {
-            s.waits.push(resource.clone());
+        if !s.waits.contains(key) {
+            s.waits.push(key.clone());
         }
     }
 
-    pub fn remove_wait(&self, resource: &Entity) {
-        self.lock().waits.retain(|r| r != resource);
+    pub fn remove_wait(&self, key: &LockKey) {
+        self.lock().waits.retain(|k| k != key);
     }
 
-    /// Whether this session may take on one more lock or wait on `resource` within `max`:
+    /// Whether this session may take on one more lock or wait on `key` within `max`:
     /// a lock it already holds or waits for is not a new one (a retried acquire).
-    pub fn has_lock_budget(&self, resource: &Entity, max: usize) -> bool {
+    pub fn has_lock_budget(&self, key: &LockKey, max: usize) -> bool {
         let s = self.lock();
-        s.held.contains_key(resource)
-            || s.waits.contains(resource)
-            || s.held.len() + s.waits.len() < max
+        s.held.contains_key(key) || s.waits.contains(key) || s.held.len() + s.waits.len() < max
     }
 
-    /// Resources this session is queued for.
+    /// Locks this session is queued for.
     pub fn wait_count(&self) -> usize {
         self.lock().waits.len()
     }
 
-    pub fn take_waits(&self) -> Vec<Entity> {
+    pub fn take_waits(&self) -> Vec<LockKey> {
         std::mem::take(&mut self.lock().waits)
+    }
+
+    /// The rooms in which this session holds or waits for a lock on `resource`, each once:
+    /// how a `lock.release`/`extend`/`cancel_wait` without `room` is resolved.
+    pub fn lock_rooms_of(&self, resource: &Entity) -> Vec<Entity> {
+        let s = self.lock();
+        let mut rooms: Vec<Entity> = s
+            .held
+            .keys()
+            .chain(s.waits.iter())
+            .filter(|k| &k.resource == resource)
+            .map(|k| k.room.clone())
+            .collect();
+        rooms.sort();
+        rooms.dedup();
+        rooms
     }
 
     pub fn snapshot_state(&self) -> HandleState {
@@ -275,39 +289,27 @@ impl SessionHandle {
     pub fn hold(&self, room: &Entity, resource: &Entity, token: u64) {
         self.lock()
             .held
-            .insert(resource.clone(), (room.clone(), token));
+            .insert(LockKey::new(room.clone(), resource.clone()), token);
     }
 
     /// Forgets a held lock if it is still the one with `token`.
-    pub fn unhold(&self, resource: &Entity, token: u64) {
+    pub fn unhold(&self, key: &LockKey, token: u64) {
         let mut s = self.lock();
-        if s.held.get(resource).is_some_and(|(_, t)| *t == token) {
-            s.held.remove(resource);
+        if s.held.get(key) == Some(&token) {
+            s.held.remove(key);
         }
     }
 
-    /// The room of a held lock, if this session still holds it with `token`.
-    pub fn held_room(&self, resource: &Entity, token: u64) -> Option<Entity> {
-        self.lock()
-            .held
-            .get(resource)
-            .filter(|(_, t)| *t == token)
-            .map(|(room, _)| room.clone())
-    }
-
-    pub fn held(&self) -> Vec<(Entity, u64)> {
+    pub fn held(&self) -> Vec<(LockKey, u64)> {
         self.lock()
             .held
             .iter()
-            .map(|(r, (_, t))| (r.clone(), *t))
+            .map(|(k, t)| (k.clone(), *t))
             .collect()
     }
 
-    pub fn holds(&self, resource: &Entity, token: u64) -> bool {
-        self.lock()
-            .held
-            .get(resource)
-            .is_some_and(|(_, t)| *t == token)
+    pub fn holds(&self, key: &LockKey, token: u64) -> bool {
+        self.lock().held.get(key) == Some(&token)
     }
 
     /// Ends the session as revoked by `actor` (the socket task sees `revoked`).

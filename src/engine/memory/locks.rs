@@ -6,8 +6,10 @@
 //!
 //! # Model
 //!
-//! Per resource: the current lock (a [`LockInfo`] plus a private `lease_until`, `u64::MAX` for a
-//! lock without a lease) and a FIFO queue of waiters. Tokens come from one store-wide counter.
+//! Per lock key ([`LockKey`]: room and resource — the same resource locked in two rooms is two
+//! independent entries): the current lock (a [`LockInfo`] plus a private `lease_until`,
+//! `u64::MAX` for a lock without a lease) and a FIFO queue of waiters. Tokens come from one
+//! store-wide counter.
 //!
 //! - **A lock stays held until [`reap`](LockStore::reap) ends it**, even after its hold limit
 //!   (`expires_at`) or lease (`lease_until`) has passed: [`get`](LockStore::get) and
@@ -55,7 +57,9 @@
 //! | `lock_denied` | requester | holder's | `{action, holder: {user_id, session_id, action}}` |
 //! | `lock_waiting` | requester | holder's | `{action, ttl_ms, position, timeout_ms, request_id}` (+ `already_queued`) |
 //! | `lock_released` / `lock_expired` / `lock_disconnected` | holder | held | — |
-//! | `lock_forced` | holder | held | `{by: actor user_id}` |
+//! | `lock_forced` | holder | held | `{by: actor user_id}`; the record's `actor` is the [`Actor`] |
+//! | `lock_released` by an admin with the token | holder | held | `{by}` + `actor`, as above |
+//! | `lock_withdrawn` | holder | held | `{reason}`: strict fencing could not register the grant |
 //! | `lock_extended` | holder | held | `{ttl_ms, expires_at}` |
 //! | `lock_wait_cancelled` / `lock_wait_expired` | waiter | — | `{request_id}` |
 
@@ -69,8 +73,8 @@ use serde_json::json;
 use super::lock_state;
 use crate::audit::{AuditKind, AuditRecord, AuditSink};
 use crate::engine::{
-    AcquireOutcome, AcquireRequest, Actor, EngineResult, Grant, Holder, LockInfo, LockStore,
-    LockTransition, ReleaseReason, SessionId, TokenOutcome, now_ms,
+    AcquireOutcome, AcquireRequest, Actor, EngineResult, Grant, Holder, LockInfo, LockKey,
+    LockStore, LockTransition, ReleaseReason, SessionId, TokenOutcome, now_ms,
 };
 use crate::names::Entity;
 
@@ -110,16 +114,18 @@ impl MemoryLockStore {
 
 #[derive(Default)]
 struct State {
-    resources: HashMap<Entity, Resource>,
+    /// Keyed by lock identity (room, resource): the same resource locked in two rooms is two
+    /// independent entries.
+    resources: HashMap<LockKey, Resource>,
     /// Last token issued, for every resource: one counter seeded from the clock is strictly
     /// increasing per resource too, and needs no per-resource entry that would grow forever
     /// with every resource name ever locked (see [`State::next_token`]).
     last_token: u64,
-    held_by: HashMap<SessionId, HashSet<Entity>>,
-    waiting_in: HashMap<SessionId, HashSet<Entity>>,
-    by_room: HashMap<Entity, HashSet<Entity>>,
-    /// `(instant, resource)`: when `reap` must next look at the resource.
-    due: BTreeSet<(u64, Entity)>,
+    held_by: HashMap<SessionId, HashSet<LockKey>>,
+    waiting_in: HashMap<SessionId, HashSet<LockKey>>,
+    by_room: HashMap<Entity, HashSet<LockKey>>,
+    /// `(instant, key)`: when `reap` must next look at the lock.
+    due: BTreeSet<(u64, LockKey)>,
 }
 
 #[derive(Default)]
@@ -164,9 +170,9 @@ fn unix_micros() -> u64 {
 }
 
 fn index_add<K: Hash + Eq + Clone>(
-    index: &mut HashMap<K, HashSet<Entity>>,
+    index: &mut HashMap<K, HashSet<LockKey>>,
     key: &K,
-    resource: &Entity,
+    resource: &LockKey,
 ) {
     index
         .entry(key.clone())
@@ -174,7 +180,11 @@ fn index_add<K: Hash + Eq + Clone>(
         .insert(resource.clone());
 }
 
-fn index_remove<K: Hash + Eq>(index: &mut HashMap<K, HashSet<Entity>>, key: &K, resource: &Entity) {
+fn index_remove<K: Hash + Eq>(
+    index: &mut HashMap<K, HashSet<LockKey>>,
+    key: &K,
+    resource: &LockKey,
+) {
     if let Some(set) = index.get_mut(key) {
         set.remove(resource);
         if set.is_empty() {
@@ -224,6 +234,14 @@ fn release_kind(reason: ReleaseReason) -> AuditKind {
     }
 }
 
+/// How a lock ends, for its audit record.
+enum End<'a> {
+    /// For `reason`; `actor` when somebody else ends it (forced).
+    Reason(ReleaseReason, Option<&'a Actor>),
+    /// Taken back before its token was told (strict fencing could not register it).
+    Withdrawn(&'a str),
+}
+
 /// What a new grant is made of, from a direct request or a queued one.
 struct GrantSpec {
     holder: Holder,
@@ -238,12 +256,12 @@ struct GrantSpec {
 impl State {
     /// Takes a resource's state out of the map for the duration of an operation, so the other
     /// maps can be borrowed freely; [`State::put_back`] files it again.
-    fn take(&mut self, resource: &Entity) -> Resource {
+    fn take(&mut self, resource: &LockKey) -> Resource {
         self.resources.remove(resource).unwrap_or_default()
     }
 
     /// Files a resource again: updates its `due` entry, drops it when it is empty.
-    fn put_back(&mut self, resource: &Entity, mut r: Resource) {
+    fn put_back(&mut self, resource: &LockKey, mut r: Resource) {
         let next = r
             .waiters
             .iter()
@@ -283,7 +301,7 @@ impl State {
     /// Grants `resource` (which must be free) and records `lock_acquired`.
     fn grant(
         &mut self,
-        resource: &Entity,
+        resource: &LockKey,
         r: &mut Resource,
         now: u64,
         spec: GrantSpec,
@@ -292,7 +310,7 @@ impl State {
         let token = self.next_token();
         let info = LockInfo {
             room: spec.room,
-            resource: resource.clone(),
+            resource: resource.resource.clone(),
             token,
             holder: spec.holder,
             action: spec.action,
@@ -334,21 +352,31 @@ impl State {
     /// not passed, in the same step. Expired waiters stay queued for `reap` to report.
     fn end_lock(
         &mut self,
-        resource: &Entity,
+        resource: &LockKey,
         r: &mut Resource,
         now: u64,
-        reason: ReleaseReason,
-        by: Option<&Actor>,
+        end: End<'_>,
         audit: &mut Vec<AuditRecord>,
     ) -> Option<LockTransition> {
         let held = r.lock.take()?;
         let lock = held.info;
         index_remove(&mut self.held_by, &lock.holder.session_id, resource);
         index_remove(&mut self.by_room, &lock.room, resource);
-        let mut record = lock_record(release_kind(reason), now, &lock);
-        if let Some(actor) = by {
-            record.detail = json!({ "by": actor.user_id });
-        }
+        let (reason, record) = match end {
+            End::Reason(reason, actor) => {
+                let mut record = lock_record(release_kind(reason), now, &lock);
+                if let Some(actor) = actor {
+                    record.detail = json!({ "by": actor.user_id });
+                    record.actor = Some(actor.clone());
+                }
+                (reason, record)
+            }
+            End::Withdrawn(why) => {
+                let mut record = lock_record(AuditKind::LockWithdrawn, now, &lock);
+                record.detail = json!({ "reason": why });
+                (ReleaseReason::Released, record)
+            }
+        };
         audit.push(record);
 
         let granted = match r.waiters.iter().position(|w| w.deadline > now) {
@@ -378,7 +406,7 @@ impl State {
     /// Removes `session_id`'s queue entry (if any) and records `kind` for it.
     fn drop_wait(
         &mut self,
-        resource: &Entity,
+        resource: &LockKey,
         r: &mut Resource,
         now: u64,
         session_id: &SessionId,
@@ -400,7 +428,7 @@ impl State {
                 AuditKind::LockWaitCancelled,
                 now,
                 &w.room,
-                resource,
+                &resource.resource,
                 &w.holder,
             )
         });
@@ -413,15 +441,16 @@ impl State {
         now: u64,
         audit: &mut Vec<AuditRecord>,
     ) -> AcquireOutcome {
-        let resource = req.resource.clone();
+        let resource = LockKey::new(req.room.clone(), req.resource.clone());
         let mut r = self.take(&resource);
-        let outcome = self.acquire_in(&mut r, req, now, audit);
+        let outcome = self.acquire_in(&resource, &mut r, req, now, audit);
         self.put_back(&resource, r);
         outcome
     }
 
     fn acquire_in(
         &mut self,
+        resource: &LockKey,
         r: &mut Resource,
         req: AcquireRequest,
         now: u64,
@@ -429,7 +458,6 @@ impl State {
     ) -> AcquireOutcome {
         let Some(held) = &r.lock else {
             // Free: only expired waiters can be queued (see the module doc), so grant directly.
-            let resource = req.resource.clone();
             let spec = GrantSpec {
                 holder: req.holder,
                 room: req.room,
@@ -438,7 +466,7 @@ impl State {
                 lease_ms: req.lease_ms,
                 via_queue: None,
             };
-            let lock = self.grant(&resource, r, now, spec, audit);
+            let lock = self.grant(resource, r, now, spec, audit);
             return AcquireOutcome::Granted {
                 lock,
                 reentrant: false,
@@ -474,7 +502,7 @@ impl State {
                     deadline: now.saturating_add(wait.timeout_ms),
                     request_id: wait.request_id,
                 });
-                index_add(&mut self.waiting_in, &req.holder.session_id, &req.resource);
+                index_add(&mut self.waiting_in, &req.holder.session_id, resource);
                 let n = r.waiters.len();
                 (
                     n - 1,
@@ -549,13 +577,13 @@ impl State {
                         AuditKind::LockWaitExpired,
                         now,
                         &w.room,
-                        &resource,
+                        &resource.resource,
                         &w.holder,
                     )
                 });
                 out.push(LockTransition::WaitExpired {
                     room: w.room,
-                    resource: resource.clone(),
+                    resource: resource.resource.clone(),
                     session_id: w.holder.session_id,
                     request_id: w.request_id,
                 });
@@ -566,7 +594,7 @@ impl State {
                 _ => None,
             };
             if let Some(reason) = reason {
-                out.extend(self.end_lock(&resource, &mut r, now, reason, None, audit));
+                out.extend(self.end_lock(&resource, &mut r, now, End::Reason(reason, None), audit));
             }
             self.put_back(&resource, r);
         }
@@ -585,33 +613,27 @@ impl LockStore for MemoryLockStore {
 
     async fn release(
         &self,
-        resource: &Entity,
+        key: &LockKey,
         token: u64,
         reason: ReleaseReason,
+        actor: Option<&Actor>,
     ) -> EngineResult<TokenOutcome<LockTransition>> {
-        let now = now_ms();
-        let mut audit = Vec::new();
-        let outcome = {
-            let mut st = self.state()?;
-            let mut r = st.take(resource);
-            let outcome = match &r.lock {
-                Some(h) if h.info.token == token => st
-                    .end_lock(resource, &mut r, now, reason, None, &mut audit)
-                    .map_or(TokenOutcome::NotHeld { current: None }, TokenOutcome::Done),
-                other => TokenOutcome::NotHeld {
-                    current: other.as_ref().map(|h| h.info.clone()),
-                },
-            };
-            st.put_back(resource, r);
-            outcome
-        };
-        self.record(audit).await?;
-        Ok(outcome)
+        self.end_with_token(key, token, End::Reason(reason, actor))
+            .await
+    }
+
+    async fn withdraw(
+        &self,
+        key: &LockKey,
+        token: u64,
+        why: &str,
+    ) -> EngineResult<TokenOutcome<LockTransition>> {
+        self.end_with_token(key, token, End::Withdrawn(why)).await
     }
 
     async fn extend(
         &self,
-        resource: &Entity,
+        key: &LockKey,
         token: u64,
         ttl_ms: u64,
     ) -> EngineResult<TokenOutcome<LockInfo>> {
@@ -619,7 +641,7 @@ impl LockStore for MemoryLockStore {
         let mut audit = Vec::new();
         let outcome = {
             let mut st = self.state()?;
-            let mut r = st.take(resource);
+            let mut r = st.take(key);
             let outcome = match &mut r.lock {
                 Some(h) if h.info.token == token && now < h.ends_at() => {
                     h.info.expires_at = now.saturating_add(ttl_ms);
@@ -636,21 +658,21 @@ impl LockStore for MemoryLockStore {
                     current: other.as_ref().map(|h| h.info.clone()),
                 },
             };
-            st.put_back(resource, r);
+            st.put_back(key, r);
             outcome
         };
         self.record(audit).await?;
         Ok(outcome)
     }
 
-    async fn cancel_wait(&self, resource: &Entity, session_id: &SessionId) -> EngineResult<bool> {
+    async fn cancel_wait(&self, key: &LockKey, session_id: &SessionId) -> EngineResult<bool> {
         let now = now_ms();
         let mut audit = Vec::new();
         let removed = {
             let mut st = self.state()?;
-            let mut r = st.take(resource);
-            let removed = st.drop_wait(resource, &mut r, now, session_id, None, &mut audit);
-            st.put_back(resource, r);
+            let mut r = st.take(key);
+            let removed = st.drop_wait(key, &mut r, now, session_id, None, &mut audit);
+            st.put_back(key, r);
             removed
         };
         self.record(audit).await?;
@@ -659,23 +681,17 @@ impl LockStore for MemoryLockStore {
 
     async fn force_release(
         &self,
-        resource: &Entity,
+        key: &LockKey,
         actor: &Actor,
     ) -> EngineResult<Option<LockTransition>> {
         let now = now_ms();
         let mut audit = Vec::new();
         let transition = {
             let mut st = self.state()?;
-            let mut r = st.take(resource);
-            let t = st.end_lock(
-                resource,
-                &mut r,
-                now,
-                ReleaseReason::Forced,
-                Some(actor),
-                &mut audit,
-            );
-            st.put_back(resource, r);
+            let mut r = st.take(key);
+            let end = End::Reason(ReleaseReason::Forced, Some(actor));
+            let t = st.end_lock(key, &mut r, now, end, &mut audit);
+            st.put_back(key, r);
             t
         };
         self.record(audit).await?;
@@ -694,33 +710,34 @@ impl LockStore for MemoryLockStore {
         {
             let mut st = self.state()?;
             // Waits first, so a released lock is never handed to the session that is leaving.
-            let mut waits: Vec<Entity> = st
+            let mut waits: Vec<LockKey> = st
                 .waiting_in
                 .get(session_id)
                 .map(|s| s.iter().cloned().collect())
                 .unwrap_or_default();
             waits.sort();
-            for resource in waits {
-                let mut r = st.take(&resource);
-                st.drop_wait(&resource, &mut r, now, session_id, rooms, &mut audit);
-                st.put_back(&resource, r);
+            for key in waits {
+                let mut r = st.take(&key);
+                st.drop_wait(&key, &mut r, now, session_id, rooms, &mut audit);
+                st.put_back(&key, r);
             }
-            let mut held: Vec<Entity> = st
+            let mut held: Vec<LockKey> = st
                 .held_by
                 .get(session_id)
                 .map(|s| s.iter().cloned().collect())
                 .unwrap_or_default();
             held.sort();
-            for resource in held {
-                let mut r = st.take(&resource);
+            for key in held {
+                let mut r = st.take(&key);
                 let matches = r.lock.as_ref().is_some_and(|h| {
                     &h.info.holder.session_id == session_id
                         && rooms.is_none_or(|rs| rs.contains(&h.info.room))
                 });
                 if matches {
-                    out.extend(st.end_lock(&resource, &mut r, now, reason, None, &mut audit));
+                    let end = End::Reason(reason, None);
+                    out.extend(st.end_lock(&key, &mut r, now, end, &mut audit));
                 }
-                st.put_back(&resource, r);
+                st.put_back(&key, r);
             }
         }
         self.record(audit).await?;
@@ -729,15 +746,15 @@ impl LockStore for MemoryLockStore {
 
     async fn refresh_leases(
         &self,
-        held: &[(Entity, u64)],
+        held: &[(LockKey, u64)],
         lease_ms: u64,
-    ) -> EngineResult<Vec<(Entity, u64)>> {
+    ) -> EngineResult<Vec<(LockKey, u64)>> {
         let now = now_ms();
         let mut lost = Vec::new();
         let mut st = self.state()?;
-        for (resource, token) in held {
-            let Some(mut r) = st.resources.remove(resource) else {
-                lost.push((resource.clone(), *token));
+        for (key, token) in held {
+            let Some(mut r) = st.resources.remove(key) else {
+                lost.push((key.clone(), *token));
                 continue;
             };
             match &mut r.lock {
@@ -747,9 +764,9 @@ impl LockStore for MemoryLockStore {
                         h.lease_until = now.saturating_add(lease_ms);
                     }
                 }
-                _ => lost.push((resource.clone(), *token)),
+                _ => lost.push((key.clone(), *token)),
             }
-            st.put_back(resource, r);
+            st.put_back(key, r);
         }
         Ok(lost)
     }
@@ -761,16 +778,25 @@ impl LockStore for MemoryLockStore {
         Ok(out)
     }
 
-    async fn get(&self, resource: &Entity) -> EngineResult<Option<LockInfo>> {
+    async fn get(&self, key: &LockKey) -> EngineResult<Option<LockInfo>> {
         Ok(self
             .state()?
             .resources
-            .get(resource)
+            .get(key)
             .and_then(|r| r.lock.as_ref())
             .map(|h| h.info.clone()))
     }
 
-    /// Uses the room index (room → resources), not a scan; sorted by resource name.
+    /// Live = inside the hold limit and the lease (`Held::ends_at`), by this process' clock.
+    async fn validate(&self, key: &LockKey, token: u64) -> EngineResult<(bool, Option<LockInfo>)> {
+        let now = now_ms();
+        let st = self.state()?;
+        let held = st.resources.get(key).and_then(|r| r.lock.as_ref());
+        let valid = held.is_some_and(|h| h.info.token == token && now < h.ends_at());
+        Ok((valid, held.map(|h| h.info.clone())))
+    }
+
+    /// Uses the room index (room → locks), not a scan; sorted by resource name.
     async fn list_room(&self, room: &Entity) -> EngineResult<Vec<LockInfo>> {
         let st = self.state()?;
         let mut locks: Vec<LockInfo> = st
@@ -778,26 +804,26 @@ impl LockStore for MemoryLockStore {
             .get(room)
             .into_iter()
             .flatten()
-            .filter_map(|res| st.resources.get(res)?.lock.as_ref())
+            .filter_map(|key| st.resources.get(key)?.lock.as_ref())
             .map(|h| h.info.clone())
             .collect();
         locks.sort_by(|a, b| a.resource.cmp(&b.resource));
         Ok(locks)
     }
 
-    /// One counter serves every resource here, so raising it raises every resource's next token.
-    async fn raise_fence(&self, _resource: &Entity, at_least: u64) -> EngineResult<()> {
+    /// One counter serves every lock here, so raising it raises every lock's next token.
+    async fn raise_fence(&self, _key: &LockKey, at_least: u64) -> EngineResult<()> {
         let mut st = self.state()?;
         st.last_token = st.last_token.max(at_least);
         Ok(())
     }
 
-    async fn reissue(&self, resource: &Entity, token: u64) -> EngineResult<TokenOutcome<LockInfo>> {
+    async fn reissue(&self, key: &LockKey, token: u64) -> EngineResult<TokenOutcome<LockInfo>> {
         let now = now_ms();
         let mut audit = Vec::new();
         let outcome = {
             let mut st = self.state()?;
-            let mut r = st.take(resource);
+            let mut r = st.take(key);
             let outcome = match &mut r.lock {
                 Some(h) if h.info.token == token && now < h.ends_at() => {
                     h.info.token = st.next_token();
@@ -811,7 +837,36 @@ impl LockStore for MemoryLockStore {
                     current: other.as_ref().map(|h| h.info.clone()),
                 },
             };
-            st.put_back(resource, r);
+            st.put_back(key, r);
+            outcome
+        };
+        self.record(audit).await?;
+        Ok(outcome)
+    }
+}
+
+impl MemoryLockStore {
+    /// Compare-and-delete on `token`, ending the lock as `end` says (release or withdrawal).
+    async fn end_with_token(
+        &self,
+        key: &LockKey,
+        token: u64,
+        end: End<'_>,
+    ) -> EngineResult<TokenOutcome<LockTransition>> {
+        let now = now_ms();
+        let mut audit = Vec::new();
+        let outcome = {
+            let mut st = self.state()?;
+            let mut r = st.take(key);
+            let outcome = match &r.lock {
+                Some(h) if h.info.token == token => st
+                    .end_lock(key, &mut r, now, end, &mut audit)
+                    .map_or(TokenOutcome::NotHeld { current: None }, TokenOutcome::Done),
+                other => TokenOutcome::NotHeld {
+                    current: other.as_ref().map(|h| h.info.clone()),
+                },
+            };
+            st.put_back(key, r);
             outcome
         };
         self.record(audit).await?;
@@ -875,7 +930,7 @@ mod tests {
                 .await
                 .unwrap();
             store
-                .release(&lock.resource, lock.token, ReleaseReason::Released)
+                .release(&lock.key(), lock.token, ReleaseReason::Released, None)
                 .await
                 .unwrap();
             store

@@ -232,6 +232,8 @@ struct StreamRecord {
     token: Option<u64>,
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     detail: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    actor: Option<crate::engine::Actor>,
 }
 
 /// The `rec` JSON of a record (what the lock scripts write for theirs).
@@ -246,6 +248,7 @@ pub fn encode(r: &AuditRecord) -> Result<String, AuditError> {
         node_id: r.node_id.clone(),
         token: r.token,
         detail: r.detail.clone(),
+        actor: r.actor.clone(),
     })
     .map_err(|e| AuditError::Unavailable(format!("encoding an audit record: {e}")))
 }
@@ -273,6 +276,7 @@ pub fn try_decode(shard: u32, entry_id: &str, rec: &str) -> Result<AuditRecord, 
         node_id: s.node_id,
         token: s.token,
         detail: s.detail,
+        actor: s.actor,
     })
 }
 

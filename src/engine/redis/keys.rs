@@ -6,21 +6,23 @@
 //! audit outbox in **one step**, and in Redis Cluster a script may only touch keys of one hash
 //! slot. A per-resource hash tag (`{resource}`) would put every resource's outbox and expiry
 //! index in its own slot, and nothing could drain or scan them. So lock keys carry a *shard*
-//! tag instead: `{ls<N>}` with `N = fnv1a(resource) % SHARDS`. Each shard has one expiry index
+//! tag instead: `{ls<N>}` with `N = fnv1a(key) % SHARDS`, where `key` is the lock's identity
+//! `<room>/<resource>` ([`LockKey`](crate::engine::LockKey)'s text): the same resource locked
+//! in two rooms is two locks, with keys of their own. Each shard has one expiry index
 //! and one audit stream; reapers and the audit writer visit the `SHARDS` shards.
 //! `SHARDS` is part of the data layout: changing it re-homes every key, so it never changes.
 //!
-//! # Lock keys (shard `S` = [`shard_of`]`(resource)`)
+//! # Lock keys (`<key>` = `<room>/<resource>`, shard `S` = [`shard_of`]`(<key>)`)
 //!
 //! | key | type | content |
 //! |---|---|---|
-//! | `ls:{S}:lock:<resource>` | hash | `token room user_id name session_id node_id action since expires_at lease_until lease_ms` (ms; `lease_until` = 0 for "no lease") |
-//! | `ls:{S}:fence:<resource>` | string | last token issued; never expires, never decreases |
-//! | `ls:{S}:queue:<resource>` | list | waiting session ids, head first |
-//! | `ls:{S}:waiters:<resource>` | hash | session id → waiter JSON |
-//! | `ls:{S}:due` | zset | resource → the next instant (ms) something is due for it |
-//! | `ls:{S}:room:<room>` | set | resources locked in `room` (this shard) |
-//! | `ls:{S}:sess:<session>` | set | resources `session` holds or waits for (this shard) |
+//! | `ls:{S}:lock:<key>` | hash | `token room resource user_id name session_id node_id action since expires_at lease_until lease_ms` (ms; `lease_until` = 0 for "no lease") |
+//! | `ls:{S}:fence:<key>` | string | last token issued; never decreases; expires `LOCKSTEP_FENCE_RETENTION` after its last write |
+//! | `ls:{S}:queue:<key>` | list | waiting session ids, head first |
+//! | `ls:{S}:waiters:<key>` | hash | session id → waiter JSON |
+//! | `ls:{S}:due` | zset | lock key → the next instant (ms) something is due for it |
+//! | `ls:{S}:room:<room>` | set | lock keys locked in `room` (this shard) |
+//! | `ls:{S}:sess:<session>` | set | lock keys `session` holds or waits for (this shard) |
 //! | `ls:{S}:audit` | stream | audit records of this shard's lock transitions (outbox) |
 //!
 //! # Presence keys (tag = the room)
@@ -50,10 +52,11 @@ pub const SHARDS: u32 = 16;
 /// Prefix of every key, so one Redis can host other data (and tests can tell ours apart).
 pub const PREFIX: &str = "lockstep:";
 
-/// The shard of a resource: FNV-1a 32-bit of its name, modulo [`SHARDS`].
-pub fn shard_of(resource: &str) -> u32 {
+/// The shard of a lock key (`<room>/<resource>`; any string for node-level records):
+/// FNV-1a 32-bit of it, modulo [`SHARDS`].
+pub fn shard_of(key: &str) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
-    for b in resource.bytes() {
+    for b in key.bytes() {
         h ^= b as u32;
         h = h.wrapping_mul(0x0100_0193);
     }
@@ -130,8 +133,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_resource_keeps_all_its_keys_in_one_shard() {
-        let r = "segment:42-7";
+    fn a_lock_keeps_all_its_keys_in_one_shard() {
+        let r = "scene:42/segment:42-7";
         let tag = format!("{{ls{}}}", shard_of(r));
         for k in [
             lock(r),

@@ -44,10 +44,13 @@
 //!
 //! # Fencing tokens
 //!
-//! `next = max(GET fence + 1, TIME in µs)`, then `SET fence next` (never expires). Seeding
-//! from the server clock keeps tokens strictly increasing even when Redis restarts empty or fails
+//! `next = max(GET fence + 1, TIME in µs)`, then `SET fence next PX retention`. Seeding from
+//! the server clock keeps tokens strictly increasing even when Redis restarts empty or fails
 //! over to a replica that lost the counter, as long as its clock does not jump back: the memory
-//! store's rule. Tokens (µs, ~1.8e15) stay below 2^53, exact in Lua's doubles; scripts keep
+//! store's rule. The same argument lets an idle fence key expire
+//! ([`with_fence_retention`](RedisLockStore::with_fence_retention), default 7 days): once it is
+//! gone, the next grant starts from the clock, above the expired value as long as the counter
+//! never ran ahead of the server clock by more than the retention (`docs/fencing.md`). Tokens (µs, ~1.8e15) stay below 2^53, exact in Lua's doubles; scripts keep
 //! them as decimal strings (hash fields, results, token comparisons), and splice them into audit
 //! JSON as exact numbers (cjson would print `1.7637e+15`).
 //!
@@ -104,7 +107,7 @@ use super::script::LuaScript;
 use super::{call, engine_err, keys};
 use crate::engine::{
     AcquireOutcome, AcquireRequest, Actor, EngineError, EngineResult, Grant, Holder, LockInfo,
-    LockStore, LockTransition, ReleaseReason, SessionId, TokenOutcome,
+    LockKey, LockStore, LockTransition, ReleaseReason, SessionId, TokenOutcome,
 };
 use crate::names::Entity;
 use crate::telemetry::RedisMetrics;
@@ -116,10 +119,15 @@ pub const REAP_ROUNDS: usize = 10;
 /// Cap of any duration handed to the scripts: 10 years.
 pub const MAX_SPAN_MS: u64 = 10 * 366 * 24 * 3600 * 1000;
 
+/// Default of [`RedisLockStore::with_fence_retention`]: 7 days.
+pub const DEFAULT_FENCE_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
+
 /// The Redis [`LockStore`].
 pub struct RedisLockStore {
     pool: Pool,
     metrics: RedisMetrics,
+    /// Expiry of a fence key after its last write (`LOCKSTEP_FENCE_RETENTION`).
+    fence_retention_ms: u64,
 }
 
 impl RedisLockStore {
@@ -129,7 +137,14 @@ impl RedisLockStore {
         RedisLockStore {
             pool,
             metrics: RedisMetrics::default(),
+            fence_retention_ms: DEFAULT_FENCE_RETENTION_MS,
         }
+    }
+
+    /// Fence keys expire this long after their last write (see "Fencing tokens" above).
+    pub fn with_fence_retention(mut self, retention: std::time::Duration) -> RedisLockStore {
+        self.fence_retention_ms = (retention.as_millis() as u64).clamp(1, MAX_SPAN_MS);
+        self
     }
 
     /// Records every script call in `metrics` (see [`super::call`]).
@@ -144,8 +159,11 @@ impl RedisLockStore {
         op: &'static str,
         script: &LuaScript,
         keys: Vec<String>,
-        args: Vec<String>,
+        mut args: Vec<String>,
     ) -> EngineResult<Vec<Item>> {
+        // Every script gets the fence retention as ARGV[2]; lib.lua takes it out again, so
+        // each script's own arguments keep the numbers in its header.
+        args.insert(1.min(args.len()), self.fence_retention_ms.to_string());
         let eval = script.eval(self.pool.next(), keys, args);
         let raw: Vec<String> = call(&self.metrics, op, eval).await.map_err(engine_err)?;
         parse_items(&raw)
@@ -207,12 +225,12 @@ impl RedisLockStore {
     async fn refresh_shard(
         &self,
         shard: u32,
-        held: &[(Entity, u64)],
+        held: &[(LockKey, u64)],
         lease_ms: u64,
-    ) -> EngineResult<Vec<(Entity, u64)>> {
+    ) -> EngineResult<Vec<(LockKey, u64)>> {
         let mut args = vec![keys::shard_prefix(shard), span(lease_ms)];
-        for (resource, token) in held {
-            args.push(resource.to_string());
+        for (key, token) in held {
+            args.push(key.to_string());
             args.push(token.to_string());
         }
         let items = self
@@ -226,7 +244,9 @@ impl RedisLockStore {
         items
             .into_iter()
             .map(|item| match item {
-                Item::Lost { resource, token } => Ok((resource, token.0)),
+                Item::Lost { key, token } => LockKey::parse(&key)
+                    .map(|k| (k, token.0))
+                    .ok_or_else(|| EngineError::Internal(format!("bad lock key {key:?}"))),
                 other => Err(unexpected("refresh_leases", &other)),
             })
             .collect()
@@ -271,6 +291,7 @@ struct Scripts {
     list_room: LuaScript,
     raise_fence: LuaScript,
     reissue: LuaScript,
+    validate: LuaScript,
 }
 
 /// The scripts, built (and hashed) once per process. fred may re-send a script after a
@@ -306,26 +327,36 @@ fn scripts() -> &'static Scripts {
             raise_fence: plain(include_str!("scripts/raise_fence.lua")),
             // Re-run: `not_held` (the token changed) after it reissued, and a second token.
             reissue: once(include_str!("scripts/reissue.lua")),
+            // Read-only.
+            validate: plain(include_str!("scripts/validate.lua")),
         }
     })
 }
 
-/// `KEYS` of the single-resource scripts: lock, fence, queue, waiters, due, audit.
-fn resource_keys(resource: &Entity) -> Vec<String> {
-    let r = resource.as_str();
-    let shard = keys::shard_of(r);
+/// `KEYS` of the single-lock scripts: lock, fence, queue, waiters, due, audit.
+fn resource_keys(key: &LockKey) -> Vec<String> {
+    let k = key.to_string();
+    let shard = keys::shard_of(&k);
     vec![
-        keys::lock(r),
-        keys::fence(r),
-        keys::queue(r),
-        keys::waiters(r),
+        keys::lock(&k),
+        keys::fence(&k),
+        keys::queue(&k),
+        keys::waiters(&k),
         keys::due(shard),
         keys::audit_stream(shard),
     ]
 }
 
-fn prefix_of(resource: &Entity) -> String {
-    keys::shard_prefix(keys::shard_of(resource.as_str()))
+fn prefix_of(key: &LockKey) -> String {
+    keys::shard_prefix(keys::shard_of(&key.to_string()))
+}
+
+fn actor_json(actor: Option<&Actor>) -> EngineResult<String> {
+    match actor {
+        Some(a) => serde_json::to_string(a)
+            .map_err(|e| EngineError::Internal(format!("encoding the actor: {e}"))),
+        None => Ok(String::new()),
+    }
 }
 
 fn span(ms: u64) -> String {
@@ -387,8 +418,12 @@ enum Item {
         ok: bool,
     },
     Lost {
-        resource: Entity,
+        key: String,
         token: Num,
+    },
+    Validated {
+        valid: bool,
+        lock: WireLock,
     },
     Lock {
         lock: WireLock,
@@ -553,13 +588,14 @@ fn merge_shards<T>(what: &str, results: Vec<EngineResult<Vec<T>>>) -> EngineResu
 #[async_trait]
 impl LockStore for RedisLockStore {
     async fn acquire(&self, req: AcquireRequest) -> EngineResult<AcquireOutcome> {
-        let shard = keys::shard_of(req.resource.as_str());
-        let mut k = resource_keys(&req.resource);
+        let key = LockKey::new(req.room.clone(), req.resource.clone());
+        let shard = keys::shard_of(&key.to_string());
+        let mut k = resource_keys(&key);
         k.push(keys::room_locks(shard, req.room.as_str()));
         k.push(keys::session_locks(shard, &req.holder.session_id));
         let args = vec![
-            prefix_of(&req.resource),
-            req.resource.to_string(),
+            prefix_of(&key),
+            key.to_string(),
             req.room.to_string(),
             req.action.to_string(),
             req.holder.user_id.to_string(),
@@ -602,51 +638,40 @@ impl LockStore for RedisLockStore {
 
     async fn release(
         &self,
-        resource: &Entity,
+        key: &LockKey,
         token: u64,
         reason: ReleaseReason,
+        actor: Option<&Actor>,
     ) -> EngineResult<TokenOutcome<LockTransition>> {
-        let args = vec![
-            prefix_of(resource),
-            resource.to_string(),
-            token.to_string(),
-            reason_str(reason).to_owned(),
-        ];
-        let items = self
-            .run(
-                "lock_release",
-                &scripts().release,
-                resource_keys(resource),
-                args,
-            )
-            .await?;
-        match single("release", items)? {
-            Item::NotHeld { current } => Ok(TokenOutcome::NotHeld {
-                current: current.map(Into::into),
-            }),
-            other => Ok(TokenOutcome::Done(other.into_transition()?)),
-        }
+        self.end_with_token(key, token, reason, actor, "").await
+    }
+
+    async fn withdraw(
+        &self,
+        key: &LockKey,
+        token: u64,
+        why: &str,
+    ) -> EngineResult<TokenOutcome<LockTransition>> {
+        // An empty reason would read as "not a withdrawal" in the script.
+        let why = if why.is_empty() { "unregistered" } else { why };
+        self.end_with_token(key, token, ReleaseReason::Released, None, why)
+            .await
     }
 
     async fn extend(
         &self,
-        resource: &Entity,
+        key: &LockKey,
         token: u64,
         ttl_ms: u64,
     ) -> EngineResult<TokenOutcome<LockInfo>> {
         let args = vec![
-            prefix_of(resource),
-            resource.to_string(),
+            prefix_of(key),
+            key.to_string(),
             token.to_string(),
             span(ttl_ms),
         ];
         let items = self
-            .run(
-                "lock_extend",
-                &scripts().extend,
-                resource_keys(resource),
-                args,
-            )
+            .run("lock_extend", &scripts().extend, resource_keys(key), args)
             .await?;
         match single("extend", items)? {
             Item::Extended { lock } => Ok(TokenOutcome::Done(lock.into())),
@@ -657,16 +682,16 @@ impl LockStore for RedisLockStore {
         }
     }
 
-    async fn cancel_wait(&self, resource: &Entity, session_id: &SessionId) -> EngineResult<bool> {
-        let r = resource.as_str();
-        let shard = keys::shard_of(r);
+    async fn cancel_wait(&self, key: &LockKey, session_id: &SessionId) -> EngineResult<bool> {
+        let r = key.to_string();
+        let shard = keys::shard_of(&r);
         let k = vec![
-            keys::queue(r),
-            keys::waiters(r),
+            keys::queue(&r),
+            keys::waiters(&r),
             keys::due(shard),
             keys::audit_stream(shard),
         ];
-        let args = vec![prefix_of(resource), r.to_owned(), session_id.to_string()];
+        let args = vec![prefix_of(key), r, session_id.to_string()];
         match single(
             "cancel_wait",
             self.run("lock_cancel_wait", &scripts().cancel_wait, k, args)
@@ -679,19 +704,15 @@ impl LockStore for RedisLockStore {
 
     async fn force_release(
         &self,
-        resource: &Entity,
+        key: &LockKey,
         actor: &Actor,
     ) -> EngineResult<Option<LockTransition>> {
-        let args = vec![
-            prefix_of(resource),
-            resource.to_string(),
-            actor.user_id.to_string(),
-        ];
+        let args = vec![prefix_of(key), key.to_string(), actor_json(Some(actor))?];
         let items = self
             .run(
                 "lock_force_release",
                 &scripts().force_release,
-                resource_keys(resource),
+                resource_keys(key),
                 args,
             )
             .await?;
@@ -718,23 +739,23 @@ impl LockStore for RedisLockStore {
         )
         .await;
         let mut out = merge_shards("release_session", results)?;
-        // The memory store releases a session's locks in resource order.
-        out.sort_by(|a, b| transition_resource(a).cmp(transition_resource(b)));
+        // The memory store releases a session's locks in lock key order (room, resource).
+        out.sort_by_key(transition_key);
         Ok(out)
     }
 
     async fn refresh_leases(
         &self,
-        held: &[(Entity, u64)],
+        held: &[(LockKey, u64)],
         lease_ms: u64,
-    ) -> EngineResult<Vec<(Entity, u64)>> {
+    ) -> EngineResult<Vec<(LockKey, u64)>> {
         if held.is_empty() {
             return Ok(Vec::new());
         }
-        let mut by_shard: HashMap<u32, Vec<(Entity, u64)>> = HashMap::new();
+        let mut by_shard: HashMap<u32, Vec<(LockKey, u64)>> = HashMap::new();
         for grant in held {
             by_shard
-                .entry(keys::shard_of(grant.0.as_str()))
+                .entry(keys::shard_of(&grant.0.to_string()))
                 .or_default()
                 .push(grant.clone());
         }
@@ -744,7 +765,7 @@ impl LockStore for RedisLockStore {
                 .map(|(shard, grants)| self.refresh_shard(*shard, grants, lease_ms)),
         )
         .await;
-        let lost: HashSet<(Entity, u64)> = merge_shards("refresh_leases", results)?
+        let lost: HashSet<(LockKey, u64)> = merge_shards("refresh_leases", results)?
             .into_iter()
             .collect();
         // In the order asked, like the memory store.
@@ -757,13 +778,13 @@ impl LockStore for RedisLockStore {
         merge_shards("reap", results)
     }
 
-    async fn get(&self, resource: &Entity) -> EngineResult<Option<LockInfo>> {
+    async fn get(&self, key: &LockKey) -> EngineResult<Option<LockInfo>> {
         let items = self
             .run(
                 "lock_get",
                 &scripts().get,
-                vec![keys::lock(resource.as_str())],
-                vec![prefix_of(resource), resource.to_string()],
+                vec![keys::lock(&key.to_string())],
+                vec![prefix_of(key), key.to_string()],
             )
             .await?;
         if items.is_empty() {
@@ -772,6 +793,25 @@ impl LockStore for RedisLockStore {
         match single("get", items)? {
             Item::Lock { lock } => Ok(Some(lock.into())),
             other => Err(unexpected("get", &other)),
+        }
+    }
+
+    /// By the Redis server's clock, lease included (`validate.lua`).
+    async fn validate(&self, key: &LockKey, token: u64) -> EngineResult<(bool, Option<LockInfo>)> {
+        let items = self
+            .run(
+                "lock_validate",
+                &scripts().validate,
+                vec![keys::lock(&key.to_string())],
+                vec![prefix_of(key), key.to_string(), token.to_string()],
+            )
+            .await?;
+        if items.is_empty() {
+            return Ok((false, None));
+        }
+        match single("validate", items)? {
+            Item::Validated { valid, lock } => Ok((valid, Some(lock.into()))),
+            other => Err(unexpected("validate", &other)),
         }
     }
 
@@ -787,37 +827,28 @@ impl LockStore for RedisLockStore {
         Ok(locks)
     }
 
-    async fn raise_fence(&self, resource: &Entity, at_least: u64) -> EngineResult<()> {
+    async fn raise_fence(&self, key: &LockKey, at_least: u64) -> EngineResult<()> {
         // Lua numbers are doubles: beyond 2^53 the counter could not be kept exactly.
         if at_least >= 1 << 53 {
             return Err(EngineError::Internal(format!(
-                "fence {at_least} for {resource} is beyond 2^53"
+                "fence {at_least} for {key} is beyond 2^53"
             )));
         }
-        let args = vec![
-            prefix_of(resource),
-            resource.to_string(),
-            at_least.to_string(),
-        ];
+        let args = vec![prefix_of(key), key.to_string(), at_least.to_string()];
         self.run(
             "lock_raise_fence",
             &scripts().raise_fence,
-            vec![keys::fence(resource.as_str())],
+            vec![keys::fence(&key.to_string())],
             args,
         )
         .await?;
         Ok(())
     }
 
-    async fn reissue(&self, resource: &Entity, token: u64) -> EngineResult<TokenOutcome<LockInfo>> {
-        let args = vec![prefix_of(resource), resource.to_string(), token.to_string()];
+    async fn reissue(&self, key: &LockKey, token: u64) -> EngineResult<TokenOutcome<LockInfo>> {
+        let args = vec![prefix_of(key), key.to_string(), token.to_string()];
         let items = self
-            .run(
-                "lock_reissue",
-                &scripts().reissue,
-                resource_keys(resource),
-                args,
-            )
+            .run("lock_reissue", &scripts().reissue, resource_keys(key), args)
             .await?;
         match single("reissue", items)? {
             Item::Reissued { lock } => Ok(TokenOutcome::Done(lock.into())),
@@ -829,9 +860,43 @@ impl LockStore for RedisLockStore {
     }
 }
 
-fn transition_resource(t: &LockTransition) -> &Entity {
+impl RedisLockStore {
+    /// `release.lua`: compare-and-delete on `token`; `withdrawn` non-empty records the end as
+    /// `lock_withdrawn {reason}`.
+    async fn end_with_token(
+        &self,
+        key: &LockKey,
+        token: u64,
+        reason: ReleaseReason,
+        actor: Option<&Actor>,
+        withdrawn: &str,
+    ) -> EngineResult<TokenOutcome<LockTransition>> {
+        let args = vec![
+            prefix_of(key),
+            key.to_string(),
+            token.to_string(),
+            reason_str(reason).to_owned(),
+            actor_json(actor)?,
+            withdrawn.to_owned(),
+        ];
+        let items = self
+            .run("lock_release", &scripts().release, resource_keys(key), args)
+            .await?;
+        match single("release", items)? {
+            Item::NotHeld { current } => Ok(TokenOutcome::NotHeld {
+                current: current.map(Into::into),
+            }),
+            other => Ok(TokenOutcome::Done(other.into_transition()?)),
+        }
+    }
+}
+
+/// The lock key a transition is about.
+fn transition_key(t: &LockTransition) -> LockKey {
     match t {
-        LockTransition::Released { lock, .. } => &lock.resource,
-        LockTransition::WaitExpired { resource, .. } => resource,
+        LockTransition::Released { lock, .. } => lock.key(),
+        LockTransition::WaitExpired { room, resource, .. } => {
+            LockKey::new(room.clone(), resource.clone())
+        }
     }
 }

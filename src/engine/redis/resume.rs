@@ -136,11 +136,9 @@ impl ResumeStore for RedisResumeStore {
             let mut args = Vec::with_capacity(ids.len() + 1);
             args.push(ttl_ms.max(1).to_string());
             args.extend(ids);
-            let eval = self.keep.eval(
-                self.pool.next(),
-                vec![keys::user_sessions(user)],
-                args,
-            );
+            let eval = self
+                .keep
+                .eval(self.pool.next(), vec![keys::user_sessions(user)], args);
             let _: i64 = call(&self.metrics, "resume_keep", eval)
                 .await
                 .map_err(engine_err)?;

@@ -3,7 +3,7 @@
 --
 -- KEYS[1]  lock:<res>     KEYS[2]  fence:<res>   KEYS[3]  queue:<res>   KEYS[4]  waiters:<res>
 -- KEYS[5]  due            KEYS[6]  audit         KEYS[7]  room:<room>   KEYS[8]  sess:<session>
--- ARGV[1]  shard prefix   ARGV[2]  resource      ARGV[3]  room          ARGV[4]  action
+-- ARGV[1]  shard prefix   ARGV[2]  lock key      ARGV[3]  room          ARGV[4]  action
 -- ARGV[5]  user_id        ARGV[6]  name          ARGV[7]  session_id    ARGV[8]  node_id
 -- ARGV[9]  ttl_ms         ARGV[10] lease_ms ('' = no lease)
 -- ARGV[11] wait timeout ms ('' = do not queue)    ARGV[12] request_id ('' = none)

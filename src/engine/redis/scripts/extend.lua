@@ -3,7 +3,7 @@
 --
 -- KEYS[1]  lock:<res>     KEYS[2]  fence:<res>   KEYS[3]  queue:<res>   KEYS[4]  waiters:<res>
 -- KEYS[5]  due            KEYS[6]  audit
--- ARGV[1]  shard prefix   ARGV[2]  resource      ARGV[3]  token (decimal)   ARGV[4]  ttl_ms
+-- ARGV[1]  shard prefix   ARGV[2]  lock key      ARGV[3]  token (decimal)   ARGV[4]  ttl_ms
 -- Returns  one item: {"t":"extended","lock":L} | {"t":"not_held","current":L|absent}
 -- Audit    lock_extended {ttl_ms, expires_at}.
 

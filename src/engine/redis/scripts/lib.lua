@@ -12,17 +12,28 @@
 --            Numbers that may not fit cjson's 14 significant digits (tokens, instants) travel as
 --            decimal strings.
 --
--- Data of a resource (all in its shard):
---   lock:<res>     hash  token room user_id name session_id node_id action since expires_at
---                        lease_until lease_ms (lease_until = 0: no lease). Held until reaped.
---   fence:<res>    string, last token issued; never expires, never decreases.
+-- Lock identity: `res` below is always the lock KEY `<room>/<resource>` (keys::LockKey's text;
+-- `/` cannot occur in entity names): the same resource locked in two rooms is two locks, with
+-- their own holder, queue and fence counter. `res_of(res)` is the resource part, what records
+-- and results name.
+--
+-- Data of a lock (all in its shard):
+--   lock:<res>     hash  token room resource user_id name session_id node_id action since
+--                        expires_at lease_until lease_ms (lease_until = 0: no lease). Held
+--                        until reaped.
+--   fence:<res>    string, last token issued; never decreases; expires FENCE_TTL_MS after its
+--                  last write (an idle counter restarts from the clock, above it).
 --   queue:<res>    list of waiting session ids, head first; waiters:<res> hash sid -> JSON.
 --   due            zset res -> next instant something is due (lock end, earliest deadline).
---   room:<room>    set of resources locked in room; sess:<sid> set of resources sid holds or
+--   room:<room>    set of lock keys locked in room; sess:<sid> set of lock keys sid holds or
 --                  waits for.
 --   audit          stream, one entry per audit record: field `rec` = the record's JSON.
 
 local PREFIX = ARGV[1]
+-- ARGV[2] is added by locks.rs (`run`) to every call: the fence keys' retention in ms. It is
+-- taken out here, so every script's own arguments keep the positions its header lists.
+local FENCE_TTL_MS = tonumber(ARGV[2])
+table.remove(ARGV, 2)
 local TIME = redis.call('TIME')
 local NOW = tonumber(TIME[1]) * 1000 + math.floor(tonumber(TIME[2]) / 1000)
 local NOW_US = tonumber(TIME[1]) * 1000000 + tonumber(TIME[2])
@@ -43,6 +54,23 @@ local function key(kind, name)
     return PREFIX .. kind .. ':' .. name
 end
 
+-- The resource part of a lock key `<room>/<resource>`.
+local function res_of(k)
+    local slash = string.find(k, '/', 1, true)
+    if not slash then
+        return k
+    end
+    return string.sub(k, slash + 1)
+end
+
+-- An optional JSON object argument ('' = none).
+local function opt_json(s)
+    if s == nil or s == '' then
+        return nil
+    end
+    return cjson.decode(s)
+end
+
 local function enc(t)
     return cjson.encode(t)
 end
@@ -57,7 +85,7 @@ end
 
 local function lock_out(res, l)
     return {
-        room = l.room, resource = res, token = l.token, user_id = l.user_id, name = l.name,
+        room = l.room, resource = l.resource or res_of(res), token = l.token, user_id = l.user_id, name = l.name,
         session_id = l.session_id, node_id = l.node_id, action = l.action,
         since = int(l.since), expires_at = int(l.expires_at),
     }
@@ -134,11 +162,13 @@ local function unlink_session(R, sid)
 end
 
 -- Appends one audit record to the shard's stream. `who` has user_id, session_id, node_id;
--- `token` is a decimal string or nil. `at` and `token` are spliced in as exact JSON numbers.
-local function audit(kind, who, room, res, token, detail)
+-- `res` is the lock key (the record names its resource part); `token` is a decimal string or
+-- nil; `actor` (optional) is who acted on `who`'s lock. `at` and `token` are spliced in as
+-- exact JSON numbers.
+local function audit(kind, who, room, res, token, detail, actor)
     local body = cjson.encode({
-        kind = kind, room = room, resource = res, user_id = who.user_id,
-        session_id = who.session_id, node_id = who.node_id, detail = detail,
+        kind = kind, room = room, resource = res_of(res), user_id = who.user_id,
+        session_id = who.session_id, node_id = who.node_id, detail = detail, actor = actor,
     })
     local head = '{"at":' .. int(NOW)
     if token then
@@ -180,7 +210,7 @@ local function next_token(res)
     local fk = key('fence', res)
     local last = tonumber(redis.call('GET', fk) or '0') or 0
     local token = int(math.max(last + 1, NOW_US))
-    redis.call('SET', fk, token)
+    redis.call('SET', fk, token, 'PX', int(FENCE_TTL_MS))
     return token
 end
 
@@ -201,7 +231,7 @@ local function grant(R, spec, via_queue)
         remove_waiter(R, i)
     end
     redis.call('HSET', key('lock', R.res), 'token', l.token, 'room', l.room,
-        'user_id', l.user_id, 'name', l.name, 'session_id', l.session_id,
+        'resource', res_of(R.res), 'user_id', l.user_id, 'name', l.name, 'session_id', l.session_id,
         'node_id', l.node_id, 'action', l.action, 'since', int(l.since),
         'expires_at', int(l.expires_at), 'lease_until', int(l.lease_until),
         'lease_ms', int(l.lease_ms))
@@ -225,14 +255,21 @@ local RELEASE_KIND = {
 }
 
 -- Ends the current lock for `reason` and hands it to the first waiter whose deadline has not
--- passed, in this same step. Expired waiters stay queued for the reaper to report.
-local function end_lock(R, reason, by)
+-- passed, in this same step. Expired waiters stay queued for the reaper to report. `actor`
+-- (a table) is who ended somebody else's lock; `withdrawn` (a reason string) records the end
+-- as `lock_withdrawn` instead: a grant taken back before its token was told to anyone.
+local function end_lock(R, reason, actor, withdrawn)
     local l = R.lock
     R.lock = nil
     redis.call('DEL', key('lock', R.res))
     redis.call('SREM', key('room', l.room), R.res)
     unlink_session(R, l.session_id)
-    audit(RELEASE_KIND[reason], l, l.room, R.res, l.token, by and { by = by } or nil)
+    if withdrawn then
+        audit('lock_withdrawn', l, l.room, R.res, l.token, { reason = withdrawn })
+    else
+        audit(RELEASE_KIND[reason], l, l.room, R.res, l.token,
+            actor and { by = actor.user_id } or nil, actor)
+    end
     local out = { t = 'released', lock = lock_out(R.res, l), reason = reason }
     for i, w in ipairs(R.waiters) do
         if w.deadline > NOW then

@@ -24,7 +24,8 @@ for _, res in ipairs(due) do
             audit('lock_wait_expired', w, w.room, res, nil,
                 { request_id = w.request_id or cjson.null })
             out[#out + 1] = enc({
-                t = 'wait_expired', room = w.room, resource = res, session_id = w.session_id,
+                t = 'wait_expired', room = w.room, resource = res_of(res),
+                session_id = w.session_id,
                 request_id = w.request_id and int(w.request_id) or nil,
             })
         end
@@ -38,7 +39,7 @@ for _, res in ipairs(due) do
             reason = 'disconnected'
         end
         if reason then
-            out[#out + 1] = enc(end_lock(R, reason, nil))
+            out[#out + 1] = enc(end_lock(R, reason, nil, nil))
         end
     end
     finish(R)

@@ -4,8 +4,8 @@
 --
 -- KEYS[1]  due
 -- ARGV[1]  shard prefix   ARGV[2]  lease_ms
--- ARGV[3], ARGV[4], ...   resource, token (decimal) pairs
--- Returns  one {"t":"lost","resource":res,"token":"n"} item per grant no longer held.
+-- ARGV[3], ARGV[4], ...   lock key, token (decimal) pairs
+-- Returns  one {"t":"lost","key":lock key,"token":"n"} item per grant no longer held.
 -- Audit    none.
 
 local lease_ms = tonumber(ARGV[2])
@@ -21,7 +21,7 @@ for i = 3, #ARGV - 1, 2 do
             finish(R)
         end
     else
-        out[#out + 1] = enc({ t = 'lost', resource = res, token = token })
+        out[#out + 1] = enc({ t = 'lost', key = res, token = token })
     end
 end
 return out

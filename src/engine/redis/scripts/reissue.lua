@@ -4,7 +4,7 @@
 --
 -- KEYS[1]  lock:<res>     KEYS[2]  fence:<res>   KEYS[3]  queue:<res>   KEYS[4]  waiters:<res>
 -- KEYS[5]  due            KEYS[6]  audit
--- ARGV[1]  shard prefix   ARGV[2]  resource      ARGV[3]  token (decimal)
+-- ARGV[1]  shard prefix   ARGV[2]  lock key      ARGV[3]  token (decimal)
 -- Returns  one item: {"t":"reissued","lock":L} | {"t":"not_held","current":L|absent}
 -- Audit    lock_acquired {action, via: "reissue", replaces: "<old token>"} with the new token.
 

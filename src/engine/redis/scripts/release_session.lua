@@ -27,7 +27,7 @@ local out = {}
 for _, R in ipairs(loaded) do
     local l = R.lock
     if l and l.session_id == sid and (not rooms or rooms[l.room]) then
-        out[#out + 1] = enc(end_lock(R, reason, nil))
+        out[#out + 1] = enc(end_lock(R, reason, nil, nil))
     end
     -- An index entry for something the session neither holds nor waits for is stale.
     unlink_session(R, sid)

@@ -609,12 +609,15 @@ fn on_task_sized_stack(f: impl FnOnce() + Send + 'static) {
 }
 
 /// MessagePack nested 1000 deep (a 1 KB frame) overflowed the stack and aborted the process:
-/// rmp-serde's own depth limit is 1024. Now refused like JSON past serde_json's 128.
+/// rmp-serde's own depth limit is 1024. Now refused past 32 levels like JSON, and the refusal
+/// (which reads the request id) does not recurse either.
 #[test]
 fn deeply_nested_msgpack_is_refused_not_a_crash() {
     on_task_sized_stack(|| {
         let mut accepted = Vec::new();
-        for depth in [100, 127, 129, 200, 500, 1000, 1023, 1025, 4000, 100_000] {
+        for depth in [
+            30, 31, 32, 100, 127, 129, 200, 500, 1000, 1023, 1025, 4000, 100_000,
+        ] {
             // Top level: a frame that is nested arrays.
             let mut top = vec![0x91; depth];
             top.push(0xc0);
@@ -647,7 +650,7 @@ fn deeply_nested_msgpack_is_refused_not_a_crash() {
                 assert!(FRAME_CODES.contains(&e.code), "{depth}: {e:?}");
             }
         }
-        // About JSON's limit (128 levels, the frame's map included).
-        assert_eq!(accepted, [100], "accepted depths");
+        // The nesting limit (codec::MAX_DEPTH = 32 levels, the frame's map included).
+        assert_eq!(accepted, [30, 31], "accepted depths");
     });
 }

@@ -345,7 +345,7 @@ async fn a_refresh_re_evaluates_roles() {
     let left = reader.recv_type("presence.leave").await;
     assert_eq!(left["member"]["user_id"], "ursula");
     let ext = user
-        .request(json!({"type":"lock.extend","resource":"segment:77-5","token":g["token"],"ttl_ms":60000}))
+        .request(json!({"type":"lock.extend","room":ROOM,"resource":"segment:77-5","token":g["token"],"ttl_ms":60000}))
         .await;
     assert_eq!(ext["code"], "lock_not_held", "{ext}");
     let again = user.request(acquire("segment:77-6", json!({}))).await;
@@ -450,7 +450,7 @@ async fn a_resume_applies_the_resuming_tokens_roles() {
     let rel = observer.recv_type("lock.released").await;
     assert_eq!(rel["reason"], "revoked", "{rel}");
     let ext = back
-        .request(json!({"type":"lock.extend","resource":"segment:77-9","token":g["token"],"ttl_ms":60000}))
+        .request(json!({"type":"lock.extend","room":ROOM,"resource":"segment:77-9","token":g["token"],"ttl_ms":60000}))
         .await;
     assert_eq!(ext["code"], "lock_not_held", "{ext}");
 }

@@ -381,7 +381,7 @@ export default function () {
     for (const [res, tok] of mustKeep) {
       if (ours.get(res) === tok) {
         // Ours by the snapshot; lock.extend with the token proves it to the lock store.
-        request({ type: 'lock.extend', resource: res, token: tok, ttl_ms: 30000 }, { kind: 'verify', resource: res });
+        request({ type: 'lock.extend', room: scene, resource: res, token: tok, ttl_ms: 30000 }, { kind: 'verify', resource: res });
       } else {
         locksLost.add(1);
         oops(`lock on ${res} (token ${tok}) lost in the move: snapshot has ${ours.get(res)}`);
@@ -429,7 +429,7 @@ export default function () {
         lockAcquire.add(at - p.sentAt, { outcome: 'queued' });
         if (phase === 'ending') {
           pending.delete(m.id);
-          request({ type: 'lock.cancel_wait', resource: p.resource }, { kind: 'cancel', resource: p.resource });
+          request({ type: 'lock.cancel_wait', room: scene, resource: p.resource }, { kind: 'cancel', resource: p.resource });
         } else {
           waiting.set(p.resource, { id: m.id, queuedAt: at });
         }
@@ -465,7 +465,7 @@ export default function () {
     if (phase === 'ending') {
       // A wait answered after we started to leave: give it straight back.
       held.set(resource, { token: tok, releaseAt: 0, extended: true, releasing: true });
-      request({ type: 'lock.release', resource, token: tok }, { kind: 'release', resource });
+      request({ type: 'lock.release', room: scene, resource, token: tok }, { kind: 'release', resource });
       return;
     }
     held.set(resource, {
@@ -514,7 +514,7 @@ export default function () {
         if (!h.extended) {
           h.extended = true;
           h.releaseAt = now + rand(200, 1000);
-          request({ type: 'lock.extend', resource: res, token: h.token, ttl_ms: 30000 }, { kind: 'extend', resource: res });
+          request({ type: 'lock.extend', room: scene, resource: res, token: h.token, ttl_ms: 30000 }, { kind: 'extend', resource: res });
         } else {
           h.releaseAt = 0;
           h.releasing = true;

@@ -65,8 +65,9 @@ impl LockLoop {
         measure: bool,
     ) -> Result<(), ClientError> {
         let id = self.id();
-        let msg =
-            json!({ "type": "lock.release", "id": id, "resource": self.resource, "token": token });
+        let msg = json!({
+            "type": "lock.release", "id": id, "room": self.room, "resource": self.resource, "token": token
+        });
         let t0 = Instant::now();
         let answer = conn.request(&msg, id, self.timeout, "lock.release").await?;
         let rtt = t0.elapsed();

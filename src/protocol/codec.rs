@@ -50,7 +50,8 @@ impl Codec {
         if !within {
             let id = match self {
                 Codec::Json => client::peek_id::<Json>(bytes),
-                Codec::MsgPack => client::peek_id::<MsgPack>(bytes),
+                // Not the serde decoder: it recurses into what it skips (see msgpack_peek).
+                Codec::MsgPack => super::msgpack_peek::id(bytes),
             };
             return Err(DecodeError {
                 id,
@@ -313,7 +314,7 @@ mod tests {
                         assert_eq!(
                             (e.code, e.id),
                             (ErrorCode::BadRequest, Some(9)),
-                            "{codec:?}"
+                            "{codec:?} depth {depth}"
                         );
                     }
                 }

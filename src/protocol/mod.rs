@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod codec;
+mod msgpack_peek;
 pub mod server;
 pub mod snapshot;
 

@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::engine::{grant, holder, request, unique};
 use common::redis::RedisServer;
 use fred::prelude::Pool;
 use lockstep::audit::{AuditKind, AuditQuery, AuditRecord, AuditSink};
@@ -36,49 +37,12 @@ fn under_test(pool: &Pool) -> LockStoreUnderTest {
     }
 }
 
-fn unique(ty: &str) -> Entity {
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    Entity::parse(&format!("{ty}:t-{}", &id[..16])).unwrap()
-}
-
-fn holder(user: &str) -> Holder {
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    Holder {
-        user_id: user.into(),
-        name: format!("User {user}").into(),
-        session_id: format!("{user}-{}", &id[..12]).into(),
-        node_id: "node-test".into(),
-    }
-}
-
-fn request(room: &Entity, resource: &Entity, who: &Holder, ttl_ms: u64) -> AcquireRequest {
-    AcquireRequest {
-        room: room.clone(),
-        resource: resource.clone(),
-        action: "trim".into(),
-        holder: who.clone(),
-        ttl_ms,
-        lease_ms: None,
-        wait: None,
-    }
-}
-
 fn waiting(mut req: AcquireRequest, timeout_ms: u64, request_id: u32) -> AcquireRequest {
     req.wait = Some(WaitSpec {
         timeout_ms,
         request_id: Some(request_id),
     });
     req
-}
-
-async fn grant(store: &dyn LockStore, req: AcquireRequest) -> LockInfo {
-    match store.acquire(req).await.expect("acquire") {
-        AcquireOutcome::Granted {
-            lock,
-            reentrant: false,
-        } => lock,
-        other => panic!("expected a fresh grant, got {other:?}"),
-    }
 }
 
 fn resource_of(t: &LockTransition) -> &Entity {

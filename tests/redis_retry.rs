@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::engine::{grant, holder, request, unique};
 use common::redis::RedisServer;
 use lockstep::audit::{AuditQuery, AuditSink};
 use lockstep::engine::redis::audit::RedisAuditSink;
@@ -157,43 +158,6 @@ async fn setup() -> Setup {
         proxy,
         store: RedisLockStore::new(pool),
         audit: RedisAuditSink::new(direct),
-    }
-}
-
-fn unique(ty: &str) -> Entity {
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    Entity::parse(&format!("{ty}:r-{}", &id[..16])).unwrap()
-}
-
-fn holder(user: &str) -> Holder {
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    Holder {
-        user_id: user.into(),
-        name: format!("User {user}").into(),
-        session_id: format!("{user}-{}", &id[..12]).into(),
-        node_id: "node-test".into(),
-    }
-}
-
-fn request(room: &Entity, resource: &Entity, who: &Holder, ttl_ms: u64) -> AcquireRequest {
-    AcquireRequest {
-        room: room.clone(),
-        resource: resource.clone(),
-        action: "trim".into(),
-        holder: who.clone(),
-        ttl_ms,
-        lease_ms: None,
-        wait: None,
-    }
-}
-
-async fn grant(store: &dyn LockStore, req: AcquireRequest) -> LockInfo {
-    match store.acquire(req).await.expect("acquire") {
-        AcquireOutcome::Granted {
-            lock,
-            reentrant: false,
-        } => lock,
-        other => panic!("expected a fresh grant, got {other:?}"),
     }
 }
 

@@ -2,8 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::engine::LockKey;
-use crate::engine::PresencePatch;
+use crate::engine::{LockInfo, LockKey, PresencePatch};
 use crate::names::Entity;
 use crate::node::locks::{AcquireParams, Caller, resolve_key};
 use crate::node::{Node, OpError};
@@ -53,15 +52,7 @@ pub async fn handle(node: &Node, session: &Arc<SessionHandle>, req: Request) {
             };
             node.acquire(Caller::Session(session), params)
                 .await
-                .map(|(lock, _)| {
-                    session.send(&ServerMessage::Reply(Reply {
-                        id,
-                        room: Some(&lock.room),
-                        resource: Some(&lock.resource),
-                        token: Some(lock.token),
-                        expires_at: Some(lock.expires_at),
-                    }));
-                })
+                .map(|(lock, _)| reply_grant(id, &lock, session))
         }
         ClientMessage::LockRelease(r) => match resolve_key(session, r.room.as_ref(), &r.resource) {
             Ok(key) => node
@@ -77,15 +68,7 @@ pub async fn handle(node: &Node, session: &Arc<SessionHandle>, req: Request) {
             }
             Err(e) => Err(e),
         }
-        .map(|lock| {
-            session.send(&ServerMessage::Reply(Reply {
-                id,
-                room: Some(&lock.room),
-                resource: Some(&lock.resource),
-                token: Some(lock.token),
-                expires_at: Some(lock.expires_at),
-            }));
-        }),
+        .map(|lock| reply_grant(id, &lock, session)),
         ClientMessage::LockCancelWait(c) => {
             match resolve_key(session, c.room.as_ref(), &c.resource) {
                 Ok(key) => node
@@ -142,6 +125,17 @@ fn reply(id: Option<u32>, session: &SessionHandle) {
 
 fn reply_room(id: Option<u32>, room: &Entity, session: &SessionHandle) {
     reply_with(id, session, Some(room), None);
+}
+
+/// The reply to an acquire or extend: the lock with its token and end.
+fn reply_grant(id: Option<u32>, lock: &LockInfo, session: &SessionHandle) {
+    session.send(&ServerMessage::Reply(Reply {
+        id,
+        room: Some(&lock.room),
+        resource: Some(&lock.resource),
+        token: Some(lock.token),
+        expires_at: Some(lock.expires_at),
+    }));
 }
 
 fn reply_lock(id: Option<u32>, key: &LockKey, session: &SessionHandle) {

@@ -16,8 +16,8 @@ use lockstep::engine::redis::audit::RedisAuditSink;
 use lockstep::engine::redis::keys;
 use lockstep::engine::redis::locks::RedisLockStore;
 use lockstep::engine::{
-    AcquireOutcome, AcquireRequest, EngineError, Holder, LockInfo, LockKey, LockStore,
-    LockTransition, ReleaseReason, TokenOutcome, WaitSpec,
+    AcquireOutcome, AcquireRequest, EngineError, LockKey, LockStore, LockTransition, ReleaseReason,
+    TokenOutcome, WaitSpec,
 };
 use lockstep::names::Entity;
 use tokio::time::sleep;

@@ -17,8 +17,8 @@ use lockstep::engine::redis::audit::RedisAuditSink;
 use lockstep::engine::redis::keys;
 use lockstep::engine::redis::locks::RedisLockStore;
 use lockstep::engine::{
-    AcquireOutcome, AcquireRequest, Holder, LockInfo, LockKey, LockStore, LockTransition,
-    ReleaseReason, TokenOutcome, WaitSpec,
+    AcquireOutcome, Holder, LockInfo, LockKey, LockStore, LockTransition, ReleaseReason,
+    TokenOutcome, WaitSpec,
 };
 use lockstep::names::Entity;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -148,6 +148,19 @@ pub enum ReleaseReason {
     Revoked,
 }
 
+impl ReleaseReason {
+    /// The wire name (`lock.released {reason}`), also the metrics label and the Lua argument.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReleaseReason::Released => "released",
+            ReleaseReason::Expired => "expired",
+            ReleaseReason::Disconnected => "disconnected",
+            ReleaseReason::Forced => "forced",
+            ReleaseReason::Revoked => "revoked",
+        }
+    }
+}
+
 /// A queued acquire: how long to wait and the request id to answer when served or timed out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WaitSpec {
@@ -526,4 +539,23 @@ pub trait ResumeStore: Send + Sync + 'static {
     async fn revoke_jti(&self, jti: &str, until_ms: u64) -> EngineResult<()>;
     /// Whether `jti` is revoked now.
     async fn is_revoked(&self, jti: &str) -> EngineResult<bool>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReleaseReason;
+
+    #[test]
+    fn release_reasons_have_one_name_on_the_wire_in_lua_and_in_metrics() {
+        for r in [
+            ReleaseReason::Released,
+            ReleaseReason::Expired,
+            ReleaseReason::Disconnected,
+            ReleaseReason::Forced,
+            ReleaseReason::Revoked,
+        ] {
+            let wire = serde_json::to_string(&r).unwrap();
+            assert_eq!(wire, format!("\"{}\"", r.as_str()));
+        }
+    }
 }

@@ -295,13 +295,7 @@ impl Node {
                 reason,
                 granted,
             } => {
-                self.metrics.lock_outcome(match reason {
-                    ReleaseReason::Released => "released",
-                    ReleaseReason::Expired => "expired",
-                    ReleaseReason::Disconnected => "disconnected",
-                    ReleaseReason::Forced => "forced",
-                    ReleaseReason::Revoked => "revoked",
-                });
+                self.metrics.lock_outcome(reason.as_str());
                 let room = lock.room.clone();
                 self.publish(&room, None, RoomEventKind::LockReleased { lock, reason })
                     .await;

@@ -214,7 +214,7 @@ impl RedisLockStore {
                 vec![
                     keys::shard_prefix(shard),
                     session_id.to_owned(),
-                    reason_str(reason).to_owned(),
+                    reason.as_str().to_owned(),
                     rooms.to_owned(),
                 ],
             )
@@ -361,16 +361,6 @@ fn actor_json(actor: Option<&Actor>) -> EngineResult<String> {
 
 fn span(ms: u64) -> String {
     ms.min(MAX_SPAN_MS).to_string()
-}
-
-fn reason_str(reason: ReleaseReason) -> &'static str {
-    match reason {
-        ReleaseReason::Released => "released",
-        ReleaseReason::Expired => "expired",
-        ReleaseReason::Disconnected => "disconnected",
-        ReleaseReason::Forced => "forced",
-        ReleaseReason::Revoked => "revoked",
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -875,7 +865,7 @@ impl RedisLockStore {
             prefix_of(key),
             key.to_string(),
             token.to_string(),
-            reason_str(reason).to_owned(),
+            reason.as_str().to_owned(),
             actor_json(actor)?,
             withdrawn.to_owned(),
         ];

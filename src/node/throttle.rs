@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::engine::UserId;
+use crate::session::ratelimit::TokenBucket;
 
 /// Keys one map may track; past it idle keys are evicted, then new keys refused.
 const MAX_KEYS: usize = 100_000;
@@ -25,17 +26,12 @@ const MAX_FAILURE_SOURCES: usize = 10_000;
 /// One `auth_failed` record per source and window at most, plus one with the count.
 pub const AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(60);
 
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-}
-
 /// Token buckets by key: `rate` per second up to `burst`.
 struct Buckets<K> {
     rate: f64,
     burst: f64,
     max_keys: usize,
-    map: Mutex<HashMap<K, Bucket>>,
+    map: Mutex<HashMap<K, TokenBucket>>,
 }
 
 impl<K: Hash + Eq + Clone> Buckets<K> {
@@ -52,25 +48,14 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
     fn take(&self, key: &K, now: Instant) -> Result<(), Duration> {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if !map.contains_key(key) && map.len() >= self.max_keys {
-            let (rate, burst) = (self.rate, self.burst);
-            map.retain(|_, b| b.tokens + now.duration_since(b.last).as_secs_f64() * rate < burst);
+            map.retain(|_, b| !b.is_full_at(now));
             if map.len() >= self.max_keys {
-                return Err(Duration::from_secs_f64((1.0 / rate).max(1.0)));
+                return Err(Duration::from_secs_f64((1.0 / self.rate).max(1.0)));
             }
         }
-        let b = map.entry(key.clone()).or_insert(Bucket {
-            tokens: self.burst,
-            last: now,
-        });
-        let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
-        b.last = now;
-        b.tokens = (b.tokens + elapsed * self.rate).min(self.burst);
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - b.tokens) / self.rate))
-        }
+        map.entry(key.clone())
+            .or_insert_with(|| TokenBucket::full(self.rate, self.burst, now))
+            .take_or_wait(now)
     }
 
     #[cfg(test)]

@@ -17,8 +17,9 @@ use crate::engine::{EventSink, LockKey, RoomEvent, RoomEventKind, SessionId};
 use crate::error::ErrorCode;
 use crate::names::Entity;
 use crate::protocol::server::{ErrorFrame, From, HolderView};
+use crate::protocol::snapshot::frame_len;
 use crate::protocol::{Codec, ServerMessage};
-use crate::session::handle::{SessionHandle, frame_len};
+use crate::session::handle::SessionHandle;
 use crate::telemetry::Metrics;
 
 pub struct Hub {

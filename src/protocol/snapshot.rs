@@ -84,6 +84,7 @@ fn split<T: Serialize>(items: &[T], codec: Codec, budget: usize) -> Vec<std::ops
     ranges
 }
 
+/// The payload length of a data frame (0 for control frames).
 pub fn frame_len(m: &Message) -> usize {
     match m {
         Message::Text(t) => t.len(),

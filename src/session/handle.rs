@@ -13,6 +13,7 @@ use super::outbound::{Outbound, Pushed};
 use crate::auth::Principal;
 use crate::engine::{LockKey, SessionId};
 use crate::names::Entity;
+use crate::protocol::snapshot::frame_len;
 use crate::protocol::{Codec, ServerMessage};
 use crate::telemetry::Metrics;
 
@@ -328,13 +329,5 @@ impl SessionHandle {
 
     pub fn set_share_cursor(&self, on: bool) {
         self.lock().share_cursor = on;
-    }
-}
-
-pub fn frame_len(m: &Message) -> usize {
-    match m {
-        Message::Text(t) => t.len(),
-        Message::Binary(b) => b.len(),
-        _ => 0,
     }
 }

@@ -1,0 +1,250 @@
+//! Cross-node takeover on resume (issue 12, item 2): a resume that reaches any node moves the
+//! session there at once, whatever the old node thinks of its old socket. Real gateway
+//! processes sharing one private Redis, driven by real WebSocket clients.
+mod common;
+
+use std::time::Duration;
+
+use common::cluster::{Gateway, token};
+use common::redis::RedisServer;
+use common::{Client, Closed, Codec};
+use serde_json::{Value, json};
+
+const ROOM: &str = "scene:12";
+
+fn acquire(resource: &str) -> Value {
+    json!({"type":"lock.acquire","room":ROOM,"resource":resource,"action":"approve"})
+}
+
+/// A client of `sub` on `g` that joined [`ROOM`] and holds a lock on `resource`; returns the
+/// client, its JWT and the lock's token.
+async fn holder(g: &Gateway, sub: &str, resource: &str) -> (Client, String, u64) {
+    let tok = token(sub, None);
+    let mut c = Client::connect(g.addr(), &tok, Codec::Json, None).await;
+    c.join(ROOM).await;
+    let r = c.request(acquire(resource)).await;
+    let t = r["token"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("granted: {r}"));
+    (c, tok, t)
+}
+
+async fn watcher(g: &Gateway, sub: &str) -> Client {
+    let mut c = Client::connect(g.addr(), &token(sub, None), Codec::Json, None).await;
+    c.join(ROOM).await;
+    c
+}
+
+/// The events of `seen` that would show a session leaving or a lock going away.
+fn flaps(seen: &[Value]) -> Vec<&Value> {
+    seen.iter()
+        .filter(|v| {
+            v["type"] == "presence.leave"
+                || v["type"] == "presence.join"
+                || v["type"] == "lock.released"
+        })
+        .collect()
+}
+
+/// The laptop case: alice's old socket on node 1 goes silent (never read or written again,
+/// never closed), and she resumes on node 2. The session moves at once: same id, same lock
+/// token (extend and release work from node 2), the old socket is closed with 4011, and bob
+/// sees nobody leave or join and no lock released until alice releases it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_on_another_node_takes_over_a_silent_socket() {
+    let redis = RedisServer::start();
+    let a = Gateway::start(&redis.url(), "node-1", &[]).await;
+    let b = Gateway::start(&redis.url(), "node-2", &[]).await;
+    let (mut old, tok, t) = holder(&a, "alice", "segment:12-1").await;
+    // Bob's join answered after his snapshot, which showed alice's lock.
+    let mut bob = watcher(&b, "bob").await;
+
+    let started = std::time::Instant::now();
+    let mut moved = Client::connect(b.addr(), &tok, Codec::Json, Some(&old.resume_token())).await;
+    assert_eq!(moved.welcome["resumed"], true, "{}", moved.welcome);
+    assert_eq!(moved.session_id(), old.session_id());
+    assert_eq!(moved.welcome["node_id"], "node-2");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the takeover is bounded by its wait: {:?}",
+        started.elapsed()
+    );
+    let snap = moved.recv_type("room.snapshot").await;
+    assert_eq!(snap["locks"][0]["token"], json!(t), "{snap}");
+    assert_eq!(
+        snap["locks"][0]["holder"]["session_id"],
+        json!(old.session_id())
+    );
+    assert_eq!(old.closed().await, Closed::Code(4011));
+
+    // Still the holder, from the new node, with the old token.
+    let r = moved
+        .request(json!({"type":"lock.extend","room":ROOM,"resource":"segment:12-1","token":t,"ttl_ms":60000}))
+        .await;
+    assert_eq!(r["type"], "reply", "extend with the old token: {r}");
+    let before_release = bob.drain_for(Duration::from_millis(1500)).await;
+    assert!(
+        flaps(&before_release).is_empty(),
+        "bob saw the move: {before_release:?}"
+    );
+    let r = moved
+        .request(json!({"type":"lock.release","room":ROOM,"resource":"segment:12-1","token":t}))
+        .await;
+    assert_eq!(r["type"], "reply", "release with the old token: {r}");
+    let released = bob.recv_type("lock.released").await;
+    assert_eq!(released["reason"], "released", "{released}");
+    let after = bob.drain_for(Duration::from_millis(500)).await;
+    assert!(
+        after
+            .iter()
+            .all(|v| v["type"] != "presence.leave" && v["type"] != "presence.join"),
+        "{after:?}"
+    );
+}
+
+/// A drain where every client reconnects the moment `reconnect` arrives (`after_ms` taken as
+/// 0), before the draining node has parked its session: every resume on the other node is
+/// `resumed: true` with its lock, and an observer sees no leave and no lock released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_with_immediate_reconnects_resumes_every_session() {
+    const CLIENTS: usize = 20;
+    let redis = RedisServer::start();
+    let mut a = Gateway::start(&redis.url(), "node-1", &[]).await;
+    let b = Gateway::start(&redis.url(), "node-2", &[]).await;
+    let mut observer = watcher(&b, "observer").await;
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        clients.push(holder(&a, &format!("user{i}"), &format!("segment:12-d{i}")).await);
+    }
+    // The observer has seen every client join and lock before the drain starts.
+    let mut locked = 0;
+    while locked < CLIENTS {
+        observer.recv_type("lock.acquired").await;
+        locked += 1;
+    }
+    let addr = b.addr();
+    let moves: Vec<_> = clients
+        .into_iter()
+        .map(|(mut c, tok, t)| {
+            tokio::spawn(async move {
+                let (session, resume) = (c.session_id(), c.resume_token());
+                c.recv_type("reconnect").await;
+                // At once, not after `after_ms`, and before the old socket is closed.
+                let mut moved = Client::connect(addr, &tok, Codec::Json, Some(&resume)).await;
+                let resumed = moved.welcome["resumed"] == true && moved.session_id() == session;
+                let snap = moved.recv_type("room.snapshot").await;
+                let kept = snap["locks"]
+                    .as_array()
+                    .is_some_and(|ls| ls.iter().any(|l| l["token"] == json!(t)));
+                (resumed, kept, moved)
+            })
+        })
+        .collect();
+    let terminate = tokio::spawn(async move {
+        let exited = a.terminate(Duration::from_secs(15)).await;
+        (a, exited)
+    });
+    let mut keep = Vec::new();
+    for (i, m) in moves.into_iter().enumerate() {
+        let (resumed, kept, moved) = m.await.expect("move task");
+        assert!(resumed, "client {i} was not resumed: {}", moved.welcome);
+        assert!(kept, "client {i} lost its lock");
+        keep.push(moved);
+    }
+    let (_a, exited) = terminate.await.expect("terminate task");
+    assert!(exited, "the drained node exited");
+    let seen = observer.drain_for(Duration::from_millis(2000)).await;
+    assert!(
+        flaps(&seen).is_empty(),
+        "the observer saw the move: {:?}",
+        flaps(&seen)
+    );
+}
+
+/// Two resumes of one token at once, on two other nodes: exactly one gets the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_racing_resumes_of_one_token_give_exactly_one_session() {
+    let redis = RedisServer::start();
+    let a = Gateway::start(&redis.url(), "node-1", &[]).await;
+    let b = Gateway::start(&redis.url(), "node-2", &[]).await;
+    let c = Gateway::start(&redis.url(), "node-3", &[]).await;
+    let (mut old, tok, t) = holder(&a, "alice", "segment:12-r").await;
+    let resume = old.resume_token();
+    let session = old.session_id();
+    let race = |addr: std::net::SocketAddr| {
+        let (tok, resume) = (tok.clone(), resume.clone());
+        tokio::spawn(async move { Client::connect(addr, &tok, Codec::Json, Some(&resume)).await })
+    };
+    let (x, y) = (race(b.addr()), race(c.addr()));
+    let mut results = vec![x.await.unwrap(), y.await.unwrap()];
+    let winners: Vec<usize> = (0..2)
+        .filter(|&i| results[i].welcome["resumed"] == true)
+        .collect();
+    assert_eq!(
+        winners.len(),
+        1,
+        "exactly one resume wins: {} / {}",
+        results[0].welcome,
+        results[1].welcome
+    );
+    let w = winners[0];
+    assert_eq!(results[w].session_id(), session);
+    assert_ne!(
+        results[1 - w].session_id(),
+        session,
+        "the loser got a new session"
+    );
+    assert_eq!(old.closed().await, Closed::Code(4011));
+    let snap = results[w].recv_type("room.snapshot").await;
+    assert_eq!(snap["locks"][0]["token"], json!(t), "{snap}");
+    // The loser's new session does not hold alice's lock; the winner does.
+    let loser = &mut results[1 - w];
+    loser.join(ROOM).await;
+    let r = loser
+        .request(json!({"type":"lock.release","room":ROOM,"resource":"segment:12-r","token":t}))
+        .await;
+    assert_eq!(r["type"], "error", "{r}");
+    let r = results[w]
+        .request(json!({"type":"lock.release","room":ROOM,"resource":"segment:12-r","token":t}))
+        .await;
+    assert_eq!(r["type"], "reply", "{r}");
+}
+
+/// Another user's connection with alice's resume token, and a bogus token, kick nobody:
+/// alice's socket stays open and she keeps her lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_users_or_bogus_resume_token_kicks_nobody() {
+    let redis = RedisServer::start();
+    let a = Gateway::start(&redis.url(), "node-1", &[]).await;
+    let b = Gateway::start(&redis.url(), "node-2", &[]).await;
+    let (mut alice, tok, t) = holder(&a, "alice", "segment:12-w").await;
+    let resume = alice.resume_token();
+
+    let mallory = Client::connect(
+        b.addr(),
+        &token("mallory", None),
+        Codec::Json,
+        Some(&resume),
+    )
+    .await;
+    assert_eq!(mallory.welcome["resumed"], false, "{}", mallory.welcome);
+    assert_ne!(mallory.session_id(), alice.session_id());
+    let bogus = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    for g in [&a, &b] {
+        let c = Client::connect(g.addr(), &tok, Codec::Json, Some(bogus)).await;
+        assert_eq!(c.welcome["resumed"], false);
+        assert_ne!(c.session_id(), alice.session_id());
+    }
+    // Alice is untouched: her socket answers and her lock is hers.
+    let seen = alice.drain_for(Duration::from_millis(1000)).await;
+    assert!(seen.iter().all(|v| v["type"] != "reconnect"), "{seen:?}");
+    alice.ping().await;
+    let r = alice
+        .request(json!({"type":"lock.extend","room":ROOM,"resource":"segment:12-w","token":t,"ttl_ms":60000}))
+        .await;
+    assert_eq!(r["type"], "reply", "{r}");
+    // And her own token still resumes (the failed attempts did not consume it).
+    let moved = Client::connect(b.addr(), &tok, Codec::Json, Some(&resume)).await;
+    assert_eq!(moved.welcome["resumed"], true, "{}", moved.welcome);
+    assert_eq!(alice.closed().await, Closed::Code(4011));
+}

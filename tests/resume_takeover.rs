@@ -108,13 +108,21 @@ async fn a_resume_on_another_node_takes_over_a_silent_socket() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_with_immediate_reconnects_resumes_every_session() {
     const CLIENTS: usize = 20;
+    const ROOMS_EACH: usize = 8;
     let redis = RedisServer::start();
     let mut a = Gateway::start(&redis.url(), "node-1", &[]).await;
     let b = Gateway::start(&redis.url(), "node-2", &[]).await;
     let mut observer = watcher(&b, "observer").await;
     let mut clients = Vec::new();
     for i in 0..CLIENTS {
-        clients.push(holder(&a, &format!("user{i}"), &format!("segment:12-d{i}")).await);
+        let (mut c, tok, t) = holder(&a, &format!("user{i}"), &format!("segment:12-d{i}")).await;
+        // Rooms of its own too, as users spread over rooms do: parking then has room
+        // subscriptions to drop on the draining node (one at a time there), so the last parks
+        // come well after their `reconnect` went out: the race a resume must win.
+        for r in 0..ROOMS_EACH {
+            c.join(&format!("scene:12{i}x{r}")).await;
+        }
+        clients.push((c, tok, t));
     }
     // The observer has seen every client join and lock before the drain starts.
     let mut locked = 0;
@@ -132,6 +140,9 @@ async fn a_drain_with_immediate_reconnects_resumes_every_session() {
                 // At once, not after `after_ms`, and before the old socket is closed.
                 let mut moved = Client::connect(addr, &tok, Codec::Json, Some(&resume)).await;
                 let resumed = moved.welcome["resumed"] == true && moved.session_id() == session;
+                if !resumed {
+                    return (false, false, moved);
+                }
                 let snap = moved.recv_type("room.snapshot").await;
                 let kept = snap["locks"]
                     .as_array()
@@ -145,12 +156,20 @@ async fn a_drain_with_immediate_reconnects_resumes_every_session() {
         (a, exited)
     });
     let mut keep = Vec::new();
+    let (mut not_resumed, mut lost) = (Vec::new(), Vec::new());
     for (i, m) in moves.into_iter().enumerate() {
         let (resumed, kept, moved) = m.await.expect("move task");
-        assert!(resumed, "client {i} was not resumed: {}", moved.welcome);
-        assert!(kept, "client {i} lost its lock");
+        if !resumed {
+            not_resumed.push(i);
+        } else if !kept {
+            lost.push(i);
+        }
         keep.push(moved);
     }
+    assert!(
+        not_resumed.is_empty() && lost.is_empty(),
+        "of {CLIENTS} clients, not resumed: {not_resumed:?}; resumed without their lock: {lost:?}"
+    );
     let (_a, exited) = terminate.await.expect("terminate task");
     assert!(exited, "the drained node exited");
     let seen = observer.drain_for(Duration::from_millis(2000)).await;

@@ -267,3 +267,51 @@ async fn a_wrong_users_or_bogus_resume_token_kicks_nobody() {
     assert_eq!(moved.welcome["resumed"], true, "{}", moved.welcome);
     assert_eq!(alice.closed().await, Closed::Code(4011));
 }
+
+/// A hand-off during the move is not lost: alice (node 1) waits for carol's lock, her socket
+/// goes silent, carol releases, so the `lock.granted` goes to the silent socket only. Alice
+/// resumes on node 2: her snapshot lists the lock as hers with its token, and she can release
+/// it with that token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_sent_to_the_silent_socket_comes_back_in_the_snapshot() {
+    let redis = RedisServer::start();
+    let a = Gateway::start(&redis.url(), "node-1", &[]).await;
+    let b = Gateway::start(&redis.url(), "node-2", &[]).await;
+    let (mut carol, _, t) = holder(&b, "carol", "segment:12-g").await;
+    let tok = token("alice", None);
+    let mut old = Client::connect(a.addr(), &tok, Codec::Json, None).await;
+    old.join(ROOM).await;
+    let mut wait = acquire("segment:12-g");
+    wait["wait"] = json!(true);
+    let denied = old.request(wait).await;
+    assert_eq!(denied["queue_position"], 1, "{denied}");
+    // From here on alice's old socket is never read again.
+    let r = carol
+        .request(json!({"type":"lock.release","room":ROOM,"resource":"segment:12-g","token":t}))
+        .await;
+    assert_eq!(r["type"], "reply", "{r}");
+    // The hand-off happened (carol sees it), and went to alice's silent socket.
+    let acquired = carol
+        .recv_where(|v| v["type"] == "lock.acquired" && v["holder"]["user_id"] == "alice")
+        .await;
+    assert_eq!(acquired["resource"], "segment:12-g");
+
+    let mut moved = Client::connect(b.addr(), &tok, Codec::Json, Some(&old.resume_token())).await;
+    assert_eq!(moved.welcome["resumed"], true, "{}", moved.welcome);
+    let snap = moved.recv_type("room.snapshot").await;
+    let lock = snap["locks"]
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["resource"] == "segment:12-g"))
+        .cloned()
+        .unwrap_or_else(|| panic!("the granted lock is in the snapshot: {snap}"));
+    assert_eq!(lock["holder"]["session_id"], json!(old.session_id()));
+    let granted = lock["token"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("own lock with its token: {lock}"));
+    assert!(granted > t);
+    let r = moved
+        .request(json!({"type":"lock.release","room":ROOM,"resource":"segment:12-g","token":granted}))
+        .await;
+    assert_eq!(r["type"], "reply", "{r}");
+    assert_eq!(old.closed().await, Closed::Code(4011));
+}

@@ -29,7 +29,9 @@
 //!    session (that would cost a write per connection and its renewals), and the request is
 //!    rare (only when no parked record exists), small, and answered by a map lookup.
 //! 3. Nobody answers (a wrong user, an expired or made-up token): one last claim, then a new
-//!    session. Nobody is kicked: the holder checks user and digest.
+//!    session. Nobody is kicked: the holder checks user and digest. A user with no session
+//!    counted anywhere (the per-user count of the store) is not asked about at all, so the
+//!    usual stale token (its grace passed) costs nothing.
 //!
 //! Exactly one winner still: the old node's park writes an ordinary record, and the store's
 //! `claim`/`expire` are atomic, so of two racing resumes (or a resume and the end of the
@@ -244,6 +246,11 @@ impl Node {
         }
         // Not parked anywhere: maybe attached on another node (embedded: there is none).
         let bus = self.revocations.get()?;
+        // No session of this user is counted anywhere (the usual case for a token whose
+        // grace passed): nobody can hold it, so nobody is asked and nobody waits.
+        if let Ok(0) = self.resume.counted_sessions(user_id).await {
+            return None;
+        }
         let started = tokio::time::Instant::now();
         let wait = self.hub.expect_takeover(&digest);
         let request = super::lifetime::Broadcast::takeover_request(&self.id, user_id, &digest);

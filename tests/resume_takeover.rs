@@ -195,7 +195,7 @@ async fn two_racing_resumes_of_one_token_give_exactly_one_session() {
         tokio::spawn(async move { Client::connect(addr, &tok, Codec::Json, Some(&resume)).await })
     };
     let (x, y) = (race(b.addr()), race(c.addr()));
-    let mut results = vec![x.await.unwrap(), y.await.unwrap()];
+    let mut results = [x.await.unwrap(), y.await.unwrap()];
     let winners: Vec<usize> = (0..2)
         .filter(|&i| results[i].welcome["resumed"] == true)
         .collect();

@@ -315,3 +315,57 @@ async fn a_grant_sent_to_the_silent_socket_comes_back_in_the_snapshot() {
     assert_eq!(r["type"], "reply", "{r}");
     assert_eq!(old.closed().await, Closed::Code(4011));
 }
+
+/// A silent TCP path whose window is shut: the old node's socket task is stuck in a write (it
+/// would be for `heartbeat_interval × heartbeat_misses`). The takeover still stops it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_stops_a_socket_stuck_in_a_write() {
+    let redis = RedisServer::start();
+    // Large frames and an outbound budget nothing reaches, so the old session is neither
+    // refused nor closed as a slow consumer: its writes just stop completing.
+    let big = [
+        ("LOCKSTEP_MAX_FRAME_BYTES", "1048576"),
+        ("LOCKSTEP_MAX_BROADCAST_BYTES", "400000"),
+        ("LOCKSTEP_MAX_QUEUE_BYTES", "268435456"),
+        ("LOCKSTEP_MESSAGES_PER_SECOND", "10000"),
+        ("LOCKSTEP_MESSAGE_BURST", "10000"),
+    ];
+    let a = Gateway::start(&redis.url(), "node-1", &big).await;
+    let b = Gateway::start(&redis.url(), "node-2", &big).await;
+    let (old, tok, t) = holder(&a, "alice", "segment:12-s").await;
+    let mut bob = watcher(&b, "bob").await;
+    // Alice's old socket is never read again: fill its window from node 2 until node 1 has
+    // bytes queued for it that it cannot write.
+    let blob = "x".repeat(300_000);
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        for _ in 0..10 {
+            bob.send(json!({"type":"broadcast","room":ROOM,"event":"blob","data":blob}))
+                .await;
+        }
+        bob.ping().await;
+        let metrics = http
+            .get(a.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        let queued = common::metric_sum(&metrics, "lockstep_outbound_queue_bytes", &[]);
+        if queued.is_some_and(|q| q > 1_000_000.0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node 1 never got stuck writing (queued: {queued:?})"
+        );
+    }
+    let mut moved = Client::connect(b.addr(), &tok, Codec::Json, Some(&old.resume_token())).await;
+    assert_eq!(moved.welcome["resumed"], true, "{}", moved.welcome);
+    assert_eq!(moved.session_id(), old.session_id());
+    let snap = moved.recv_type("room.snapshot").await;
+    assert_eq!(snap["locks"][0]["token"], json!(t), "{snap}");
+    drop(old);
+}

@@ -64,6 +64,7 @@ async fn a_resume_on_another_node_takes_over_a_silent_socket() {
     assert_eq!(moved.welcome["resumed"], true, "{}", moved.welcome);
     assert_eq!(moved.session_id(), old.session_id());
     assert_eq!(moved.welcome["node_id"], "node-2");
+    eprintln!("cross-node takeover: welcome after {:?}", started.elapsed());
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "the takeover is bounded by its wait: {:?}",

@@ -652,6 +652,43 @@ mod tests {
     }
 
     #[test]
+    fn a_session_is_found_by_its_resume_digest_and_user_only() {
+        let metrics = Metrics::new("t").unwrap();
+        let hub = Hub::new(metrics.clone());
+        let state = HandleState {
+            resume_token: "tok-1".into(),
+            ..HandleState::default()
+        };
+        let p = Arc::new(Principal::admin());
+        let user = p.user_id.clone();
+        let h = Arc::new(SessionHandle::new(
+            "s".into(),
+            p,
+            Codec::Json,
+            1 << 20,
+            metrics,
+            state,
+        ));
+        hub.register(h.clone(), None);
+        let d = resume_digest("tok-1");
+        assert_ne!(&*d, "tok-1");
+        assert_eq!(d, resume_digest("tok-1"), "stable across nodes");
+        assert!(matches!(hub.by_resume_digest(&d, &user), Some((_, true))));
+        assert!(
+            hub.by_resume_digest(&d, "mallory").is_none(),
+            "same user only"
+        );
+        assert!(
+            hub.by_resume_digest(&resume_digest("tok-2"), &user)
+                .is_none()
+        );
+        hub.park(&h, Instant::now());
+        assert!(matches!(hub.by_resume_digest(&d, &user), Some((_, false))));
+        hub.remove(&h);
+        assert!(hub.by_resume_digest(&d, &user).is_none());
+    }
+
+    #[test]
     fn a_release_overtaken_by_the_next_grant_is_dropped() {
         let (hub, handle) = setup();
         hub.deliver(acquired(1));

@@ -6,12 +6,19 @@
 //!
 //! One `std::sync::RwLock` guards the maps. Fan-out takes the read lock and only pushes into
 //! outbound queues (each a short `std` mutex); nothing awaits under either lock.
+//!
+//! Every session is also found by the *digest* of its resume token ([`resume_digest`]): a
+//! resume that reaches another node names the session to the cluster by that digest (see
+//! [`Node::claim_parked`](crate::node::Node)), never by the token itself, and the hub answers
+//! in O(1) whether it holds that session. The hub also keeps the resumes of this node that
+//! wait for another node to say "I have it" ([`Hub::expect_takeover`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use axum::extract::ws::Message;
+use tokio_util::sync::CancellationToken;
 
 use crate::engine::{EventSink, LockKey, RoomEvent, RoomEventKind, SessionId};
 use crate::error::ErrorCode;
@@ -25,6 +32,10 @@ use crate::telemetry::Metrics;
 pub struct Hub {
     state: RwLock<HubState>,
     metrics: Metrics,
+    /// Resumes on this node waiting for the node that holds their session to answer a
+    /// takeover request, by resume-token digest; cancelled when the answer comes. An entry
+    /// lives only while its resume waits (a few seconds at most): bounded by connections.
+    takeovers: Mutex<HashMap<Arc<str>, CancellationToken>>,
 }
 
 #[derive(Default)]
@@ -35,6 +46,45 @@ struct HubState {
     rooms: HashMap<Entity, RoomLocal>,
     /// Parked sessions by resume token, with the instant their grace ends.
     parked: HashMap<Arc<str>, (Arc<SessionHandle>, Instant)>,
+    /// Every session (attached or parked) by the digest of its resume token.
+    by_digest: HashMap<Arc<str>, Arc<SessionHandle>>,
+}
+
+/// The digest a resume token is named by between nodes: HMAC-SHA256 under a fixed label,
+/// URL-safe base64 (43 characters). A token is 192 random bits, so the digest cannot be turned
+/// back into a token that resumes the session, and a channel that carries it leaks nothing a
+/// resume could use. (The SHA-256 of the crate set: jsonwebtoken's, already linked.)
+pub fn resume_digest(token: &str) -> Arc<str> {
+    use jsonwebtoken::{Algorithm, EncodingKey, crypto};
+    let key = EncodingKey::from_secret(b"lockstep resume-token digest v1");
+    match crypto::sign(token.as_bytes(), &key, Algorithm::HS256) {
+        Ok(d) => Arc::from(d),
+        // HMAC over bytes cannot fail; should it, no takeover names this token.
+        Err(_) => Arc::from(""),
+    }
+}
+
+/// A resume of this node waiting for a takeover answer; leaves the hub when dropped.
+pub struct TakeoverWait<'a> {
+    hub: &'a Hub,
+    digest: Arc<str>,
+    found: CancellationToken,
+}
+
+impl TakeoverWait<'_> {
+    /// Resolves once a node answered that it holds the session (and is giving it up).
+    pub async fn found(&self) {
+        self.found.cancelled().await
+    }
+}
+
+impl Drop for TakeoverWait<'_> {
+    fn drop(&mut self) {
+        let mut t = self.hub.takeovers.lock().unwrap_or_else(|p| p.into_inner());
+        // Two resumes of one token on this node share the entry; the first to finish ends it
+        // (the other then waits for the record without the early answer, still bounded).
+        t.remove(&self.digest);
+    }
 }
 
 #[derive(Default)]
@@ -88,6 +138,7 @@ impl Hub {
         Hub {
             state: RwLock::new(HubState::default()),
             metrics,
+            takeovers: Mutex::new(HashMap::new()),
         }
     }
 
@@ -107,10 +158,15 @@ impl Hub {
         handle: Arc<SessionHandle>,
         replaces: Option<&str>,
     ) -> Option<Arc<SessionHandle>> {
+        let digest = resume_digest(&handle.resume_token());
         let mut s = self.write();
         let old = replaces
             .and_then(|token| s.parked.remove(token))
             .map(|(h, _)| h);
+        if let Some(old) = &old {
+            forget_digest(&mut s, old);
+        }
+        s.by_digest.insert(digest, handle.clone());
         s.sessions.insert(handle.id.clone(), handle);
         old
     }
@@ -165,6 +221,7 @@ impl Hub {
         } else {
             return None;
         }
+        forget_digest(&mut s, handle);
         s.sessions.remove(&handle.id);
         Some(parked)
     }
@@ -179,19 +236,39 @@ impl Hub {
             .collect()
     }
 
-    /// The attached session with this resume token and user, for a takeover by a resuming
-    /// connection that arrived before this node noticed the old socket was gone.
-    pub fn attached_by_resume_token(
+    /// The session with this resume-token digest and user, if this node holds it, and
+    /// whether it is attached (a parked one is not): what a takeover request asks.
+    pub fn by_resume_digest(
         &self,
-        token: &str,
+        digest: &str,
         user_id: &str,
-    ) -> Option<Arc<SessionHandle>> {
+    ) -> Option<(Arc<SessionHandle>, bool)> {
         let s = self.read();
-        s.sessions
-            .values()
-            .find(|h| &*h.resume_token() == token && &*h.principal.user_id == user_id)
-            .filter(|h| !s.parked.contains_key(&h.resume_token()))
-            .cloned()
+        let h = s
+            .by_digest
+            .get(digest)
+            .filter(|h| &*h.principal.user_id == user_id)?;
+        let attached = is_current(&s, h) && !s.parked.contains_key(&h.resume_token());
+        Some((h.clone(), attached))
+    }
+
+    /// Registers a resume of this node waiting for a takeover answer for `digest`.
+    pub fn expect_takeover(&self, digest: &Arc<str>) -> TakeoverWait<'_> {
+        let mut t = self.takeovers.lock().unwrap_or_else(|p| p.into_inner());
+        let found = t.entry(digest.clone()).or_default().clone();
+        TakeoverWait {
+            hub: self,
+            digest: digest.clone(),
+            found,
+        }
+    }
+
+    /// A node answered that it holds the session named by `digest`: wakes its resume here.
+    pub fn takeover_found(&self, digest: &str) {
+        let t = self.takeovers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(found) = t.get(digest) {
+            found.cancel();
+        }
     }
 
     /// The attached members of `room` on this node.
@@ -240,6 +317,17 @@ fn is_current(s: &HubState, handle: &Arc<SessionHandle>) -> bool {
     s.sessions
         .get(&handle.id)
         .is_some_and(|h| Arc::ptr_eq(h, handle))
+}
+
+/// Drops the digest entry of `handle` (only if it is still that handle's).
+fn forget_digest(s: &mut HubState, handle: &Arc<SessionHandle>) {
+    let digest = resume_digest(&handle.resume_token());
+    if s.by_digest
+        .get(&digest)
+        .is_some_and(|h| Arc::ptr_eq(h, handle))
+    {
+        s.by_digest.remove(&digest);
+    }
 }
 
 fn remove_member(rooms: &mut HashMap<Entity, RoomLocal>, room: &Entity, id: &SessionId) {
@@ -561,6 +649,43 @@ mod tests {
                 v["type"].as_str().unwrap().to_string()
             })
             .collect()
+    }
+
+    #[test]
+    fn a_session_is_found_by_its_resume_digest_and_user_only() {
+        let metrics = Metrics::new("t").unwrap();
+        let hub = Hub::new(metrics.clone());
+        let state = HandleState {
+            resume_token: "tok-1".into(),
+            ..HandleState::default()
+        };
+        let p = Arc::new(Principal::admin());
+        let user = p.user_id.clone();
+        let h = Arc::new(SessionHandle::new(
+            "s".into(),
+            p,
+            Codec::Json,
+            1 << 20,
+            metrics,
+            state,
+        ));
+        hub.register(h.clone(), None);
+        let d = resume_digest("tok-1");
+        assert_ne!(&*d, "tok-1");
+        assert_eq!(d, resume_digest("tok-1"), "stable across nodes");
+        assert!(matches!(hub.by_resume_digest(&d, &user), Some((_, true))));
+        assert!(
+            hub.by_resume_digest(&d, "mallory").is_none(),
+            "same user only"
+        );
+        assert!(
+            hub.by_resume_digest(&resume_digest("tok-2"), &user)
+                .is_none()
+        );
+        hub.park(&h, Instant::now());
+        assert!(matches!(hub.by_resume_digest(&d, &user), Some((_, false))));
+        hub.remove(&h);
+        assert!(hub.by_resume_digest(&d, &user).is_none());
     }
 
     #[test]

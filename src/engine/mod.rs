@@ -533,6 +533,10 @@ pub trait ResumeStore: Send + Sync + 'static {
     ) -> EngineResult<()>;
     /// The session ended for good: it no longer counts.
     async fn dismiss(&self, user_id: &str, session_id: &str) -> EngineResult<()>;
+    /// How many sessions `user_id` may have in the count (attached or parked, any node; an
+    /// entry that lapsed but was not pruned yet may still count). Zero means no node holds a
+    /// session of this user, so a resume need not ask the cluster for one.
+    async fn counted_sessions(&self, user_id: &str) -> EngineResult<usize>;
 
     /// Refuses the token id `jti` until `until_ms` (ms since the epoch). Bounded: the
     /// memory store refuses more than a fixed number of live entries (`Unavailable`).

@@ -68,7 +68,8 @@ pub fn spawn(node: &Arc<Node>, parts: ClusterParts) {
     );
 }
 
-/// Applies the admin revocations other nodes publish (this node's own were applied at once).
+/// Applies the admin revocations and takeover steps other nodes publish (this node's own
+/// revocations were applied at once).
 fn spawn_revocation_listener(node: &Arc<Node>) {
     let Some(url) = node.config.redis_url.clone() else {
         return;
@@ -96,10 +97,7 @@ fn spawn_revocation_listener(node: &Arc<Node>) {
                             continue;
                         };
                         match serde_json::from_str::<super::lifetime::Broadcast>(&text) {
-                            Ok(b) if *b.origin != *node.id => {
-                                let n = node.revoke_local(&b.revocation).await;
-                                tracing::info!(ended = n, "applied a revocation from {}", b.origin);
-                            }
+                            Ok(b) if *b.origin != *node.id => node.on_broadcast(b).await,
                             Ok(_) => {}
                             Err(e) => tracing::warn!(error = %e, "bad revocation message"),
                         }

@@ -10,6 +10,11 @@
 //! - **Revocation.** `POST /v1/admin/sessions/revoke` ends the matching sessions of every
 //!   node (Redis pub/sub), parked ones too (close 4013, locks released as `revoked`); a
 //!   revoked `jti` is refused at connect, resume and refresh until its `exp`.
+//! - **Session control between nodes.** Revocations travel on the `sessions:revoke` channel
+//!   as a [`Broadcast`]. The same channel carries cross-node *takeovers*
+//!   ([`Takeover`]; the protocol is in [`sessions`](super::sessions)): a takeover message
+//!   keeps an empty `revocation`, so a node of an older release that does not know the
+//!   `takeover` field applies nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,11 +71,47 @@ impl Revocation {
     }
 }
 
-/// A revocation as it travels between nodes.
+/// A message on the session-control channel: a revocation, or a takeover step.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Broadcast {
     pub origin: String,
+    /// Empty (matches nothing) on takeover messages.
+    #[serde(default)]
     pub revocation: Revocation,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub takeover: Option<Takeover>,
+}
+
+/// A step of a cross-node takeover. Resume tokens are named by their
+/// [`resume_digest`](crate::hub::resume_digest), never sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum Takeover {
+    /// A resume on node `origin` asks whoever holds this user's session under this token to
+    /// give it up (close the socket with 4011 and park it).
+    Request { user_id: String, digest: String },
+    /// Node `origin` holds that session and is parking it: the resume on node `to` should
+    /// wait for the record.
+    Found { to: String, digest: String },
+}
+
+impl Broadcast {
+    fn takeover(origin: &str, step: Takeover) -> String {
+        let b = Broadcast {
+            origin: origin.to_owned(),
+            revocation: Revocation::default(),
+            takeover: Some(step),
+        };
+        serde_json::to_string(&b).unwrap_or_default()
+    }
+
+    pub fn takeover_request(origin: &str, user_id: &str, digest: &str) -> String {
+        let step = Takeover::Request {
+            user_id: user_id.to_owned(),
+            digest: digest.to_owned(),
+        };
+        Broadcast::takeover(origin, step)
+    }
 }
 
 impl Node {
@@ -220,6 +261,7 @@ impl Node {
         let note = Broadcast {
             origin: self.id.to_string(),
             revocation: rev.clone(),
+            takeover: None,
         };
         let payload = serde_json::to_string(&note).unwrap_or_default();
         if let Some(bus) = self.revocations.get()
@@ -231,6 +273,37 @@ impl Node {
             ));
         }
         Ok(ended)
+    }
+
+    /// Applies a message another node sent on the session-control channel.
+    pub async fn on_broadcast(&self, b: Broadcast) {
+        match b.takeover {
+            None => {
+                let n = self.revoke_local(&b.revocation).await;
+                tracing::info!(ended = n, "applied a revocation from {}", b.origin);
+            }
+            Some(Takeover::Request { user_id, digest }) => {
+                if !self.give_up_for_takeover(&user_id, &digest) {
+                    return;
+                }
+                let found = Takeover::Found {
+                    to: b.origin,
+                    digest,
+                };
+                let payload = Broadcast::takeover(&self.id, found);
+                if let Some(bus) = self.revocations.get()
+                    && let Err(e) = bus.publish_revocation(payload).await
+                {
+                    // The resume still finds the record with its last claim.
+                    tracing::warn!(error = %e, "takeover answer not published");
+                }
+            }
+            Some(Takeover::Found { to, digest }) => {
+                if *to == *self.id {
+                    self.hub.takeover_found(&digest);
+                }
+            }
+        }
     }
 
     /// Ends this node's sessions matching `rev`: attached ones through their socket task,
@@ -268,6 +341,34 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_takeover_reads_as_an_empty_revocation_to_an_older_node() {
+        /// The message as a node without takeovers parses it.
+        #[derive(Deserialize)]
+        struct OldBroadcast {
+            #[allow(dead_code)]
+            origin: String,
+            revocation: Revocation,
+        }
+        let wire = Broadcast::takeover_request("n1", "alice", "ZGlnZXN0");
+        let old: OldBroadcast = serde_json::from_str(&wire).unwrap();
+        assert!(old.revocation.is_empty(), "{wire}");
+        assert!(!wire.contains("resume_token"), "{wire}");
+        let new: Broadcast = serde_json::from_str(&wire).unwrap();
+        assert_eq!(
+            new.takeover,
+            Some(Takeover::Request {
+                user_id: "alice".into(),
+                digest: "ZGlnZXN0".into()
+            })
+        );
+        // And a revocation from an older node still parses.
+        let old_rev = r#"{"origin":"n0","revocation":{"user_id":"bob","actor":"admin"}}"#;
+        let b: Broadcast = serde_json::from_str(old_rev).unwrap();
+        assert!(b.takeover.is_none());
+        assert_eq!(b.revocation.user_id.as_deref(), Some("bob"));
+    }
 
     #[test]
     fn the_warning_comes_a_minute_ahead_or_at_half_the_remaining_life() {

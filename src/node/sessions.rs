@@ -8,6 +8,34 @@
 //! the token's `exp` or the end of the grace ends the session: presence leaves, its locks are
 //! released with reason `disconnected` (`revoked` when an admin revoked it), its waits are
 //! dropped, and it leaves its user's session count (parked sessions stay in it).
+//!
+//! # Takeover: a resume that reaches a node while the session is still attached somewhere
+//!
+//! A client whose old TCP path went silent (a laptop changed network), or that reconnects the
+//! moment a draining node says `reconnect`, resumes before the node holding its session has
+//! parked it. The resuming node then asks for the session ([`Node::claim_parked`]):
+//!
+//! 1. Attached on this node: its socket task is told to stop (`takeover`, close 4011), the
+//!    session parks (record written) and the resume claims it.
+//! 2. Otherwise, with Redis, a takeover request goes to every node on the session-control
+//!    channel (the one admin revocations use, `sessions:revoke`; see
+//!    [`lifetime`](super::lifetime)): `{user_id, digest}`, where `digest` names the resume
+//!    token ([`resume_digest`]) so the token itself never crosses the channel. The node that
+//!    holds an attached session of that user under that token stops its socket the same way
+//!    (4011, parked, record written) and answers "found" on the channel. The resuming node
+//!    waits for that answer ([`TAKEOVER_FOUND_WAIT`]), then polls the store's atomic `claim`
+//!    with backoff until the record appears, within [`TAKEOVER_WAIT`] in all. A broadcast,
+//!    not a per-node channel: the store does not record which node holds an attached
+//!    session (that would cost a write per connection and its renewals), and the request is
+//!    rare (only when no parked record exists), small, and answered by a map lookup.
+//! 3. Nobody answers (a wrong user, an expired or made-up token): one last claim, then a new
+//!    session. Nobody is kicked: the holder checks user and digest. A user with no session
+//!    counted anywhere (the per-user count of the store) is not asked about at all, so the
+//!    usual stale token (its grace passed) costs nothing.
+//!
+//! Exactly one winner still: the old node's park writes an ordinary record, and the store's
+//! `claim`/`expire` are atomic, so of two racing resumes (or a resume and the end of the
+//! grace) one gets the session and the other gets nothing.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +46,7 @@ use super::Node;
 use crate::audit::AuditKind;
 use crate::auth::Principal;
 use crate::engine::{LockKey, ParkedSession, ReleaseReason};
-use crate::hub::TooManySessions;
+use crate::hub::{TooManySessions, resume_digest};
 use crate::names::Entity;
 use crate::protocol::server::UserView;
 use crate::protocol::{Codec, ServerMessage};
@@ -26,6 +54,13 @@ use crate::session::handle::{HandleState, SessionHandle};
 
 /// How long a resuming connection waits for the old socket of its session to be parked.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
+/// How long a resume waits for some node to answer that it holds the session (a cross-node
+/// round trip on the session-control channel) before it concludes nobody does. This is what
+/// a resume with an unknown or expired token costs.
+pub const TAKEOVER_FOUND_WAIT: Duration = Duration::from_secs(1);
+/// The first pause between claims while the old node parks the session (doubling, capped).
+const CLAIM_POLL_FIRST: Duration = Duration::from_millis(5);
+const CLAIM_POLL_MAX: Duration = Duration::from_millis(100);
 /// How long a session's entry in its user's session count lives unless its node renews it
 /// (every third of this, for attached and parked sessions alike): the count forgets the
 /// sessions of a crashed node within this.
@@ -191,10 +226,11 @@ impl Node {
         Ok((handle, resumed))
     }
 
-    /// Takes a parked session from the resume store. If this node still has the session
-    /// attached (its old socket died silently), that socket is closed and parked first.
+    /// Takes a parked session from the resume store, taking it over first if it is still
+    /// attached here or on another node (see the module doc).
     async fn claim_parked(&self, token: &str, user_id: &str) -> Option<(String, ParkedSession)> {
-        if let Some(old) = self.hub.attached_by_resume_token(token, user_id) {
+        let digest = resume_digest(token);
+        if let Some((old, true)) = self.hub.by_resume_digest(&digest, user_id) {
             old.takeover.cancel();
             if tokio::time::timeout(TAKEOVER_WAIT, old.ended.cancelled())
                 .await
@@ -203,12 +239,80 @@ impl Node {
                 tracing::warn!(session = %old.id, "takeover: old socket did not park in time");
             }
         }
-        match self.resume.claim(token, user_id).await {
-            Ok(c) => c.map(|rec| (token.to_owned(), rec)),
-            Err(e) => {
-                tracing::warn!(error = %e, "resume lookup failed; opening a new session");
-                None
+        match self.claim(token, user_id).await {
+            Ok(Some(rec)) => return Some((token.to_owned(), rec)),
+            Ok(None) => {}
+            Err(()) => return None,
+        }
+        // Not parked anywhere: maybe attached on another node (embedded: there is none).
+        let bus = self.revocations.get()?;
+        // No session of this user is counted anywhere (the usual case for a token whose
+        // grace passed): nobody can hold it, so nobody is asked and nobody waits.
+        if let Ok(0) = self.resume.counted_sessions(user_id).await {
+            return None;
+        }
+        let started = tokio::time::Instant::now();
+        let wait = self.hub.expect_takeover(&digest);
+        let request = super::lifetime::Broadcast::takeover_request(&self.id, user_id, &digest);
+        if let Err(e) = bus.publish_revocation(request).await {
+            tracing::warn!(error = %e, "takeover request not published; opening a new session");
+            return None;
+        }
+        let found = tokio::time::timeout(TAKEOVER_FOUND_WAIT, wait.found())
+            .await
+            .is_ok();
+        drop(wait);
+        if !found {
+            // Nobody holds it attached; it may have parked on its own meanwhile.
+            return self
+                .claim(token, user_id)
+                .await
+                .ok()
+                .flatten()
+                .map(|rec| (token.to_owned(), rec));
+        }
+        let deadline = started + TAKEOVER_WAIT;
+        let mut pause = CLAIM_POLL_FIRST;
+        loop {
+            match self.claim(token, user_id).await {
+                Ok(Some(rec)) => {
+                    tracing::debug!(session = %rec.session_id, from = %rec.node_id, "taken over from another node");
+                    return Some((token.to_owned(), rec));
+                }
+                Ok(None) => {}
+                Err(()) => return None,
             }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                tracing::warn!("takeover: the old node did not park the session in time");
+                return None;
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(CLAIM_POLL_MAX);
+        }
+    }
+
+    /// One atomic claim; a store failure is logged (`Err`: open a new session).
+    async fn claim(&self, token: &str, user_id: &str) -> Result<Option<ParkedSession>, ()> {
+        self.resume.claim(token, user_id).await.map_err(|e| {
+            tracing::warn!(error = %e, "resume lookup failed; opening a new session");
+        })
+    }
+
+    /// Another node's resume asks for the session named by `digest`: if it is attached here
+    /// (same user), its socket stops (close 4011) and it parks; returns whether this node
+    /// holds the session and will park it (or is parking it), so the asker should wait for
+    /// the record.
+    pub(crate) fn give_up_for_takeover(&self, user_id: &str, digest: &str) -> bool {
+        match self.hub.by_resume_digest(digest, user_id) {
+            Some((old, true)) => {
+                tracing::debug!(session = %old.id, "taken over by a resume on another node");
+                old.takeover.cancel();
+                true
+            }
+            // Parking already (the socket dropped, or the node drains): the record is coming.
+            Some((old, false)) => !old.ended.is_cancelled(),
+            None => false,
         }
     }
 

@@ -184,9 +184,12 @@ async fn drive(
             _ = node.draining.cancelled() => return EndReason::Draining,
             _ = handle.outbound.ready() => {
                 let batch = handle.outbound.take(std::mem::take(&mut spare));
+                // A write into a silent TCP path can block until the window shuts and the
+                // timeout fires; a takeover must not wait for that (the resume waits on it).
                 let written = tokio::select! {
                     r = tokio::time::timeout(write_timeout, write_batch(sink, batch)) => r,
                     _ = handle.kill.cancelled() => return EndReason::SlowConsumer,
+                    _ = handle.takeover.cancelled() => return EndReason::TakenOver,
                 };
                 match written {
                     Err(_) => return EndReason::SlowConsumer,
@@ -237,7 +240,11 @@ async fn drive(
                     }
                 }
                 seen_since_tick = false;
-                match tokio::time::timeout(write_timeout, sink.send(Message::Ping(Default::default()))).await {
+                let ping = tokio::select! {
+                    r = tokio::time::timeout(write_timeout, sink.send(Message::Ping(Default::default()))) => r,
+                    _ = handle.takeover.cancelled() => return EndReason::TakenOver,
+                };
+                match ping {
                     Err(_) => return EndReason::SlowConsumer,
                     Ok(Err(_)) => return EndReason::ConnectionLost,
                     Ok(Ok(())) => {}

@@ -141,6 +141,13 @@ impl ResumeStore for MemoryResumeStore {
         Ok(())
     }
 
+    async fn counted_sessions(&self, user_id: &str) -> EngineResult<usize> {
+        let now = Instant::now();
+        let a = self.admitted.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(a.get(user_id)
+            .map_or(0, |u| u.values().filter(|until| **until > now).count()))
+    }
+
     async fn revoke_jti(&self, jti: &str, until_ms: u64) -> EngineResult<()> {
         let now = now_ms();
         let mut r = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
@@ -226,6 +233,20 @@ mod tests {
             store.admit("w", "y", 1, 60_000).await.unwrap(),
             "lapsed entries free slots"
         );
+    }
+
+    #[tokio::test]
+    async fn counted_sessions_follow_admissions_and_dismissals() {
+        let store = MemoryResumeStore::new();
+        assert_eq!(store.counted_sessions("u").await.unwrap(), 0);
+        store.admit("u", "s1", 4, 60_000).await.unwrap();
+        store.admit("u", "s2", 4, 60_000).await.unwrap();
+        store.admit("v", "s3", 4, 1).await.unwrap();
+        assert_eq!(store.counted_sessions("u").await.unwrap(), 2);
+        store.dismiss("u", "s1").await.unwrap();
+        assert_eq!(store.counted_sessions("u").await.unwrap(), 1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(store.counted_sessions("v").await.unwrap(), 0, "lapsed");
     }
 
     #[tokio::test]

@@ -154,6 +154,16 @@ impl ResumeStore for RedisResumeStore {
         Ok(())
     }
 
+    async fn counted_sessions(&self, user_id: &str) -> EngineResult<usize> {
+        // ZCARD, not a count by score: the scores are Redis-clock instants, and counting a
+        // lapsed entry only costs a takeover request nobody answers.
+        let zcard = self.pool.zcard(keys::user_sessions(user_id));
+        let n: i64 = call(&self.metrics, "resume_counted", zcard)
+            .await
+            .map_err(engine_err)?;
+        Ok(n.max(0) as usize)
+    }
+
     async fn revoke_jti(&self, jti: &str, until_ms: u64) -> EngineResult<()> {
         let ttl = until_ms.saturating_sub(crate::engine::now_ms()).max(1);
         let set = self.pool.set(

@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod engine;
 pub mod postgres;
+pub mod proxy;
 pub mod redis;
 
 use std::time::Duration;

@@ -149,7 +149,7 @@ pub enum ReleaseReason {
     /// The holder's node could not renew the lease in time (it lost Redis): the lock may be
     /// granted to somebody else as soon as the lease runs out. Told by that node only, to the
     /// holder and its local members of the room (`node::leases`). **Never given to a store**:
-    /// nothing ends the lock in the store, whose lease just lapses (reaped as `expired`); the
+    /// nothing ends the lock in the store, whose lease just lapses (reaped as `disconnected`); the
     /// Redis scripts know no such reason.
     Lost,
 }

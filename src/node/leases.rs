@@ -32,7 +32,7 @@
 //!   renewal sets the exact base.
 //!
 //! A declared-lost lock stays lost: if Redis comes back, its lease is not renewed and it lapses
-//! in the store, where the reaper announces it as `expired` to other nodes' members (this
+//! in the store, where the reaper announces it as `disconnected` to other nodes' members (this
 //! node's members saw `lost` for that token; the hub drops the duplicate). The holder may
 //! acquire again. Locks held over HTTP have no lease and are not watched: they live to their
 //! hold limit.
@@ -298,7 +298,7 @@ pub(super) fn check(node: &Node) {
         h.unhold(&key, token);
         node.metrics.lock_outcome(ReleaseReason::Lost.as_str());
         // Straight to this node's hub: the broker publishes through the unreachable Redis.
-        // Other nodes' members learn of the end when the lease lapses (`expired`).
+        // Other nodes' members learn of the end when the lease lapses (`disconnected`, as any lapsed lease).
         node.hub.deliver(Arc::new(RoomEvent {
             room: key.room.clone(),
             origin: None,

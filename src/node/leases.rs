@@ -26,10 +26,13 @@
 //!   renewal was sent. A renewal that failed (an error, a timeout, a replication acknowledgement
 //!   that did not come) renews nothing here, whatever Redis did with it;
 //! - a lock this node learned of otherwise (a queued acquire served by a hand-off, a resume
-//!   from another node): the instant the watchdog first saw it, **minus a third of the lease**
-//!   (one renewal period). The true start is unknown here but lies shortly before the grant was
-//!   delivered; erring early only matters while renewals fail, and the first successful
-//!   renewal sets the exact base.
+//!   from another node) and has not renewed yet: the instant the watchdog first saw it, minus
+//!   one watchdog period. Its lease started a little earlier (a hand-off: when the releasing
+//!   script ran, before its fence registration and pub/sub delivery; a resume: at the old
+//!   node's last renewal, or stretched over the grace by a draining node), which the margin
+//!   has to absorb; earlier would make every such lock lost unless a renewal, which runs on
+//!   its own period, happened to come first. The first acknowledged renewal sets the exact
+//!   base.
 //!
 //! A declared-lost lock stays lost: if Redis comes back, its lease is not renewed and it lapses
 //! in the store, where the reaper announces it as `disconnected` to other nodes' members (this
@@ -125,27 +128,26 @@ impl Leases {
             .insert((session.clone(), key), Watched { token, base: sent });
     }
 
-    /// A renewal sent at `sent` answered, and these grants were not reported gone.
+    /// A renewal sent at `sent` answered, and these grants were not reported gone: each lease
+    /// runs at least until `sent + lease`. A grant that is no longer held by the time of the
+    /// next check (declared lost meanwhile, released) is dropped there.
     pub fn renewed(&self, grants: &[HeldLock], sent: Instant) {
         let mut s = self.state();
         s.reported = false;
         for (session, key, token) in grants {
             let id = (session.clone(), key.clone());
-            if let Some(w) = s.watched.get_mut(&id) {
-                if w.token == *token && w.base < sent {
-                    w.base = sent;
-                }
-            } else if s.lost.get(&id).is_some_and(|w| w.token == *token) {
-                // Held again after it was declared lost (a reentrant acquire): this renewal
-                // restarted its lease. If it was not held again, the next check drops it.
-                s.lost.remove(&id);
-                s.watched.insert(
-                    id,
-                    Watched {
+            // Also held again after it was declared lost (a reentrant acquire): this renewal
+            // restarted its lease.
+            s.lost.remove(&id);
+            match s.watched.get_mut(&id) {
+                Some(w) if w.token == *token => w.base = w.base.max(sent),
+                _ => {
+                    let w = Watched {
                         token: *token,
                         base: sent,
-                    },
-                );
+                    };
+                    s.watched.insert(id, w);
+                }
             }
         }
     }
@@ -167,7 +169,7 @@ impl Leases {
         let held = held();
         let mut watched = HashMap::with_capacity(held.len());
         let mut due = Vec::new();
-        let unknown_base = now.checked_sub(self.lease / 3).unwrap_or(now);
+        let unknown_base = now.checked_sub(check_period(self.lease)).unwrap_or(now);
         for (session, key, token) in held {
             let id = (session.clone(), key.clone());
             let known = |w: Option<Watched>| w.filter(|w| w.token == token);
@@ -410,12 +412,12 @@ mod tests {
     }
 
     #[test]
-    fn a_lock_learned_of_otherwise_counts_from_one_renewal_period_before_it_was_seen() {
+    fn a_lock_learned_of_otherwise_counts_from_one_check_period_before_it_was_seen() {
         let l = Leases::new(LEASE);
         let seen = Instant::now() + Duration::from_secs(10);
         let a = held("s1", "segment:a", 7);
         assert!(due_at(&l, seen, std::slice::from_ref(&a)).is_empty());
-        let deadline = seen - LEASE / 3 + LEASE - notice_margin(LEASE);
+        let deadline = seen - check_period(LEASE) + LEASE - notice_margin(LEASE);
         assert!(
             due_at(
                 &l,

@@ -86,10 +86,7 @@ impl StudioRun {
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| {
-                panic!(
-                    "starting {}: {e} (run scripts/ensure-k6.sh)",
-                    k6.display()
-                )
+                panic!("starting {}: {e} (run scripts/ensure-k6.sh)", k6.display())
             });
         StudioRun {
             child,
@@ -229,6 +226,48 @@ pub fn ended_badly(trail: &[Vec<AuditRecord>]) -> Vec<String> {
             )
         })
         .collect()
+}
+
+/// For each lock `held` (resource → token) by a node's sessions when it was sent SIGTERM at
+/// `sigterm_ms`: its last record must be its holder's release, and it must have been touched
+/// (extended or released) after the SIGTERM, so the grant outlived the drain. A lock released
+/// between the sample and the SIGTERM was not held across the drain and passes. Returns the
+/// violations.
+pub fn carried_across(
+    all: &[&AuditRecord],
+    held: &HashMap<String, u64>,
+    sigterm_ms: u64,
+) -> Vec<String> {
+    let mut bad = Vec::new();
+    for (resource, token) in held {
+        let history: Vec<(AuditKind, u64)> = all
+            .iter()
+            .filter(|r| r.resource.as_deref() == Some(resource) && r.token == Some(*token))
+            .filter(|r| r.kind != AuditKind::LockDenied && r.kind != AuditKind::LockWaiting)
+            .map(|r| (r.kind, r.at))
+            .collect();
+        if history.last().map(|h| h.0) != Some(AuditKind::LockReleased) {
+            bad.push(format!(
+                "{resource} (token {token}, held at the SIGTERM) did not end with its \
+                 holder's release: {history:?}"
+            ));
+            continue;
+        }
+        // Sampled just before the SIGTERM: a holder may have released the lock in between
+        // (its release is then older than the SIGTERM), and such a lock was not held across.
+        let released_before = history
+            .last()
+            .is_some_and(|(k, at)| *k == AuditKind::LockReleased && *at < sigterm_ms);
+        // Otherwise its holder checked it after the move (lock.extend with the token, on
+        // another node) or released it after the move: either way the grant outlived the drain.
+        if !released_before && !history.iter().any(|(_, at)| *at >= sigterm_ms) {
+            bad.push(format!(
+                "{resource} (token {token}) was never touched after the SIGTERM at \
+                 {sigterm_ms}: {history:?}"
+            ));
+        }
+    }
+    bad
 }
 
 pub fn now_ms() -> u64 {

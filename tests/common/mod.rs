@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod engine;
+pub mod k6;
 pub mod postgres;
 pub mod proxy;
 pub mod redis;

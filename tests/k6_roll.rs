@@ -39,10 +39,10 @@ const SETTLE: Duration = Duration::from_secs(2);
 async fn rolling_every_node_under_k6_load_loses_no_lock_no_member_and_no_client_errs() {
     let redis = RedisServer::start();
     let drain = format!("{}s", DRAIN_TIMEOUT.as_secs());
-    // A 3 s lease (renewed every second) instead of the test nodes' 1 s: a debug build on 2
-    // shared cores may stall a node for more than the two thirds of a second a 1 s lease
-    // leaves its renewal, and the lease watchdog then rightly tells holders their locks are
-    // lost (`src/node/leases.rs`). This test is about drains, not stalls.
+    // A 3 s lease (renewed every second; a stall of up to 1 s is tolerated) instead of the
+    // test nodes' 1 s (a third of a second): a debug build on 2 shared cores may stall a node
+    // that long, and the lease watchdog then rightly tells holders their locks are lost
+    // (`src/node/leases.rs`). This test is about drains, not stalls.
     let extra = [
         ("LOCKSTEP_DRAIN_TIMEOUT", drain.as_str()),
         ("LOCKSTEP_LOCK_LEASE", "3s"),

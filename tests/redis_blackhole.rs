@@ -35,16 +35,15 @@ fn is_release_of_resource(v: &Value) -> bool {
     v["type"] == "lock.released" && v["resource"] == RESOURCE
 }
 
+/// When the first release arrived, and the message.
+type Notice = oneshot::Receiver<(Instant, Value)>;
+/// The reader: gives back the client and what it read after that release.
+type Reader = tokio::task::JoinHandle<(Client, Vec<Value>)>;
+
 /// Reads `c` in the background: reports the instant the first `lock.released` of
 /// [`RESOURCE`] arrives (and the message), then keeps reading until `stop` fires; returns the
 /// client and every message seen after that release.
-fn watch(
-    mut c: Client,
-    stop: oneshot::Receiver<()>,
-) -> (
-    oneshot::Receiver<(Instant, Value)>,
-    tokio::task::JoinHandle<(Client, Vec<Value>)>,
-) {
+fn watch(mut c: Client, stop: oneshot::Receiver<()>) -> (Notice, Reader) {
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(async move {
         let mut tx = Some(tx);

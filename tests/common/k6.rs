@@ -184,21 +184,19 @@ pub fn overlaps(trail: &[Vec<AuditRecord>]) -> Vec<String> {
                     live.insert(res, tok);
                     last.insert(res, tok);
                 }
-                AuditKind::LockExtended => {
-                    if live.get(res) != Some(&tok) {
-                        bad.push(format!(
-                            "{res}: extend of {tok}, live is {:?}",
-                            live.get(res)
-                        ));
-                    }
+                AuditKind::LockExtended if live.get(res) != Some(&tok) => {
+                    bad.push(format!(
+                        "{res}: extend of {tok}, live is {:?}",
+                        live.get(res)
+                    ));
                 }
                 AuditKind::LockReleased
                 | AuditKind::LockExpired
                 | AuditKind::LockDisconnected
-                | AuditKind::LockForced => {
-                    if live.remove(res) != Some(tok) {
-                        bad.push(format!("{res}: {:?} of {tok}, which was not live", r.kind));
-                    }
+                | AuditKind::LockForced
+                    if live.remove(res) != Some(tok) =>
+                {
+                    bad.push(format!("{res}: {:?} of {tok}, which was not live", r.kind));
                 }
                 _ => {}
             }

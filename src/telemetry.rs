@@ -95,6 +95,7 @@ pub const LOCK_OUTCOMES: &[&str] = &[
     "stale",
     "wait_expired",
     "wait_failed",
+    "lost",
 ];
 
 /// Label values of `lockstep_resyncs_total{scope}`.
@@ -178,7 +179,7 @@ impl Metrics {
             sent_bytes: bytes("lockstep.sent", "Bytes of server messages queued to clients"),
             lock_outcomes: counter(
                 "lockstep.lock.outcomes",
-                "Lock outcomes: granted, denied, queued, released, expired, disconnected, forced, extended, stale, wait_expired, wait_failed",
+                "Lock outcomes: granted, denied, queued, released, expired, disconnected, forced, revoked, extended, stale, wait_expired, wait_failed, lost (holder told its lease could not be renewed in time)",
             ),
             lock_acquire_duration: seconds(
                 "lockstep.lock.acquire.duration",

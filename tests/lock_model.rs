@@ -206,6 +206,8 @@ impl Case {
                         ReleaseReason::Disconnected => "lock_disconnected",
                         ReleaseReason::Forced => "lock_forced",
                         ReleaseReason::Revoked => "lock_revoked",
+                        // Node-local, never a store's transition (`ReleaseReason::Lost`).
+                        ReleaseReason::Lost => panic!("a store ended {lock:?} as lost"),
                     },
                 );
                 if let Some(g) = granted {

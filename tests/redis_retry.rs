@@ -6,11 +6,10 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::engine::{grant, holder, request, unique};
+use common::proxy::RedisProxy;
 use common::redis::RedisServer;
 use lockstep::audit::{AuditQuery, AuditSink};
 use lockstep::engine::redis::audit::RedisAuditSink;
@@ -21,124 +20,10 @@ use lockstep::engine::{
     TokenOutcome, WaitSpec,
 };
 use lockstep::names::Entity;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-/// A proxy that passes everything through until armed with a marker; then the first `EVALSHA`
-/// whose bytes contain the marker reaches Redis, and its connection to the client is cut as
-/// soon as Redis answers (a `NOSCRIPT` answer is passed on: fred loads the script and sends
-/// the call again, which is then cut).
-struct CutProxy {
-    port: u16,
-    armed: Arc<Mutex<Option<Vec<u8>>>>,
-    cuts: Arc<AtomicUsize>,
-}
-
-impl CutProxy {
-    async fn start(redis_port: u16) -> CutProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let armed: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
-        let cuts = Arc::new(AtomicUsize::new(0));
-        let (a, c) = (armed.clone(), cuts.clone());
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = TcpStream::connect(("127.0.0.1", redis_port)).await else {
-                    continue;
-                };
-                tokio::spawn(pipe(client, server, a.clone(), c.clone()));
-            }
-        });
-        CutProxy { port, armed, cuts }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Cuts the next script call whose bytes contain `marker`.
-    fn arm(&self, marker: &str) {
-        *self.armed.lock().unwrap() = Some(marker.as_bytes().to_vec());
-    }
-
-    fn cuts(&self) -> usize {
-        self.cuts.load(Ordering::SeqCst)
-    }
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
-}
-
-/// Whether `needle` occurs in `hay` ending past `from` (in bytes not seen before).
-fn ends_after(hay: &[u8], needle: &[u8], from: usize) -> bool {
-    !needle.is_empty()
-        && hay
-            .windows(needle.len())
-            .enumerate()
-            .any(|(i, w)| w == needle && i + needle.len() > from)
-}
-
-async fn pipe(
-    client: TcpStream,
-    server: TcpStream,
-    armed: Arc<Mutex<Option<Vec<u8>>>>,
-    cuts: Arc<AtomicUsize>,
-) {
-    let (mut cr, mut cw) = client.into_split();
-    let (mut sr, mut sw) = server.into_split();
-    let mut cbuf = vec![0u8; 64 * 1024];
-    let mut sbuf = vec![0u8; 64 * 1024];
-    // The last bytes from the client, so a marker split over two reads is still seen.
-    let mut window: Vec<u8> = Vec::new();
-    let mut pending_cut = false;
-    loop {
-        tokio::select! {
-            n = cr.read(&mut cbuf) => {
-                let n = match n { Ok(0) | Err(_) => return, Ok(n) => n };
-                let old = window.len();
-                window.extend_from_slice(&cbuf[..n]);
-                if let Some(marker) = armed.lock().unwrap().as_ref()
-                    && contains(&window, b"EVALSHA")
-                    && ends_after(&window, marker, old)
-                {
-                    pending_cut = true;
-                }
-                let keep = window.len().saturating_sub(4096);
-                window.drain(..keep);
-                if sw.write_all(&cbuf[..n]).await.is_err() {
-                    return;
-                }
-            }
-            n = sr.read(&mut sbuf) => {
-                let n = match n { Ok(0) | Err(_) => return, Ok(n) => n };
-                if pending_cut {
-                    if sbuf[..n].starts_with(b"-NOSCRIPT") {
-                        // Passed on below; fred loads the script and sends the call again.
-                    } else if armed.lock().unwrap().take().is_some() {
-                        cuts.fetch_add(1, Ordering::SeqCst);
-                        // The client loses the connection and the reply. The Redis side stays
-                        // open a little (closing a socket with unread data resets it).
-                        drop((cr, cw));
-                        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                            while matches!(sr.read(&mut sbuf).await, Ok(n) if n > 0) {}
-                        })
-                        .await;
-                        return;
-                    }
-                    pending_cut = false;
-                }
-                if cw.write_all(&sbuf[..n]).await.is_err() {
-                    return;
-                }
-            }
-        }
-    }
-}
 
 struct Setup {
     redis: RedisServer,
-    proxy: CutProxy,
+    proxy: RedisProxy,
     store: RedisLockStore,
     /// Reads the audit outbox directly, not through the proxy.
     audit: RedisAuditSink,
@@ -146,7 +31,7 @@ struct Setup {
 
 async fn setup() -> Setup {
     let redis = RedisServer::start();
-    let proxy = CutProxy::start(redis.port).await;
+    let proxy = RedisProxy::start(redis.port).await;
     let pool = lockstep::engine::redis::connect(&proxy.url())
         .await
         .expect("connect through the proxy");

@@ -46,6 +46,11 @@
 //   studio_reconnects           successful resumes after a drain (or an unexpected close)
 //   studio_locks_lost           locks held before a move and not ours after the resume
 //   studio_locks_kept           locks checked after a resume (snapshot token + lock.extend)
+//   studio_presence_leaves      presence.leave of another member before the scenario's end:
+//                               nobody leaves before DURATION is up, so every one is a member
+//                               who was merely moving (a drain, a roll) and was seen to go
+//   studio_locks_lost also counts `lock.released {reason: "lost"}` of a lock the VU holds (its
+//   node could not renew the lease in time: it lost Redis)
 //   studio_lock_grants, studio_lock_denials, studio_wait_timeouts, studio_waits_dropped
 // Latencies are Date.now() just before the send against the receive event's timestamp (taken
 // when k6 read the frame, before the VU's JS handles it, so a busy VU does not inflate it): one
@@ -116,6 +121,7 @@ const unexpected = new Counter('studio_unexpected_errors');
 const reconnects = new Counter('studio_reconnects');
 const locksLost = new Counter('studio_locks_lost');
 const locksKept = new Counter('studio_locks_kept');
+const presenceLeaves = new Counter('studio_presence_leaves');
 const grants = new Counter('studio_lock_grants');
 const denials = new Counter('studio_lock_denials');
 const waitTimeouts = new Counter('studio_wait_timeouts');
@@ -166,6 +172,7 @@ export default function () {
   unexpected.add(0);
   locksLost.add(0);
   reconnects.add(0);
+  presenceLeaves.add(0);
 
   let nodeIndex = (vu - 1) % URLS.length;
   let ws = null;
@@ -358,10 +365,26 @@ export default function () {
         // The node closes with 1012 next; onClose then resumes after after_ms.
         moveDelay = m.after_ms || 0;
         return;
+      case 'presence.leave': {
+        // Before the end nobody leaves for good: a leave is a member whose move was seen.
+        const mem = m.member || {};
+        if (at < endAt && mem.session_id !== sessionId) {
+          presenceLeaves.add(1);
+          note(`presence.leave of ${mem.user_id} (session ${mem.session_id}) before the end`);
+        }
+        return;
+      }
+      case 'lock.released': {
+        const h = held.get(m.resource);
+        if (m.reason === 'lost' && h && !h.releasing) {
+          locksLost.add(1);
+          oops(`lock on ${m.resource} (token ${h.token}) lost: its node could not renew the lease`);
+          held.delete(m.resource);
+        }
+        return;
+      }
       case 'presence.join':
-      case 'presence.leave':
       case 'lock.acquired':
-      case 'lock.released':
       case 'broadcast':
       case 'pong':
         return;

@@ -146,6 +146,12 @@ pub enum ReleaseReason {
     /// The holder's token no longer makes it an editor of the lock's room (refresh, resume)
     /// or its session was revoked by an admin.
     Revoked,
+    /// The holder's node could not renew the lease in time (it lost Redis): the lock may be
+    /// granted to somebody else as soon as the lease runs out. Told by that node only, to the
+    /// holder and its local members of the room (`node::leases`). **Never given to a store**:
+    /// nothing ends the lock in the store, whose lease just lapses (reaped as `disconnected`); the
+    /// Redis scripts know no such reason.
+    Lost,
 }
 
 impl ReleaseReason {
@@ -157,6 +163,7 @@ impl ReleaseReason {
             ReleaseReason::Disconnected => "disconnected",
             ReleaseReason::Forced => "forced",
             ReleaseReason::Revoked => "revoked",
+            ReleaseReason::Lost => "lost",
         }
     }
 }
@@ -557,6 +564,7 @@ mod tests {
             ReleaseReason::Disconnected,
             ReleaseReason::Forced,
             ReleaseReason::Revoked,
+            ReleaseReason::Lost,
         ] {
             let wire = serde_json::to_string(&r).unwrap();
             assert_eq!(wire, format!("\"{}\"", r.as_str()));

@@ -185,6 +185,10 @@ impl Node {
             AcquireOutcome::Granted { lock, reentrant } => {
                 if let Caller::Session(h) = &caller {
                     h.hold(&lock.room, &lock.resource, lock.token);
+                    if !reentrant {
+                        // Its lease started after this send: the lease watchdog's base.
+                        self.leases.granted(&h.id, lock.key(), lock.token, started);
+                    }
                 }
                 if !reentrant {
                     self.metrics.lock_outcome("granted");

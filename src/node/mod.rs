@@ -6,17 +6,20 @@
 //! - [`sessions`]: opening, resuming, parking and ending sessions.
 //! - [`lifetime`]: token refresh and roles, expiry, admin revocation.
 //! - [`fencing`]: strict fencing — every grant registered in Postgres before it is handed out.
+//! - [`leases`]: lease renewal, and the watchdog that tells holders their locks are `lost`
+//!   when renewals stop reaching Redis.
 //! - [`throttle`]: HTTP request budgets per IP and per user, the HTTP lock budget and the
 //!   aggregation of `auth_failed` records.
 //!
 //! Background loops (one task): the lock reaper (expiries and waiter timeouts, every
-//! [`REAP_INTERVAL`]), lease renewal for this node's sessions (every third of the lease),
-//! and the end of parked sessions whose resume grace passed.
+//! [`REAP_INTERVAL`]), lease renewal for this node's sessions (every third of the lease), the
+//! lease watchdog ([`leases::check`]), and the end of parked sessions whose resume grace passed.
 
 mod audit_writer;
 mod cluster;
 mod engines;
 pub mod fencing;
+pub mod leases;
 pub mod lifetime;
 pub mod locks;
 pub mod rooms;
@@ -35,8 +38,7 @@ use crate::audit::{AuditKind, AuditRecord, AuditSink};
 use crate::auth::{Authenticator, Principal};
 use crate::config::Config;
 use crate::engine::{
-    Broker, LockStore, LockTransition, PresenceStore, ReleaseReason, ResumeStore, RoomEvent,
-    RoomEventKind,
+    Broker, LockStore, LockTransition, PresenceStore, ResumeStore, RoomEvent, RoomEventKind,
 };
 use crate::error::ErrorCode;
 use crate::hub::Hub;
@@ -62,6 +64,8 @@ pub struct Node {
     pub hub: Arc<Hub>,
     pub auth: Authenticator,
     pub metrics: Metrics,
+    /// When each held lock's lease was last known to be started or renewed ([`leases`]).
+    pub leases: leases::Leases,
     /// HTTP request budgets, the HTTP lock budget and `auth_failed` aggregation.
     pub throttle: throttle::Throttle,
     /// Cancelled on SIGTERM: sessions send `reconnect` and close with 1012.
@@ -167,6 +171,7 @@ impl Node {
         observe_hub(&metrics, &hub);
         let engines = engines::build(&config, &id, hub.clone(), &metrics).await?;
         let throttle = throttle::Throttle::new(&config);
+        let leases = leases::Leases::new(config.lock_lease);
         let node = Arc::new(Node {
             id,
             config: Arc::new(config),
@@ -179,6 +184,7 @@ impl Node {
             hub,
             auth,
             metrics,
+            leases,
             throttle,
             draining: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -375,8 +381,15 @@ fn spawn_background(node: &Arc<Node>) {
         }
     });
     every(node, node.config.lock_lease / 3, |node| async move {
-        renew_leases(&node).await
+        leases::renew(&node).await
     });
+    // Its own timer: a renewal may hang in a call for the command timeout, and the holders
+    // must be told before their leases run out all the same.
+    every(
+        node,
+        leases::check_period(node.config.lock_lease),
+        |node| async move { leases::check(&node) },
+    );
     every(node, Duration::from_millis(250), |node| async move {
         for handle in node.hub.expired_parked(Instant::now()) {
             node.expire_parked(&handle).await;
@@ -409,51 +422,4 @@ where
         }
         .instrument(span),
     );
-}
-
-/// Renews the leases of every lock held by this node's sessions (attached or parked). A lock
-/// found gone (reaped elsewhere, or lost with an emptied Redis) is announced as expired; a
-/// duplicate of an announcement already made is dropped by every hub (same token).
-async fn renew_leases(node: &Node) {
-    let sessions = node.hub.sessions();
-    let held: Vec<(crate::engine::LockKey, u64)> = sessions.iter().flat_map(|h| h.held()).collect();
-    if held.is_empty() {
-        return;
-    }
-    let lease_ms = node.config.lock_lease.as_millis() as u64;
-    let lost = match node.locks.refresh_leases(&held, lease_ms).await {
-        Ok(lost) => lost,
-        Err(e) => {
-            tracing::warn!(error = %e, "lease renewal failed");
-            return;
-        }
-    };
-    for (key, token) in lost {
-        for h in &sessions {
-            if !h.holds(&key, token) {
-                continue;
-            }
-            h.unhold(&key, token);
-            let room = key.room.clone();
-            let lock = crate::engine::LockInfo {
-                room: key.room.clone(),
-                resource: key.resource.clone(),
-                token,
-                holder: crate::engine::Holder {
-                    user_id: h.principal.user_id.clone(),
-                    name: h.principal.name.clone(),
-                    session_id: h.id.clone(),
-                    node_id: node.id.clone(),
-                },
-                action: Arc::from(""),
-                since: 0,
-                expires_at: 0,
-            };
-            let kind = RoomEventKind::LockReleased {
-                lock,
-                reason: ReleaseReason::Expired,
-            };
-            node.publish(&room, None, kind).await;
-        }
-    }
 }

@@ -3,7 +3,9 @@
 
 pub mod cluster;
 pub mod engine;
+pub mod k6;
 pub mod postgres;
+pub mod proxy;
 pub mod redis;
 
 use std::time::Duration;

@@ -231,6 +231,8 @@ fn release_kind(reason: ReleaseReason) -> AuditKind {
         ReleaseReason::Disconnected => AuditKind::LockDisconnected,
         ReleaseReason::Forced => AuditKind::LockForced,
         ReleaseReason::Revoked => AuditKind::LockRevoked,
+        // Never passed to a store (see `ReleaseReason::Lost`); were it, the lease lapsed.
+        ReleaseReason::Lost => AuditKind::LockExpired,
     }
 }
 

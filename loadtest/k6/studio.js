@@ -567,6 +567,9 @@ export default function () {
     }
     waiting.clear();
     for (const [res, h] of held) {
+      // A release already in flight gets its own answer; a second one would be refused
+      // (lock_not_held) and counted as an unexpected error.
+      if (h.releasing) continue;
       h.releasing = true;
       request({ type: 'lock.release', resource: res, token: h.token }, { kind: 'release', resource: res });
     }

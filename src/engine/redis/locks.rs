@@ -86,6 +86,21 @@
 //! the failures — a failed shard is unchanged, its locks end later by lease or reap; they fail
 //! only when every shard failed. `list_room` fails if any shard does.
 //!
+//! # Replicated grants
+//!
+//! With [`with_replication`](RedisLockStore::with_replication) (`LOCKSTEP_LOCK_REPLICAS` > 0)
+//! the scripts whose loss in a failover could give a lock to a second holder run through
+//! [`super::replication`] (script, marker write, `WAIT` on one connection), and their outcome
+//! only counts once the replicas acknowledged it: `acquire` (new and reentrant grants),
+//! `extend`, `reissue` and `refresh_leases`; a grant or reissue not acknowledged comes back as
+//! [`EngineError::NotReplicated`] carrying the grant, which the node withdraws. Hand-offs to
+//! waiters come out of `release`, `withdraw`, `force_release`, `release_session` and `reap`;
+//! rather than making every release wait, the node confirms each hand-off before telling the
+//! waiter ([`confirm_handoff`](LockStore::confirm_handoff): a replicated read of the lock).
+//! Losing a release *without* a hand-off cannot double-grant: the lock reappears for its old
+//! holder, who no longer uses it, and ends by lease or hold limit. Denials and queued waits
+//! wait for the replicas too (the script is the same) but are answered whatever the outcome.
+//!
 //! # Differences from the memory store
 //!
 //! - Records of different shards are ordered by their derived ids (stream time, then sequence,
@@ -103,6 +118,7 @@ use fred::prelude::*;
 use futures_util::future::join_all;
 use serde::{Deserialize, Deserializer};
 
+use super::replication::{Acked, REPLICATED_OPS, Replication};
 use super::script::LuaScript;
 use super::{call, engine_err, keys};
 use crate::engine::{
@@ -128,6 +144,9 @@ pub struct RedisLockStore {
     metrics: RedisMetrics,
     /// Expiry of a fence key after its last write (`LOCKSTEP_FENCE_RETENTION`).
     fence_retention_ms: u64,
+    /// `LOCKSTEP_LOCK_REPLICAS` > 0: changes that could double-grant if lost wait for the
+    /// replicas (see "Replicated grants" above).
+    replication: Option<Replication>,
 }
 
 impl RedisLockStore {
@@ -138,7 +157,16 @@ impl RedisLockStore {
             pool,
             metrics: RedisMetrics::default(),
             fence_retention_ms: DEFAULT_FENCE_RETENTION_MS,
+            replication: None,
         }
+    }
+
+    /// Every grant, reentrant grant, extend, reissue, lease refresh and confirmed hand-off
+    /// waits for `replication.replicas` replicas (none when 0): see "Replicated grants" above.
+    pub fn with_replication(mut self, replication: Replication) -> RedisLockStore {
+        self.metrics.replication_started(REPLICATED_OPS);
+        self.replication = (replication.replicas > 0).then_some(replication);
+        self
     }
 
     /// Fence keys expire this long after their last write (see "Fencing tokens" above).
@@ -151,6 +179,37 @@ impl RedisLockStore {
     pub fn with_metrics(mut self, metrics: RedisMetrics) -> RedisLockStore {
         self.metrics = metrics;
         self
+    }
+
+    /// Like [`run`](Self::run), then waits for the replicas (when configured) on the same
+    /// connection ([`super::replication`]). `Ok((items, false))`: the script ran on the primary
+    /// but the replicas did not acknowledge it in time (counted); the caller decides what that
+    /// means for its outcome.
+    async fn run_replicated(
+        &self,
+        op: &'static str,
+        script: &LuaScript,
+        keys: Vec<String>,
+        mut args: Vec<String>,
+    ) -> EngineResult<(Vec<Item>, bool)> {
+        let Some(replication) = self.replication else {
+            return Ok((self.run(op, script, keys, args).await?, true));
+        };
+        args.insert(1.min(args.len()), self.fence_retention_ms.to_string());
+        let eval = replication.eval(&self.pool, script, keys, args);
+        let Acked { reply, acked } = call(&self.metrics, op, eval).await.map_err(engine_err)?;
+        let raw: Vec<String> = reply;
+        let ok = replication.satisfied(acked);
+        if !ok {
+            self.metrics.replication_failure(op);
+            tracing::warn!(
+                op,
+                acked,
+                wanted = replication.replicas,
+                "lock change not acknowledged by enough replicas in time"
+            );
+        }
+        Ok((parse_items(&raw)?, ok))
     }
 
     /// Runs `script` as operation `op` and parses its result.
@@ -233,14 +292,22 @@ impl RedisLockStore {
             args.push(key.to_string());
             args.push(token.to_string());
         }
-        let items = self
-            .run(
+        let (items, acked) = self
+            .run_replicated(
                 "lock_refresh_leases",
                 &scripts().refresh_leases,
                 vec![keys::due(shard)],
                 args,
             )
             .await?;
+        if !acked {
+            // The renewed leases may be lost in a failover, and the locks then end earlier
+            // than their holders believe: the holders' node must treat this as a failure.
+            return Err(EngineError::NotReplicated {
+                what: format!("lease refresh of {} locks", held.len()),
+                grant: None,
+            });
+        }
         items
             .into_iter()
             .map(|item| match item {
@@ -604,11 +671,19 @@ impl LockStore for RedisLockStore {
                 .map(|id| id.to_string())
                 .unwrap_or_default(),
         ];
-        match single(
-            "acquire",
-            self.run("lock_acquire", &scripts().acquire, k, args)
-                .await?,
-        )? {
+        let (items, acked) = self
+            .run_replicated("lock_acquire", &scripts().acquire, k, args)
+            .await?;
+        match single("acquire", items)? {
+            Item::Granted { lock, reentrant } if !acked => {
+                // A new grant is withdrawn by the caller; a reentrant one is left alone (its
+                // holder may be using it), the retry just fails.
+                let lock: LockInfo = lock.into();
+                Err(EngineError::NotReplicated {
+                    what: format!("grant of {} (token {})", lock.key(), lock.token),
+                    grant: (!reentrant).then(|| Box::new(lock)),
+                })
+            }
             Item::Granted { lock, reentrant } => Ok(AcquireOutcome::Granted {
                 lock: lock.into(),
                 reentrant,
@@ -660,10 +735,16 @@ impl LockStore for RedisLockStore {
             token.to_string(),
             span(ttl_ms),
         ];
-        let items = self
-            .run("lock_extend", &scripts().extend, resource_keys(key), args)
+        let (items, acked) = self
+            .run_replicated("lock_extend", &scripts().extend, resource_keys(key), args)
             .await?;
         match single("extend", items)? {
+            // The holder keeps the old end: on the primary the new one stands, which only
+            // makes the lock outlive what its holder was told.
+            Item::Extended { .. } if !acked => Err(EngineError::NotReplicated {
+                what: format!("extend of {key}"),
+                grant: None,
+            }),
             Item::Extended { lock } => Ok(TokenOutcome::Done(lock.into())),
             Item::NotHeld { current } => Ok(TokenOutcome::NotHeld {
                 current: current.map(Into::into),
@@ -749,12 +830,21 @@ impl LockStore for RedisLockStore {
                 .or_default()
                 .push(grant.clone());
         }
-        let results = join_all(
+        let mut results = join_all(
             by_shard
                 .iter()
                 .map(|(shard, grants)| self.refresh_shard(*shard, grants, lease_ms)),
         )
         .await;
+        // Unlike a shard that failed outright (logged, its locks end by lease), an
+        // unacknowledged renewal fails the whole call: the holders' node must hear of it.
+        // The other shards' renewals stand; the next refresh repeats them all.
+        if let Some(i) = results
+            .iter()
+            .position(|r| matches!(r, Err(EngineError::NotReplicated { .. })))
+        {
+            return Err(results.swap_remove(i).expect_err("matched an error"));
+        }
         let lost: HashSet<(LockKey, u64)> = merge_shards("refresh_leases", results)?
             .into_iter()
             .collect();
@@ -837,16 +927,62 @@ impl LockStore for RedisLockStore {
 
     async fn reissue(&self, key: &LockKey, token: u64) -> EngineResult<TokenOutcome<LockInfo>> {
         let args = vec![prefix_of(key), key.to_string(), token.to_string()];
-        let items = self
-            .run("lock_reissue", &scripts().reissue, resource_keys(key), args)
+        let (items, acked) = self
+            .run_replicated("lock_reissue", &scripts().reissue, resource_keys(key), args)
             .await?;
         match single("reissue", items)? {
+            // The lock now carries the fresh token: that is what the caller must withdraw.
+            Item::Reissued { lock } if !acked => {
+                let lock: LockInfo = lock.into();
+                Err(EngineError::NotReplicated {
+                    what: format!("reissue of {key} (token {})", lock.token),
+                    grant: Some(Box::new(lock)),
+                })
+            }
             Item::Reissued { lock } => Ok(TokenOutcome::Done(lock.into())),
             Item::NotHeld { current } => Ok(TokenOutcome::NotHeld {
                 current: current.map(Into::into),
             }),
             other => Err(unexpected("reissue", &other)),
         }
+    }
+
+    /// A replicated read of the lock (`get.lua`, then the marker and `WAIT`): the hand-off is
+    /// confirmed when the lock is held by `token` on the primary *and* that state is
+    /// acknowledged. Read, not re-written: whichever primary answers (the hand-off may have
+    /// been made before a failover), what it shows is what the replicas acknowledged.
+    async fn confirm_handoff(&self, key: &LockKey, token: u64) -> EngineResult<()> {
+        if self.replication.is_none() {
+            return Ok(());
+        }
+        let (items, acked) = self
+            .run_replicated(
+                "lock_confirm_handoff",
+                &scripts().get,
+                vec![keys::lock(&key.to_string())],
+                vec![prefix_of(key), key.to_string()],
+            )
+            .await?;
+        let held = match items.as_slice() {
+            [Item::Lock { lock }] => lock.token.0 == token,
+            [] => false,
+            [other, ..] => return Err(unexpected("get", other)),
+        };
+        if held && acked {
+            return Ok(());
+        }
+        if !held {
+            // Not a replication timeout, but the same answer: the waiter must not be told.
+            self.metrics.replication_failure("lock_confirm_handoff");
+        }
+        Err(EngineError::NotReplicated {
+            what: if held {
+                format!("hand-off of {key} (token {token})")
+            } else {
+                format!("hand-off of {key} (token {token}): no longer held after a failover")
+            },
+            grant: None,
+        })
     }
 }
 

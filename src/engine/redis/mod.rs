@@ -15,6 +15,7 @@ pub mod keys;
 pub mod locks;
 pub mod nodes;
 pub mod presence;
+pub mod replication;
 pub mod resume;
 pub mod script;
 

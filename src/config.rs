@@ -541,7 +541,9 @@ impl Config {
             LockReplicas::Count(n) => n,
             LockReplicas::Auto => {
                 let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
-                u32::from(scheme.starts_with("redis-sentinel") || scheme.starts_with("redis-cluster"))
+                u32::from(
+                    scheme.starts_with("redis-sentinel") || scheme.starts_with("redis-cluster"),
+                )
             }
         }
     }
@@ -729,7 +731,10 @@ mod tests {
         assert_eq!(with(Some("redis://h:6379"), None), 0);
         assert_eq!(with(Some("rediss://h:6379"), Some("auto")), 0);
         assert_eq!(
-            with(Some("redis-sentinel://h:26379/0?sentinelServiceName=m"), None),
+            with(
+                Some("redis-sentinel://h:26379/0?sentinelServiceName=m"),
+                None
+            ),
             1
         );
         assert_eq!(with(Some("redis-cluster://h:7000?node=h:7001"), None), 1);

@@ -25,7 +25,9 @@ use crate::engine::redis::broker::{RedisBroker, Resync};
 use crate::engine::redis::{
     self, audit::RedisAuditSink, locks::RedisLockStore, nodes::NodeRegistry,
 };
-use crate::engine::redis::{presence::RedisPresenceStore, replication::Replication, resume::RedisResumeStore};
+use crate::engine::redis::{
+    presence::RedisPresenceStore, replication::Replication, resume::RedisResumeStore,
+};
 use crate::engine::{Broker, LockStore, PresenceStore, ResumeStore};
 use crate::hub::Hub;
 

@@ -267,7 +267,11 @@ impl Node {
         while let Some(g) = next.take() {
             // Replicated first (a hand-off lost in a failover could go to someone else too),
             // then registered.
-            let durable = match self.locks.confirm_handoff(&g.lock.key(), g.lock.token).await {
+            let durable = match self
+                .locks
+                .confirm_handoff(&g.lock.key(), g.lock.token)
+                .await
+            {
                 Ok(()) => self.fence(g.lock.clone()).await,
                 Err(e) => Err(self.withdraw_unreplicated(&g.lock, &e.to_string()).await),
             };

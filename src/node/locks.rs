@@ -7,8 +7,8 @@ use std::time::Instant;
 use super::{Node, OpError};
 use crate::auth::{Principal, Role};
 use crate::engine::{
-    AcquireOutcome, AcquireRequest, Actor, ActorVia, EngineError, Grant, Holder, LockInfo,
-    LockKey, ReleaseReason, RoomEventKind, TokenOutcome, WaitSpec,
+    AcquireOutcome, AcquireRequest, Actor, ActorVia, EngineError, Grant, Holder, LockInfo, LockKey,
+    ReleaseReason, RoomEventKind, TokenOutcome, WaitSpec,
 };
 use crate::names::Entity;
 use crate::session::handle::SessionHandle;

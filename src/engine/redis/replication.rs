@@ -162,13 +162,7 @@ impl Replication {
         let cmd = CustomCommand::new_static("EVALSHA", ClusterHash::Custom(slot), false);
         let () = pipeline.custom(cmd, evalsha).await?;
         let () = pipeline
-            .set(
-                marker,
-                1,
-                Some(Expiration::PX(MARKER_TTL_MS)),
-                None,
-                false,
-            )
+            .set(marker, 1, Some(Expiration::PX(MARKER_TTL_MS)), None, false)
             .await?;
         let wait_ms = self.timeout.as_millis().clamp(1, i64::MAX as u128) as i64;
         let () = pipeline.wait(i64::from(self.replicas), wait_ms).await?;

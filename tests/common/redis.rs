@@ -210,6 +210,16 @@ pub fn cli_port(port: u16, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// One line of `CLUSTER NODES`.
+struct ClusterNode {
+    port: u16,
+    flags: String,
+    /// The primary's id for a replica, `-` for a primary.
+    primary_id: String,
+    id: String,
+    slots: Vec<(u16, u16)>,
+}
+
 /// One cluster-enabled `redis-server` on `port`, its files in `<dir>/<port>`.
 fn spawn_cluster_node(port: u16, dir: &std::path::Path) -> Child {
     let node_dir = dir.join(port.to_string());
@@ -424,13 +434,12 @@ impl RedisCluster {
         up >= 3 * per_primary
     }
 
-    /// `CLUSTER NODES` as seen from `port`: (port, flags, primary id or `-`, id, slot ranges).
-    fn nodes(&self, port: u16) -> Vec<(u16, String, String, String, Vec<(u16, u16)>)> {
+    /// `CLUSTER NODES` as seen from `port`.
+    fn nodes(&self, port: u16) -> Vec<ClusterNode> {
         cli_port(port, &["cluster", "nodes"])
             .lines()
             .filter_map(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
-                let node_port = f.get(1)?.split(['@', ':']).nth(1)?.parse().ok()?;
                 let slots = f
                     .iter()
                     .skip(8)
@@ -439,13 +448,13 @@ impl RedisCluster {
                         Some((a.parse().ok()?, b.parse().ok()?))
                     })
                     .collect();
-                Some((
-                    node_port,
-                    f.get(2)?.to_string(),
-                    f.get(3)?.to_string(),
-                    f.first()?.to_string(),
+                Some(ClusterNode {
+                    port: f.get(1)?.split(['@', ':']).nth(1)?.parse().ok()?,
+                    flags: f.get(2)?.to_string(),
+                    primary_id: f.get(3)?.to_string(),
+                    id: f.first()?.to_string(),
                     slots,
-                ))
+                })
             })
             .collect()
     }
@@ -455,11 +464,11 @@ impl RedisCluster {
         self.nodes(via)
             .into_iter()
             .find(|n| {
-                n.1.contains("master")
-                    && !n.1.contains("fail")
-                    && n.4.iter().any(|(a, b)| (*a..=*b).contains(&slot))
+                n.flags.contains("master")
+                    && !n.flags.contains("fail")
+                    && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot))
             })
-            .map(|n| n.0)
+            .map(|n| n.port)
     }
 
     /// The port of a replica of the primary on `primary` (waiting up to 10 s for the cluster
@@ -468,11 +477,18 @@ impl RedisCluster {
         for _ in 0..100 {
             for via in &self.ports {
                 let nodes = self.nodes(*via);
-                let Some(id) = nodes.iter().find(|n| n.0 == primary).map(|n| n.3.clone()) else {
+                let Some(id) = nodes
+                    .iter()
+                    .find(|n| n.port == primary)
+                    .map(|n| n.id.clone())
+                else {
                     continue;
                 };
-                if let Some(n) = nodes.iter().find(|n| n.1.contains("slave") && n.2 == id) {
-                    return Some(n.0);
+                if let Some(n) = nodes
+                    .iter()
+                    .find(|n| n.flags.contains("slave") && n.primary_id == id)
+                {
+                    return Some(n.port);
                 }
             }
             std::thread::sleep(Duration::from_millis(100));

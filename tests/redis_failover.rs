@@ -9,11 +9,14 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::cluster::{Gateway, token};
 use common::redis::{RedisCluster, RedisServer, Sentinel, ballast_port, cli_port};
 use common::{Client, Codec};
+use lockstep::engine::conformance::{self, LockStoreUnderTest};
+use lockstep::engine::redis::audit::RedisAuditSink;
 use lockstep::engine::redis::keys;
 use lockstep::engine::redis::locks::RedisLockStore;
 use lockstep::engine::redis::replication::Replication;
@@ -193,6 +196,9 @@ async fn an_unacknowledged_extend_is_unavailable() {
     let primary = RedisServer::start();
     let replica = RedisServer::start_replica_of(&primary);
     let g = Gateway::start(&primary.url(), "n1", &[("LOCKSTEP_LOCK_REPLICAS", "1")]).await;
+    // The failure counter exists at 0 from the start, for every op.
+    assert_eq!(failures(&g, "lock_extend").await, Some(0.0));
+    assert_eq!(failures(&g, "lock_confirm_handoff").await, Some(0.0));
     let (s, alice) = acquire(&g, "alice").await;
     assert_eq!(s, 200, "{alice}");
     replica.pause();
@@ -202,6 +208,22 @@ async fn an_unacknowledged_extend_is_unavailable() {
     replica.resume();
     assert_eq!(s, 503, "{extended}");
     assert_eq!(extended["code"], "unavailable", "{extended}");
+    assert_eq!(failures(&g, "lock_extend").await, Some(1.0));
+}
+
+/// `lockstep_lock_replication_failures_total{op}` on `g`.
+async fn failures(g: &Gateway, op: &str) -> Option<f64> {
+    let text = reqwest::get(g.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    common::metric_sum(
+        &text,
+        "lockstep_lock_replication_failures_total",
+        &[("op", op)],
+    )
 }
 
 /// `refresh_leases` fails (rather than reporting leases renewed) when the replicas do not
@@ -255,6 +277,33 @@ async fn an_unacknowledged_lease_refresh_is_an_error() {
         store.refresh_leases(&held, 10_000).await.expect("refresh"),
         vec![]
     );
+}
+
+/// With replicated grants on and a healthy replica, the store behaves exactly like the plain
+/// one: the whole lock conformance suite passes (its scripts run inside the replicated
+/// pipeline, starting from an empty script cache, so `NOSCRIPT` is handled too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_conformance_suite_passes_with_replicated_grants() {
+    let primary = RedisServer::start();
+    let _replica = RedisServer::start_replica_of(&primary);
+    let pool = lockstep::engine::redis::connect(&primary.url())
+        .await
+        .expect("connect");
+    conformance::lock_store_suite(|| {
+        let pool = pool.clone();
+        async move {
+            LockStoreUnderTest {
+                store: Arc::new(
+                    RedisLockStore::new(pool.clone()).with_replication(Replication {
+                        replicas: 1,
+                        timeout: Duration::from_secs(2),
+                    }),
+                ),
+                audit: Arc::new(RedisAuditSink::new(pool.clone())),
+            }
+        }
+    })
+    .await;
 }
 
 /// The Cluster scenario: the primary owning the lock's slot is killed while its replica is

@@ -35,8 +35,8 @@
 //!   reply (the slot moved after a failover) fails the script and the marker (the redirect
 //!   would be a second write attempt), so a `WAIT` that ran on the old node is never believed.
 //!
-//! Any failure of the pipeline (a lost connection, `MOVED`, `READONLY` from a demoted
-//! primary) is retried here, with the **same call keys** — so a `once` script's op key is the
+//! A transient failure of the pipeline (a lost connection, `MOVED`, `READONLY` from a demoted
+//! primary; not a script's `ERR`, see [`retryable`]) is retried here, with the **same call keys** — so a `once` script's op key is the
 //! same and a script that already ran answers from its stored reply instead of running twice
 //! ([`super::script`]; the `plain` scripts land the same when repeated) — until
 //! [`COMMAND_TIMEOUT`](super::COMMAND_TIMEOUT) has passed. That is the retry fred would have
@@ -119,7 +119,7 @@ impl Replication {
                 Ok(acked) => return Ok(acked),
                 Err(e) => e,
             };
-            if Instant::now() + RETRY_PAUSE >= deadline {
+            if !retryable(&err) || Instant::now() + RETRY_PAUSE >= deadline {
                 return Err(err);
             }
             if err.details().starts_with("NOSCRIPT") {
@@ -185,6 +185,24 @@ impl Replication {
     }
 }
 
+/// Whether a failed attempt may succeed when sent again: connection trouble and the replies of
+/// a server in transition (`READONLY` from a demoted primary, `MOVED`, `LOADING`,
+/// `MASTERDOWN`, `NOSCRIPT`, fred's "too many write attempts" for a command it would not
+/// re-send). An `ERR` reply (a script error) or a wrong argument would fail the same way again.
+fn retryable(e: &fred::error::Error) -> bool {
+    match e.kind() {
+        ErrorKind::IO
+        | ErrorKind::Canceled
+        | ErrorKind::Timeout
+        | ErrorKind::Cluster
+        | ErrorKind::Routing
+        | ErrorKind::Sentinel
+        | ErrorKind::Backpressure => true,
+        ErrorKind::Unknown => !e.details().starts_with("ERR"),
+        _ => false,
+    }
+}
+
 /// The marker key of a call whose first key is `first`: in `first`'s slot, beside the op keys
 /// ([`op_key`] with a fixed id, which no op id — 32 hex digits — can equal).
 pub fn marker_key(first: &str) -> String {
@@ -205,6 +223,37 @@ mod tests {
             redis_keyslot(first.as_bytes())
         );
         assert!(marker.ends_with(":op:replication-marker"), "{marker}");
+    }
+
+    #[test]
+    fn only_transient_failures_are_retried() {
+        use fred::error::Error;
+        for (kind, details) in [
+            (ErrorKind::IO, "connection reset"),
+            (ErrorKind::Canceled, "canceled"),
+            (ErrorKind::Cluster, "MOVED 3999 127.0.0.1:7001"),
+            (
+                ErrorKind::Unknown,
+                "READONLY You can't write against a read only replica.",
+            ),
+            (ErrorKind::Unknown, "NOSCRIPT No matching script."),
+            (ErrorKind::Unknown, "Too many failed write attempts."),
+        ] {
+            assert!(retryable(&Error::new(kind.clone(), details)), "{details}");
+        }
+        for (kind, details) in [
+            (
+                ErrorKind::Unknown,
+                "ERR Error running script (call to f_x): oops",
+            ),
+            (
+                ErrorKind::InvalidArgument,
+                "WRONGTYPE Operation against a key",
+            ),
+            (ErrorKind::Parse, "Could not convert to number."),
+        ] {
+            assert!(!retryable(&Error::new(kind.clone(), details)), "{details}");
+        }
     }
 
     #[test]

@@ -76,6 +76,16 @@ pub struct Settings {
     /// `lock_max_ttl`.
     #[arg(long, env = "LOCKSTEP_FENCE_RETENTION")]
     pub fence_retention: Option<HumanDuration>,
+    // --- Replicated grants (issue 12, item 1) ---
+    /// Redis replicas that must acknowledge a grant (`WAIT`) before anyone learns its token:
+    /// `auto` (1 for `redis-sentinel://` and `redis-cluster://` URLs, 0 for a standalone
+    /// `redis://`/`rediss://`) or a number. Ignored without Redis. See docs/fencing.md.
+    #[arg(long, env = "LOCKSTEP_LOCK_REPLICAS")]
+    pub lock_replicas: Option<LockReplicas>,
+    /// How long a grant waits for those acknowledgements before it is withdrawn (`unavailable`).
+    #[arg(long, env = "LOCKSTEP_LOCK_REPLICA_TIMEOUT")]
+    pub lock_replica_timeout: Option<HumanDuration>,
+    // --- end replicated grants ---
     /// Directory for the JSON-lines audit log.
     #[arg(long, env = "LOCKSTEP_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -196,6 +206,10 @@ pub struct Config {
     pub database_url: Option<String>,
     pub audit_retention: Option<Duration>,
     pub fence_retention: Duration,
+    // --- Replicated grants (issue 12, item 1); resolve with `Config::lock_replicas_required` ---
+    pub lock_replicas: LockReplicas,
+    pub lock_replica_timeout: Duration,
+    // --- end replicated grants ---
     pub data_dir: PathBuf,
     pub node_id: String,
     pub jwt_secret: Option<String>,
@@ -257,6 +271,10 @@ impl Settings {
             database_url: self.database_url.or(other.database_url),
             audit_retention: self.audit_retention.or(other.audit_retention),
             fence_retention: self.fence_retention.or(other.fence_retention),
+            // --- Replicated grants ---
+            lock_replicas: self.lock_replicas.or(other.lock_replicas),
+            lock_replica_timeout: self.lock_replica_timeout.or(other.lock_replica_timeout),
+            // --- end replicated grants ---
             data_dir: self.data_dir.or(other.data_dir),
             node_id: self.node_id.or(other.node_id),
             jwt_secret: self.jwt_secret.or(other.jwt_secret),
@@ -336,6 +354,10 @@ impl Config {
             database_url: s.database_url.filter(|u| !u.is_empty()),
             audit_retention: s.audit_retention.map(|h| h.0).filter(|d| !d.is_zero()),
             fence_retention: d(s.fence_retention, Duration::from_secs(7 * 24 * 3600)),
+            // --- Replicated grants ---
+            lock_replicas: s.lock_replicas.unwrap_or(LockReplicas::Auto),
+            lock_replica_timeout: d(s.lock_replica_timeout, DEFAULT_LOCK_REPLICA_TIMEOUT),
+            // --- end replicated grants ---
             data_dir: s.data_dir.unwrap_or_else(|| PathBuf::from("data")),
             node_id: s.node_id.unwrap_or_else(default_node_id),
             jwt_secret: s.jwt_secret.filter(|v| !v.is_empty()),
@@ -409,6 +431,20 @@ impl Config {
                 "must exceed lock_max_ttl (and be at least 1s)",
             );
         }
+        // --- Replicated grants ---
+        // WAIT takes whole milliseconds and blocks a pooled connection that long; past the
+        // command timeout fred would give up on it first.
+        if self.lock_replica_timeout < Duration::from_millis(10)
+            || self.lock_replica_timeout > Duration::from_secs(4)
+        {
+            return invalid("lock_replica_timeout", "must be between 10ms and 4s");
+        }
+        if let LockReplicas::Count(n) = self.lock_replicas
+            && n > MAX_LOCK_REPLICAS
+        {
+            return invalid("lock_replicas", "must be auto or a number up to 16");
+        }
+        // --- end replicated grants ---
         if self.presence_ttl < Duration::from_millis(300) {
             return invalid("presence_ttl", "must be at least 300ms");
         }
@@ -493,6 +529,26 @@ impl Config {
         Ok(())
     }
 
+    // --- Replicated grants ---
+    /// Replicas that must acknowledge each grant: `lock_replicas` with `auto` resolved from the
+    /// Redis URL's scheme (Sentinel and Cluster deployments have replicas by construction; a
+    /// plain URL may be a lone server, where WAIT could never be satisfied). 0 without Redis.
+    pub fn lock_replicas_required(&self) -> u32 {
+        let Some(url) = self.redis_url.as_deref() else {
+            return 0;
+        };
+        match self.lock_replicas {
+            LockReplicas::Count(n) => n,
+            LockReplicas::Auto => {
+                let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
+                u32::from(
+                    scheme.starts_with("redis-sentinel") || scheme.starts_with("redis-cluster"),
+                )
+            }
+        }
+    }
+    // --- end replicated grants ---
+
     /// Dev mode: no JWT key configured. Tokens are minted by `POST /v1/dev/token`.
     pub fn dev_mode(&self) -> bool {
         self.jwt_secret.is_none() && self.jwt_public_key.is_none() && self.jwt_jwks.is_none()
@@ -513,6 +569,52 @@ impl Config {
         c
     }
 }
+
+// --- Replicated grants ---
+/// Default of `LOCKSTEP_LOCK_REPLICA_TIMEOUT`. A healthy replica on the same network acks in
+/// about a millisecond; 500 ms rides out a replica's GC or fsync hiccup without failing grants,
+/// yet stays well under a client's patience and under the lease (10 s) and command timeout
+/// (5 s), and a stalled replica costs each grant at most this much.
+pub const DEFAULT_LOCK_REPLICA_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Most replicas `LOCKSTEP_LOCK_REPLICAS` may require.
+pub const MAX_LOCK_REPLICAS: u32 = 16;
+
+/// `LOCKSTEP_LOCK_REPLICAS`: `auto` or a count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockReplicas {
+    /// 1 for Sentinel and Cluster URLs, 0 for a standalone one.
+    Auto,
+    Count(u32),
+}
+
+impl FromStr for LockReplicas {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("auto") {
+            return Ok(LockReplicas::Auto);
+        }
+        s.parse()
+            .map(LockReplicas::Count)
+            .map_err(|_| format!("expected auto or a number of replicas, got {s:?}"))
+    }
+}
+
+impl<'de> Deserialize<'de> for LockReplicas {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(u32),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Count(n) => Ok(LockReplicas::Count(n)),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+// --- end replicated grants ---
 
 fn default_node_id() -> String {
     let host = std::env::var("HOSTNAME")
@@ -612,4 +714,52 @@ mod tests {
         let unknown: Result<Settings, _> = toml::from_str("nonsense = 1");
         assert!(unknown.is_err());
     }
+
+    // --- Replicated grants ---
+    #[test]
+    fn lock_replicas_auto_follows_the_redis_url() {
+        let with = |url: Option<&str>, replicas: Option<&str>| {
+            let s = Settings {
+                redis_url: url.map(str::to_owned),
+                lock_replicas: replicas.map(|r| r.parse().unwrap()),
+                ..Settings::default()
+            };
+            Config::from_settings(s).unwrap().lock_replicas_required()
+        };
+        assert_eq!(with(None, None), 0);
+        assert_eq!(with(None, Some("2")), 0, "embedded engines ignore it");
+        assert_eq!(with(Some("redis://h:6379"), None), 0);
+        assert_eq!(with(Some("rediss://h:6379"), Some("auto")), 0);
+        assert_eq!(
+            with(
+                Some("redis-sentinel://h:26379/0?sentinelServiceName=m"),
+                None
+            ),
+            1
+        );
+        assert_eq!(with(Some("redis-cluster://h:7000?node=h:7001"), None), 1);
+        assert_eq!(with(Some("redis-cluster://h:7000"), Some("0")), 0);
+        assert_eq!(with(Some("redis://h:6379"), Some("2")), 2);
+        let c = Config::from_settings(Settings::default()).unwrap();
+        assert_eq!(c.lock_replica_timeout, Duration::from_millis(500));
+        assert!("many".parse::<LockReplicas>().is_err());
+        let file: Settings =
+            toml::from_str("lock_replicas = 2\nlock_replica_timeout = \"1s\"").unwrap();
+        assert_eq!(file.lock_replicas, Some(LockReplicas::Count(2)));
+        let file: Settings = toml::from_str("lock_replicas = \"auto\"").unwrap();
+        assert_eq!(file.lock_replicas, Some(LockReplicas::Auto));
+        for bad in [
+            Settings {
+                lock_replica_timeout: Some(HumanDuration(Duration::from_secs(10))),
+                ..Settings::default()
+            },
+            Settings {
+                lock_replicas: Some(LockReplicas::Count(17)),
+                ..Settings::default()
+            },
+        ] {
+            assert!(Config::from_settings(bad).is_err());
+        }
+    }
+    // --- end replicated grants ---
 }

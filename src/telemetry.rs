@@ -263,6 +263,11 @@ impl Metrics {
                     "lockstep.redis.errors",
                     "Redis calls that failed (error reply, timeout, connection lost), by op",
                 ),
+                replication_failures: counter(
+                    "lockstep.lock.replication.failures",
+                    "Lock changes not acknowledged by LOCKSTEP_LOCK_REPLICAS replicas in time \
+                     (the grant was withdrawn or the request answered unavailable), by op",
+                ),
             }))),
             registry,
             meter: m.clone(),
@@ -489,6 +494,7 @@ pub struct RedisMetrics(Option<Arc<RedisInstruments>>);
 struct RedisInstruments {
     duration: Histogram<f64>,
     errors: Counter<u64>,
+    replication_failures: Counter<u64>,
 }
 
 impl RedisMetrics {
@@ -500,6 +506,25 @@ impl RedisMetrics {
             let attrs = [KeyValue::new("op", op)];
             i.duration.record(seconds, &attrs);
             i.errors.add(u64::from(failed), &attrs);
+        }
+    }
+}
+
+impl RedisMetrics {
+    /// Makes `lockstep_lock_replication_failures_total{op}` visible at zero for every op that
+    /// waits for replicas (called when the lock store is built).
+    pub fn replication_started(&self, ops: &[&'static str]) {
+        if let Some(i) = &self.0 {
+            for op in ops {
+                i.replication_failures.add(0, &[KeyValue::new("op", *op)]);
+            }
+        }
+    }
+
+    /// A lock change of `op` that the required replicas did not acknowledge in time.
+    pub fn replication_failure(&self, op: &'static str) {
+        if let Some(i) = &self.0 {
+            i.replication_failures.add(1, &[KeyValue::new("op", op)]);
         }
     }
 }

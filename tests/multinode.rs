@@ -336,7 +336,9 @@ async fn a_drained_nodes_client_resumes_on_another_node_with_its_lock() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_cluster_deployment_works() {
-    let cluster = common::redis::RedisCluster::start();
+    // With replicas: a Cluster URL makes every grant and hand-off wait for one replica
+    // (LOCKSTEP_LOCK_REPLICAS=auto), which this exercises across nodes and shards.
+    let cluster = common::redis::RedisCluster::start_with_replicas();
     let a = Gateway::start(&cluster.url(), "node-a", &[]).await;
     let b = Gateway::start(&cluster.url(), "node-b", &[]).await;
     let mut alice = client(&a, "alice").await;

@@ -44,6 +44,15 @@ pub enum EngineError {
     /// `PresenceStore::join` of a new member into a room at the store's member cap.
     #[error("the room is full ({0} members)")]
     RoomFull(usize),
+    /// A change to lock state was made on the Redis primary but not acknowledged by the
+    /// required replicas in time (`LOCKSTEP_LOCK_REPLICAS`): a failover could lose it.
+    /// `grant` is a new grant that nobody has been told of yet: the caller withdraws it
+    /// (`LockStore::withdraw`) before answering `unavailable`. See `docs/fencing.md`.
+    #[error("not acknowledged by enough replicas: {what}")]
+    NotReplicated {
+        what: String,
+        grant: Option<Box<LockInfo>>,
+    },
 }
 
 pub type EngineResult<T> = Result<T, EngineError>;
@@ -363,6 +372,16 @@ pub trait LockStore: Send + Sync + 'static {
     /// fencing uses it to retry a refused grant in place: the requester (or the waiter the lock
     /// was handed to) keeps it, and nobody was ever told the refused token.
     async fn reissue(&self, key: &LockKey, token: u64) -> EngineResult<TokenOutcome<LockInfo>>;
+
+    /// Makes sure the grant `(key, token)` a release, reap or session end handed to a waiter
+    /// survives a failover before the waiter is told: `Ok(())` once the store holds it durably
+    /// (Redis with `LOCKSTEP_LOCK_REPLICAS` > 0: the lock held by `token` was seen on the
+    /// primary and acknowledged by the replicas), [`EngineError::NotReplicated`] when it is not
+    /// (not acknowledged, or no longer held by `token`). Stores without replicas do nothing.
+    async fn confirm_handoff(&self, key: &LockKey, token: u64) -> EngineResult<()> {
+        let _ = (key, token);
+        Ok(())
+    }
 }
 
 /// Focus/state change of a member; `None` = unchanged, `Some(None)` = cleared.

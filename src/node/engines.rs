@@ -25,7 +25,9 @@ use crate::engine::redis::broker::{RedisBroker, Resync};
 use crate::engine::redis::{
     self, audit::RedisAuditSink, locks::RedisLockStore, nodes::NodeRegistry,
 };
-use crate::engine::redis::{presence::RedisPresenceStore, resume::RedisResumeStore};
+use crate::engine::redis::{
+    presence::RedisPresenceStore, replication::Replication, resume::RedisResumeStore,
+};
 use crate::engine::{Broker, LockStore, PresenceStore, ResumeStore};
 use crate::hub::Hub;
 
@@ -130,11 +132,32 @@ pub async fn build(
             },
         ),
     };
+    // Replicated grants: WAIT blocks its connection for up to the replica timeout when the
+    // replicas lag, so the lock store gets connections of its own and presence, resume and
+    // audit calls never queue behind a WAIT.
+    let replicas = config.lock_replicas_required();
+    let lock_pool = if replicas > 0 {
+        redis::connect(url).await?
+    } else {
+        pool.clone()
+    };
+    if replicas > 0 {
+        tracing::info!(
+            replicas,
+            timeout = ?config.lock_replica_timeout,
+            "lock grants wait for Redis replicas (LOCKSTEP_LOCK_REPLICAS)"
+        );
+    }
+    let replication = Replication {
+        replicas,
+        timeout: config.lock_replica_timeout,
+    };
     Ok(Engines {
         locks: Arc::new(
-            RedisLockStore::new(pool.clone())
+            RedisLockStore::new(lock_pool)
                 .with_metrics(m.clone())
-                .with_fence_retention(config.fence_retention),
+                .with_fence_retention(config.fence_retention)
+                .with_replication(replication),
         ),
         presence: Arc::new(
             RedisPresenceStore::new(pool.clone(), presence_ttl_ms)

@@ -20,11 +20,29 @@
 //!   served the same way. Strict mode never hands out an unregistered token.
 //!
 //! Without a database every grant passes through unchanged.
+//!
+//! # Replicated grants
+//!
+//! With `LOCKSTEP_LOCK_REPLICAS` > 0 the Redis store makes every grant wait for the replicas
+//! (`src/engine/redis/replication.rs`) before it returns it. The same path as above serves the
+//! outcome, *before* registration:
+//!
+//! - a direct grant not acknowledged comes back as
+//!   [`EngineError::NotReplicated`] with the grant: [`Node::withdraw_unreplicated`] withdraws
+//!   it (`lock_withdrawn {reason: "not_replicated"}`) and the requester gets `unavailable`;
+//! - a hand-off (release, reap, session end, withdrawal) is confirmed with
+//!   [`LockStore::confirm_handoff`](crate::engine::LockStore::confirm_handoff) in
+//!   [`Node::serve_handoff`]; not confirmed, it is withdrawn the same way and the waiter
+//!   receives the `unavailable` error frame ([`RoomEventKind::WaitFailed`]);
+//! - a reissue not acknowledged fails the registration, which withdraws the fresh token.
 
 use std::time::Duration;
 
 use super::{Node, OpError};
-use crate::engine::{Grant, LockInfo, LockTransition, RoomEventKind, TokenOutcome};
+use crate::engine::{EngineError, Grant, LockInfo, LockTransition, RoomEventKind, TokenOutcome};
+
+/// The `reason` of `lock_withdrawn` for a grant the replicas did not acknowledge.
+pub const NOT_REPLICATED: &str = "not_replicated";
 
 /// How long one registration (pool checkout included) may take before the grant is withdrawn.
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -78,10 +96,41 @@ impl Node {
             reason = %why,
             "fencing: grant withdrawn, its token could not be registered"
         );
-        // Recorded as `lock_withdrawn {reason}`: the grant's own `lock_acquired` record was
-        // written with the grant (atomically, before registration could be tried), and this
-        // record says its token was never handed out — not a release by its holder.
-        let released = match self.locks.withdraw(&lock.key(), lock.token, &why).await {
+        let error = OpError::Unavailable(
+            "the grant could not be registered for fencing (database unavailable); no lock was \
+             granted, retry later"
+                .into(),
+        );
+        Err(self.withdraw_grant(&lock, &why, error).await)
+    }
+
+    /// A new grant the replicas did not acknowledge (`LOCKSTEP_LOCK_REPLICAS`; the store said
+    /// [`EngineError::NotReplicated`](crate::engine::EngineError::NotReplicated)) is withdrawn
+    /// like an unregistered one, recorded as `lock_withdrawn {reason: "not_replicated"}`, and
+    /// the requester is told `unavailable`: a failover could otherwise hand the lock to a
+    /// second holder while the first believes it holds it.
+    pub(crate) async fn withdraw_unreplicated(&self, lock: &LockInfo, what: &str) -> Unfenced {
+        tracing::warn!(
+            resource = %lock.resource,
+            token = lock.token,
+            what,
+            "replicated grants: grant withdrawn, the replicas did not acknowledge it in time"
+        );
+        let error = OpError::Unavailable(
+            "the grant was not acknowledged by the Redis replicas in time; no lock was granted, \
+             retry later"
+                .into(),
+        );
+        self.withdraw_grant(lock, NOT_REPLICATED, error).await
+    }
+
+    /// Takes back `lock`, a grant nobody was told of: compare-and-delete on its token,
+    /// recorded as `lock_withdrawn {reason: why}`. The grant's own `lock_acquired` record was
+    /// written with the grant (atomically, before registration or replication could be
+    /// checked), and this record says its token was never handed out — not a release by its
+    /// holder.
+    async fn withdraw_grant(&self, lock: &LockInfo, why: &str, error: OpError) -> Unfenced {
+        let released = match self.locks.withdraw(&lock.key(), lock.token, why).await {
             Ok(TokenOutcome::Done(t)) => Some(t),
             Ok(TokenOutcome::NotHeld { .. }) => None,
             Err(e) => {
@@ -90,19 +139,12 @@ impl Node {
                     resource = %lock.resource,
                     token = lock.token,
                     error = %e,
-                    "fencing: withdrawing an unregistered grant failed"
+                    "withdrawing a grant nobody was told of failed"
                 );
                 None
             }
         };
-        Err(Unfenced {
-            error: OpError::Unavailable(
-                "the grant could not be registered for fencing (database unavailable); no \
-                 lock was granted, retry later"
-                    .into(),
-            ),
-            released,
-        })
+        Unfenced { error, released }
     }
 
     /// A reentrant acquire returns an existing grant. It was registered when it was made —
@@ -201,6 +243,14 @@ impl Node {
             match self.locks.reissue(&key, lock.token).await {
                 Ok(TokenOutcome::Done(fresh)) => lock = fresh,
                 Ok(TokenOutcome::NotHeld { .. }) => return Registration::Gone,
+                // Reissued on the primary but not acknowledged: withdraw the fresh token.
+                Err(EngineError::NotReplicated {
+                    what,
+                    grant: Some(fresh),
+                }) => {
+                    let why = format!("{NOT_REPLICATED}: {what}");
+                    return Registration::Failed { lock: *fresh, why };
+                }
                 Err(e) => {
                     let why = format!("reissuing the grant: {e}");
                     return Registration::Failed { lock, why };
@@ -215,7 +265,17 @@ impl Node {
     pub(crate) async fn serve_handoff(&self, grant: Grant) {
         let mut next = Some(grant);
         while let Some(g) = next.take() {
-            match self.fence(g.lock.clone()).await {
+            // Replicated first (a hand-off lost in a failover could go to someone else too),
+            // then registered.
+            let durable = match self
+                .locks
+                .confirm_handoff(&g.lock.key(), g.lock.token)
+                .await
+            {
+                Ok(()) => self.fence(g.lock.clone()).await,
+                Err(e) => Err(self.withdraw_unreplicated(&g.lock, &e.to_string()).await),
+            };
+            match durable {
                 Ok(lock) => {
                     self.metrics.lock_outcome("granted");
                     let room = lock.room.clone();

@@ -7,7 +7,7 @@ use std::time::Instant;
 use super::{Node, OpError};
 use crate::auth::{Principal, Role};
 use crate::engine::{
-    AcquireOutcome, AcquireRequest, Actor, ActorVia, Grant, Holder, LockInfo, LockKey,
+    AcquireOutcome, AcquireRequest, Actor, ActorVia, EngineError, Grant, Holder, LockInfo, LockKey,
     ReleaseReason, RoomEventKind, TokenOutcome, WaitSpec,
 };
 use crate::names::Entity;
@@ -176,6 +176,17 @@ impl Node {
                         return Err(unfenced.error);
                     }
                 }
+            }
+            // Replicated grants: granted on the primary, not acknowledged by the replicas.
+            Err(EngineError::NotReplicated {
+                what,
+                grant: Some(lock),
+            }) => {
+                let unreplicated = self.withdraw_unreplicated(&lock, &what).await;
+                self.metrics
+                    .lock_acquire_time(started.elapsed().as_secs_f64());
+                self.serve_withdrawal(unreplicated.released).await;
+                return Err(unreplicated.error);
             }
             other => other,
         };

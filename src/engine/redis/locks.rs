@@ -86,6 +86,21 @@
 //! the failures — a failed shard is unchanged, its locks end later by lease or reap; they fail
 //! only when every shard failed. `list_room` fails if any shard does.
 //!
+//! # Replicated grants
+//!
+//! With [`with_replication`](RedisLockStore::with_replication) (`LOCKSTEP_LOCK_REPLICAS` > 0)
+//! the scripts whose loss in a failover could give a lock to a second holder run through
+//! [`super::replication`] (script, marker write, `WAIT` on one connection), and their outcome
+//! only counts once the replicas acknowledged it: `acquire` (new and reentrant grants),
+//! `extend`, `reissue` and `refresh_leases`; a grant or reissue not acknowledged comes back as
+//! [`EngineError::NotReplicated`] carrying the grant, which the node withdraws. Hand-offs to
+//! waiters come out of `release`, `withdraw`, `force_release`, `release_session` and `reap`;
+//! rather than making every release wait, the node confirms each hand-off before telling the
+//! waiter ([`confirm_handoff`](LockStore::confirm_handoff): a replicated read of the lock).
+//! Losing a release *without* a hand-off cannot double-grant: the lock reappears for its old
+//! holder, who no longer uses it, and ends by lease or hold limit. Denials and queued waits
+//! wait for the replicas too (the script is the same) but are answered whatever the outcome.
+//!
 //! # Differences from the memory store
 //!
 //! - Records of different shards are ordered by their derived ids (stream time, then sequence,
@@ -96,18 +111,19 @@
 //!   limits far lower anyway.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use async_trait::async_trait;
 use fred::prelude::*;
 use futures_util::future::join_all;
-use serde::{Deserialize, Deserializer};
 
+use super::lock_results::{Item, Num, merge_shards, parse_items, single, unexpected};
+use super::replication::{Acked, REPLICATED_OPS, Replication};
 use super::script::LuaScript;
 use super::{call, engine_err, keys};
 use crate::engine::{
-    AcquireOutcome, AcquireRequest, Actor, EngineError, EngineResult, Grant, Holder, LockInfo,
-    LockKey, LockStore, LockTransition, ReleaseReason, SessionId, TokenOutcome,
+    AcquireOutcome, AcquireRequest, Actor, EngineError, EngineResult, LockInfo, LockKey, LockStore,
+    LockTransition, ReleaseReason, SessionId, TokenOutcome,
 };
 use crate::names::Entity;
 use crate::telemetry::RedisMetrics;
@@ -128,6 +144,9 @@ pub struct RedisLockStore {
     metrics: RedisMetrics,
     /// Expiry of a fence key after its last write (`LOCKSTEP_FENCE_RETENTION`).
     fence_retention_ms: u64,
+    /// `LOCKSTEP_LOCK_REPLICAS` > 0: changes that could double-grant if lost wait for the
+    /// replicas (see "Replicated grants" above).
+    replication: Option<Replication>,
 }
 
 impl RedisLockStore {
@@ -138,7 +157,16 @@ impl RedisLockStore {
             pool,
             metrics: RedisMetrics::default(),
             fence_retention_ms: DEFAULT_FENCE_RETENTION_MS,
+            replication: None,
         }
+    }
+
+    /// Every grant, reentrant grant, extend, reissue, lease refresh and confirmed hand-off
+    /// waits for `replication.replicas` replicas (none when 0): see "Replicated grants" above.
+    pub fn with_replication(mut self, replication: Replication) -> RedisLockStore {
+        self.metrics.replication_started(REPLICATED_OPS);
+        self.replication = (replication.replicas > 0).then_some(replication);
+        self
     }
 
     /// Fence keys expire this long after their last write (see "Fencing tokens" above).
@@ -151,6 +179,37 @@ impl RedisLockStore {
     pub fn with_metrics(mut self, metrics: RedisMetrics) -> RedisLockStore {
         self.metrics = metrics;
         self
+    }
+
+    /// Like [`run`](Self::run), then waits for the replicas (when configured) on the same
+    /// connection ([`super::replication`]). `Ok((items, false))`: the script ran on the primary
+    /// but the replicas did not acknowledge it in time (counted); the caller decides what that
+    /// means for its outcome.
+    async fn run_replicated(
+        &self,
+        op: &'static str,
+        script: &LuaScript,
+        keys: Vec<String>,
+        mut args: Vec<String>,
+    ) -> EngineResult<(Vec<Item>, bool)> {
+        let Some(replication) = self.replication else {
+            return Ok((self.run(op, script, keys, args).await?, true));
+        };
+        args.insert(1.min(args.len()), self.fence_retention_ms.to_string());
+        let eval = replication.eval(&self.pool, script, keys, args);
+        let Acked { reply, acked } = call(&self.metrics, op, eval).await.map_err(engine_err)?;
+        let raw: Vec<String> = reply;
+        let ok = replication.satisfied(acked);
+        if !ok {
+            self.metrics.replication_failure(op);
+            tracing::warn!(
+                op,
+                acked,
+                wanted = replication.replicas,
+                "lock change not acknowledged by enough replicas in time"
+            );
+        }
+        Ok((parse_items(&raw)?, ok))
     }
 
     /// Runs `script` as operation `op` and parses its result.
@@ -233,14 +292,22 @@ impl RedisLockStore {
             args.push(key.to_string());
             args.push(token.to_string());
         }
-        let items = self
-            .run(
+        let (items, acked) = self
+            .run_replicated(
                 "lock_refresh_leases",
                 &scripts().refresh_leases,
                 vec![keys::due(shard)],
                 args,
             )
             .await?;
+        if !acked {
+            // The renewed leases may be lost in a failover, and the locks then end earlier
+            // than their holders believe: the holders' node must treat this as a failure.
+            return Err(EngineError::NotReplicated {
+                what: format!("lease refresh of {} locks", held.len()),
+                grant: None,
+            });
+        }
         items
             .into_iter()
             .map(|item| match item {
@@ -364,214 +431,6 @@ fn span(ms: u64) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Script results: the only place they are parsed
-// ---------------------------------------------------------------------------------------------
-
-/// One JSON item of a script's result array (`"t"` tags the kind; see the scripts' headers).
-#[derive(Debug, Deserialize)]
-#[serde(tag = "t", rename_all = "snake_case")]
-enum Item {
-    Granted {
-        lock: WireLock,
-        reentrant: bool,
-    },
-    Held {
-        lock: WireLock,
-        #[serde(default)]
-        position: Option<Num>,
-        wait: Num,
-    },
-    Released {
-        lock: WireLock,
-        reason: ReleaseReason,
-        #[serde(default)]
-        granted: Option<WireGrant>,
-    },
-    WaitExpired {
-        room: Entity,
-        resource: Entity,
-        session_id: SessionId,
-        #[serde(default)]
-        request_id: Option<Num>,
-    },
-    NotHeld {
-        #[serde(default)]
-        current: Option<WireLock>,
-    },
-    Extended {
-        lock: WireLock,
-    },
-    Reissued {
-        lock: WireLock,
-    },
-    Cancelled {
-        ok: bool,
-    },
-    Lost {
-        key: String,
-        token: Num,
-    },
-    Validated {
-        valid: bool,
-        lock: WireLock,
-    },
-    Lock {
-        lock: WireLock,
-    },
-    /// The reap script hit its batch limit: call again.
-    More,
-}
-
-/// An unsigned integer sent as a decimal string (exact beyond cjson's 14 digits) or a number.
-#[derive(Debug, Clone, Copy)]
-struct Num(u64);
-
-impl<'de> Deserialize<'de> for Num {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Num, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(Num(n)),
-            Raw::Text(s) => s.parse().map(Num).map_err(serde::de::Error::custom),
-        }
-    }
-}
-
-impl Num {
-    fn u32(self) -> u32 {
-        u32::try_from(self.0).unwrap_or(u32::MAX)
-    }
-}
-
-#[derive(Debug, Deserialize)]
-struct WireLock {
-    room: Entity,
-    resource: Entity,
-    token: Num,
-    user_id: Arc<str>,
-    name: Arc<str>,
-    session_id: Arc<str>,
-    node_id: Arc<str>,
-    action: Arc<str>,
-    since: Num,
-    expires_at: Num,
-}
-
-impl From<WireLock> for LockInfo {
-    fn from(w: WireLock) -> LockInfo {
-        LockInfo {
-            room: w.room,
-            resource: w.resource,
-            token: w.token.0,
-            holder: Holder {
-                user_id: w.user_id,
-                name: w.name,
-                session_id: w.session_id,
-                node_id: w.node_id,
-            },
-            action: w.action,
-            since: w.since.0,
-            expires_at: w.expires_at.0,
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-struct WireGrant {
-    lock: WireLock,
-    #[serde(default)]
-    request_id: Option<Num>,
-}
-
-fn parse_items(raw: &[String]) -> EngineResult<Vec<Item>> {
-    raw.iter()
-        .map(|s| {
-            serde_json::from_str(s).map_err(|e| {
-                EngineError::Internal(format!("unexpected lock script result {s:?}: {e}"))
-            })
-        })
-        .collect()
-}
-
-fn unexpected(what: &str, item: &Item) -> EngineError {
-    EngineError::Internal(format!("unexpected {what} script result: {item:?}"))
-}
-
-/// Exactly one item, as the single-resource scripts return.
-fn single(what: &str, mut items: Vec<Item>) -> EngineResult<Item> {
-    match (items.pop(), items.is_empty()) {
-        (Some(item), true) => Ok(item),
-        _ => Err(EngineError::Internal(format!(
-            "{what} script returned {} items, expected one",
-            items.len() + 1
-        ))),
-    }
-}
-
-impl Item {
-    fn into_transition(self) -> EngineResult<LockTransition> {
-        match self {
-            Item::Released {
-                lock,
-                reason,
-                granted,
-            } => Ok(LockTransition::Released {
-                lock: lock.into(),
-                reason,
-                granted: granted.map(|g| Grant {
-                    lock: g.lock.into(),
-                    request_id: g.request_id.map(Num::u32),
-                }),
-            }),
-            Item::WaitExpired {
-                room,
-                resource,
-                session_id,
-                request_id,
-            } => Ok(LockTransition::WaitExpired {
-                room,
-                resource,
-                session_id,
-                request_id: request_id.map(Num::u32),
-            }),
-            other => Err(unexpected("transition", &other)),
-        }
-    }
-}
-
-/// Results of one script per shard: what succeeded, or the error when every shard failed (see
-/// the module doc, "Multi-shard operations").
-fn merge_shards<T>(what: &str, results: Vec<EngineResult<Vec<T>>>) -> EngineResult<Vec<T>> {
-    let total = results.len();
-    let mut out = Vec::new();
-    let mut first_err = None;
-    let mut failed = 0;
-    for r in results {
-        match r {
-            Ok(v) => out.extend(v),
-            Err(e) => {
-                failed += 1;
-                if first_err.is_none() {
-                    first_err = Some(e);
-                }
-            }
-        }
-    }
-    match first_err {
-        Some(e) if failed == total => Err(e),
-        Some(e) => {
-            tracing::warn!(error = %e, failed, total, "lock {what}: some shards failed");
-            Ok(out)
-        }
-        None => Ok(out),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // The trait
 // ---------------------------------------------------------------------------------------------
 
@@ -604,11 +463,19 @@ impl LockStore for RedisLockStore {
                 .map(|id| id.to_string())
                 .unwrap_or_default(),
         ];
-        match single(
-            "acquire",
-            self.run("lock_acquire", &scripts().acquire, k, args)
-                .await?,
-        )? {
+        let (items, acked) = self
+            .run_replicated("lock_acquire", &scripts().acquire, k, args)
+            .await?;
+        match single("acquire", items)? {
+            Item::Granted { lock, reentrant } if !acked => {
+                // A new grant is withdrawn by the caller; a reentrant one is left alone (its
+                // holder may be using it), the retry just fails.
+                let lock: LockInfo = lock.into();
+                Err(EngineError::NotReplicated {
+                    what: format!("grant of {} (token {})", lock.key(), lock.token),
+                    grant: (!reentrant).then(|| Box::new(lock)),
+                })
+            }
             Item::Granted { lock, reentrant } => Ok(AcquireOutcome::Granted {
                 lock: lock.into(),
                 reentrant,
@@ -660,10 +527,16 @@ impl LockStore for RedisLockStore {
             token.to_string(),
             span(ttl_ms),
         ];
-        let items = self
-            .run("lock_extend", &scripts().extend, resource_keys(key), args)
+        let (items, acked) = self
+            .run_replicated("lock_extend", &scripts().extend, resource_keys(key), args)
             .await?;
         match single("extend", items)? {
+            // The holder keeps the old end: on the primary the new one stands, which only
+            // makes the lock outlive what its holder was told.
+            Item::Extended { .. } if !acked => Err(EngineError::NotReplicated {
+                what: format!("extend of {key}"),
+                grant: None,
+            }),
             Item::Extended { lock } => Ok(TokenOutcome::Done(lock.into())),
             Item::NotHeld { current } => Ok(TokenOutcome::NotHeld {
                 current: current.map(Into::into),
@@ -749,12 +622,21 @@ impl LockStore for RedisLockStore {
                 .or_default()
                 .push(grant.clone());
         }
-        let results = join_all(
+        let mut results = join_all(
             by_shard
                 .iter()
                 .map(|(shard, grants)| self.refresh_shard(*shard, grants, lease_ms)),
         )
         .await;
+        // Unlike a shard that failed outright (logged, its locks end by lease), an
+        // unacknowledged renewal fails the whole call: the holders' node must hear of it.
+        // The other shards' renewals stand; the next refresh repeats them all.
+        if let Some(i) = results
+            .iter()
+            .position(|r| matches!(r, Err(EngineError::NotReplicated { .. })))
+        {
+            return Err(results.swap_remove(i).expect_err("matched an error"));
+        }
         let lost: HashSet<(LockKey, u64)> = merge_shards("refresh_leases", results)?
             .into_iter()
             .collect();
@@ -837,16 +719,62 @@ impl LockStore for RedisLockStore {
 
     async fn reissue(&self, key: &LockKey, token: u64) -> EngineResult<TokenOutcome<LockInfo>> {
         let args = vec![prefix_of(key), key.to_string(), token.to_string()];
-        let items = self
-            .run("lock_reissue", &scripts().reissue, resource_keys(key), args)
+        let (items, acked) = self
+            .run_replicated("lock_reissue", &scripts().reissue, resource_keys(key), args)
             .await?;
         match single("reissue", items)? {
+            // The lock now carries the fresh token: that is what the caller must withdraw.
+            Item::Reissued { lock } if !acked => {
+                let lock: LockInfo = lock.into();
+                Err(EngineError::NotReplicated {
+                    what: format!("reissue of {key} (token {})", lock.token),
+                    grant: Some(Box::new(lock)),
+                })
+            }
             Item::Reissued { lock } => Ok(TokenOutcome::Done(lock.into())),
             Item::NotHeld { current } => Ok(TokenOutcome::NotHeld {
                 current: current.map(Into::into),
             }),
             other => Err(unexpected("reissue", &other)),
         }
+    }
+
+    /// A replicated read of the lock (`get.lua`, then the marker and `WAIT`): the hand-off is
+    /// confirmed when the lock is held by `token` on the primary *and* that state is
+    /// acknowledged. Read, not re-written: whichever primary answers (the hand-off may have
+    /// been made before a failover), what it shows is what the replicas acknowledged.
+    async fn confirm_handoff(&self, key: &LockKey, token: u64) -> EngineResult<()> {
+        if self.replication.is_none() {
+            return Ok(());
+        }
+        let (items, acked) = self
+            .run_replicated(
+                "lock_confirm_handoff",
+                &scripts().get,
+                vec![keys::lock(&key.to_string())],
+                vec![prefix_of(key), key.to_string()],
+            )
+            .await?;
+        let held = match items.as_slice() {
+            [Item::Lock { lock }] => lock.token.0 == token,
+            [] => false,
+            [other, ..] => return Err(unexpected("get", other)),
+        };
+        if held && acked {
+            return Ok(());
+        }
+        if !held {
+            // Not a replication timeout, but the same answer: the waiter must not be told.
+            self.metrics.replication_failure("lock_confirm_handoff");
+        }
+        Err(EngineError::NotReplicated {
+            what: if held {
+                format!("hand-off of {key} (token {token})")
+            } else {
+                format!("hand-off of {key} (token {token}): no longer held after a failover")
+            },
+            grant: None,
+        })
     }
 }
 

@@ -12,9 +12,11 @@
 pub mod audit;
 pub mod broker;
 pub mod keys;
+mod lock_results;
 pub mod locks;
 pub mod nodes;
 pub mod presence;
+pub mod replication;
 pub mod resume;
 pub mod script;
 

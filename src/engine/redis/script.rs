@@ -87,11 +87,29 @@ impl LuaScript {
         mut keys: Vec<String>,
         args: Vec<String>,
     ) -> Result<R, fred::error::Error> {
+        keys = self.call_keys(keys);
+        self.script.evalsha_with_reload(client, keys, args).await
+    }
+
+    /// `keys` as one call sends them: a `once` script's get this call's op key appended. Every
+    /// send of the call must use the same result (see [`super::replication`], which sends the
+    /// script itself, inside a pipeline, and re-sends it after a lost connection).
+    pub fn call_keys(&self, mut keys: Vec<String>) -> Vec<String> {
         if self.once {
             let first = keys.first().map(String::as_str).unwrap_or("");
             keys.push(op_key(first, &new_op_id()));
         }
-        self.script.evalsha_with_reload(client, keys, args).await
+        keys
+    }
+
+    /// The script's SHA-1, for `EVALSHA`.
+    pub fn sha1(&self) -> &str {
+        self.script.sha1()
+    }
+
+    /// `SCRIPT LOAD`s the script (on every primary of a Cluster), after a `NOSCRIPT`.
+    pub async fn load(&self, client: &Client) -> Result<(), fred::error::Error> {
+        self.script.load(client).await
     }
 }
 

@@ -40,9 +40,9 @@
 //! acquire again. Locks held over HTTP have no lease and are not watched: they live to their
 //! hold limit.
 //!
-//! A store that reports per-shard failures as success for the shards that answered (the Redis
-//! store logs and returns what did happen) makes the failed shard's locks look renewed: the
-//! watchdog only knows what `refresh_leases` tells it.
+//! The watchdog only knows what `refresh_leases` tells it, so a store must fail the whole call
+//! when any part of it failed (the Redis store does: one failed or unacknowledged shard fails
+//! the call), never report a partial renewal as a success.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -84,7 +84,8 @@
 //! shard's script is atomic, but the operation as a whole is not. When some shards fail and
 //! others succeed, the state-changing ones return what did happen (so it is announced) and log
 //! the failures — a failed shard is unchanged, its locks end later by lease or reap; they fail
-//! only when every shard failed. `list_room` fails if any shard does.
+//! only when every shard failed. `list_room` and `refresh_leases` fail if any shard does
+//! (a renewal that looks done but was not would hide a lapsing lease from the node's watchdog).
 //!
 //! # Replicated grants
 //!
@@ -628,14 +629,17 @@ impl LockStore for RedisLockStore {
                 .map(|(shard, grants)| self.refresh_shard(*shard, grants, lease_ms)),
         )
         .await;
-        // Unlike a shard that failed outright (logged, its locks end by lease), an
-        // unacknowledged renewal fails the whole call: the holders' node must hear of it.
-        // The other shards' renewals stand; the next refresh repeats them all.
-        if let Some(i) = results
-            .iter()
-            .position(|r| matches!(r, Err(EngineError::NotReplicated { .. })))
-        {
-            return Err(results.swap_remove(i).expect_err("matched an error"));
+        // Any shard that failed — outright or unacknowledged by the replicas — fails the whole
+        // call: the caller cannot tell which grants were renewed, and its lease watchdog
+        // (`node::leases`) must not take an unrenewed lease for a renewed one. The other
+        // shards' renewals stand; the next refresh repeats them all. The price: a shard down
+        // for most of a lease makes the node declare all its locks lost, not only that
+        // shard's (the safe side).
+        if let Some(i) = results.iter().position(Result::is_err) {
+            let failed = results.iter().filter(|r| r.is_err()).count();
+            let err = results.swap_remove(i).expect_err("found an error");
+            tracing::warn!(error = %err, failed, total = by_shard.len(), "lock refresh_leases: shards failed");
+            return Err(err);
         }
         let lost: HashSet<(LockKey, u64)> = merge_shards("refresh_leases", results)?
             .into_iter()

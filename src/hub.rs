@@ -541,8 +541,9 @@ impl EventSink for Hub {
                     let mut frame = ErrorFrame::new(
                         *request_id,
                         ErrorCode::Unavailable,
-                        "the lock came free for you but its fencing token could not be \
-                         registered (database unavailable); your wait ended, retry later",
+                        "the lock came free for you but the grant could not be made safe \
+                         (fencing token not registered, or not acknowledged by the Redis \
+                         replicas); your wait ended, retry later",
                     );
                     frame.resource = Some(resource);
                     h.send(&ServerMessage::Error(frame));

@@ -21,6 +21,7 @@
 //! - [`session`]: one WebSocket connection: read loop, outbound queue, heartbeat, resume.
 //! - [`http`]: the router: WebSocket upgrade, REST API, health, metrics, demo page.
 //! - [`telemetry`]: OpenTelemetry metrics exported in Prometheus text.
+//! - [`tls`]: rustls client configs (ring) for Redis and Postgres, and TLS failures explained.
 //! - [`logging`]: the `tracing` subscriber: console logs (text or flat JSON) and OTLP traces.
 //!
 //! [`start`] is shared by `main` and the tests, which run the same code on `127.0.0.1:0`.
@@ -39,6 +40,7 @@ pub mod node;
 pub mod protocol;
 pub mod session;
 pub mod telemetry;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -64,6 +66,8 @@ pub struct Running {
 pub enum StartError {
     #[error(transparent)]
     Node(#[from] node::NodeError),
+    #[error("redis TLS: {0}")]
+    RedisTls(#[from] tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -87,6 +91,10 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
         {
             m.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
+    }
+    // Before any Redis client is built: they all look their TLS config up by URL.
+    if let Some(url) = &config.redis_url {
+        engine::redis::tls::register(url, &config.redis_tls)?;
     }
     let (listener, addr) = bind(config.listen).await?;
     let admin = match config.metrics_listen {

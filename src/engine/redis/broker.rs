@@ -193,9 +193,10 @@ impl RedisBroker {
             .build_subscriber_client()
             .map_err(|e| EngineError::Internal(format!("redis subscriber: {e}")))?;
         let message_rx = subscriber.message_rx();
-        subscriber.init().await.map_err(|e| {
-            EngineError::Unavailable(format!("redis connect {}: {e}", super::redacted(url)))
-        })?;
+        subscriber
+            .init()
+            .await
+            .map_err(|e| super::connect_err(url, &e))?;
         // Taken after init: the first connection also counts as a "reconnect" for fred.
         let reconnect_rx = subscriber.reconnect_rx();
 

@@ -2,7 +2,8 @@
 //!
 //! Only this module knows key names ([`keys`]) and Lua (`scripts/*.lua`). Standalone,
 //! Sentinel and Cluster deployments are all reached through fred's URL forms
-//! (`redis://`, `redis-sentinel://…?sentinelServiceName=`, `redis-cluster://…?node=`).
+//! (`redis://`, `redis-sentinel://…?sentinelServiceName=`, `redis-cluster://…?node=`), and
+//! each has a TLS form (`rediss://`, `rediss-sentinel://`, `rediss-cluster://`; see [`tls`]).
 //!
 //! Every call the engines make to Redis goes through [`call`]: a `redis` tracing span named
 //! after the operation, and `lockstep_redis_command_duration_seconds{op}` /
@@ -17,6 +18,7 @@ pub mod nodes;
 pub mod presence;
 pub mod resume;
 pub mod script;
+pub mod tls;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -44,10 +46,15 @@ pub async fn connect(url: &str) -> Result<Pool, EngineError> {
     let pool = builder(url)?
         .build_pool(POOL_SIZE)
         .map_err(|e| EngineError::Internal(format!("redis pool: {e}")))?;
-    pool.init()
-        .await
-        .map_err(|e| EngineError::Unavailable(format!("redis connect {}: {e}", redacted(url))))?;
+    pool.init().await.map_err(|e| connect_err(url, &e))?;
     Ok(pool)
+}
+
+/// A failed first connection to `url`, its password redacted; a TLS failure says what to fix
+/// ([`tls::explain`]) instead of fred's bare I/O error.
+pub fn connect_err(url: &str, e: &fred::error::Error) -> EngineError {
+    let why = tls::explain(e).unwrap_or_else(|| e.to_string());
+    EngineError::Unavailable(format!("redis connect {}: {why}", redacted(url)))
 }
 
 /// `url` with any password replaced by `***`, for error messages and logs: connect errors end
@@ -65,10 +72,14 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
-/// A fred builder with the project's reconnect policy and timeouts.
+/// A fred builder with the project's reconnect policy and timeouts, and for a TLS URL the
+/// node's TLS settings ([`tls::register`]).
 pub fn builder(url: &str) -> Result<Builder, EngineError> {
-    let config =
-        Config::from_url(url).map_err(|e| EngineError::Internal(format!("bad redis URL: {e}")))?;
+    let mut config = Config::from_url(&tls::plain_scheme(url))
+        .map_err(|e| EngineError::Internal(format!("bad redis URL: {e}")))?;
+    if tls::uses_tls(url) {
+        config.tls = Some(tls::config_for(url)?);
+    }
     let mut b = Builder::from_config(config);
     b.with_performance_config(|p| {
         p.default_command_timeout = COMMAND_TIMEOUT;

@@ -1,0 +1,206 @@
+//! TLS for `rediss://` (standalone), `rediss-sentinel://` and `rediss-cluster://` URLs: the
+//! rustls config every fred client of a node gets, and start-up errors that say what to fix.
+//!
+//! The node's settings (`LOCKSTEP_REDIS_TLS_*`) reach [`super::builder`] through a small
+//! registry keyed by the Redis URL, filled once at start ([`register`]): every fred client
+//! (command pool, pub/sub subscribers, the revocation listener) is built from the URL alone, in
+//! places that know nothing of the node's config. A URL that was never registered (a tool, a
+//! test) gets the defaults: the system's roots, full verification.
+//!
+//! Host names. A standalone server is checked against the URL's host. A Cluster announces its
+//! nodes by IP (`CLUSTER SLOTS`), while managed services issue certificates for DNS names;
+//! when the URL's host is a DNS name, every announced IP is checked against that name (fred's
+//! `TlsHostMapping`; see docs/deployment.md). With an IP in the URL, announced IPs are checked
+//! as themselves. Sentinel hands out the primary's announced address, which fred checks as is:
+//! the primary's certificate must carry it (or Sentinel must announce host names).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, LazyLock, RwLock};
+
+use fred::types::config::{HostMapping, TlsConfig, TlsConnector, TlsHostMapping};
+
+use crate::config::RedisTls;
+use crate::engine::EngineError;
+use crate::tls::{ClientTls, Failure, TlsError, Verify, client_config};
+
+/// URL → the TLS config its clients use. Written at start, read by every client build; never
+/// held across an await.
+static REGISTRY: LazyLock<RwLock<HashMap<String, TlsConfig>>> =
+    LazyLock::new(|| RwLock::new(HashMap::new()));
+
+/// Whether `url` asks for TLS (`rediss…` or `valkeys…` schemes).
+pub fn uses_tls(url: &str) -> bool {
+    url.starts_with("rediss") || url.starts_with("valkeys")
+}
+
+/// `url` with its TLS scheme made plain (`rediss-cluster://` → `redis-cluster://`), for fred's
+/// URL parser: with a TLS scheme it would build its own rustls config from the process-default
+/// crypto provider, which is what [`crate::tls`] avoids.
+pub(super) fn plain_scheme(url: &str) -> String {
+    if let Some(rest) = url.strip_prefix("rediss") {
+        format!("redis{rest}")
+    } else if let Some(rest) = url.strip_prefix("valkeys") {
+        format!("valkey{rest}")
+    } else {
+        url.to_owned()
+    }
+}
+
+/// Builds the TLS config for `url` from `settings` (reading the PEM files now) and makes it the
+/// one every client of `url` uses. A plaintext URL needs none (config validation already
+/// refused TLS settings with one).
+pub fn register(url: &str, settings: &RedisTls) -> Result<(), TlsError> {
+    if !uses_tls(url) {
+        return Ok(());
+    }
+    if settings.insecure {
+        tracing::warn!(
+            "LOCKSTEP_REDIS_TLS_INSECURE is on: the Redis server's certificate is NOT verified; \
+             anyone on the network path can impersonate Redis. For tests only."
+        );
+    }
+    let config = build(url, settings)?;
+    REGISTRY
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .insert(url.to_owned(), config);
+    Ok(())
+}
+
+/// The TLS config for `url`: the registered one, else the defaults.
+pub(super) fn config_for(url: &str) -> Result<TlsConfig, EngineError> {
+    let registered = REGISTRY
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .get(url)
+        .cloned();
+    match registered {
+        Some(c) => Ok(c),
+        None => build(url, &RedisTls::default())
+            .map_err(|e| EngineError::Unavailable(format!("redis TLS: {e}"))),
+    }
+}
+
+fn build(url: &str, settings: &RedisTls) -> Result<TlsConfig, TlsError> {
+    let verify = if settings.insecure {
+        Verify::Nothing
+    } else {
+        Verify::Full
+    };
+    let client_cert = match (&settings.cert, &settings.key) {
+        (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+        _ => None,
+    };
+    let rustls = client_config(&ClientTls {
+        ca: settings.ca.as_deref(),
+        ca_setting: "LOCKSTEP_REDIS_TLS_CA",
+        verify,
+        client_cert,
+        cert_setting: "LOCKSTEP_REDIS_TLS_CERT/_KEY",
+    })?;
+    Ok(TlsConfig {
+        connector: TlsConnector::from(rustls),
+        hostnames: host_mapping(url),
+    })
+}
+
+/// Cluster URLs whose host is a DNS name check every node against that name (see the module
+/// docs); everything else checks each server as addressed.
+fn host_mapping(url: &str) -> TlsHostMapping {
+    let clustered = url
+        .split_once("://")
+        .is_some_and(|(scheme, _)| scheme.ends_with("-cluster"));
+    let host = url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_owned()));
+    match host {
+        Some(h) if clustered && h.parse::<IpAddr>().is_err() => {
+            TlsHostMapping::Custom(Arc::new(SeedHostName(h)))
+        }
+        _ => TlsHostMapping::None,
+    }
+}
+
+/// Maps every announced IP to the URL's host name. fred's own `DefaultHost` maps to the host
+/// of whichever node answered `CLUSTER SLOTS`, which after a failover may itself be an IP.
+#[derive(Debug)]
+struct SeedHostName(String);
+
+impl HostMapping for SeedHostName {
+    fn map(&self, _ip: &IpAddr, _default_host: &str) -> Option<String> {
+        Some(self.0.clone())
+    }
+}
+
+/// A fred connection error rewritten for an operator when it is a TLS failure: which side,
+/// what happened and which setting to check. `None`: not a TLS failure we recognise.
+pub fn explain(e: &fred::error::Error) -> Option<String> {
+    let text = format!("{} {:?}", e.details(), e);
+    let failure = Failure::of_text(&text)?;
+    let hint = match failure {
+        Failure::Untrusted => "check LOCKSTEP_REDIS_TLS_CA",
+        Failure::WrongName => {
+            "the certificate must name the host in LOCKSTEP_REDIS_URL (or check LOCKSTEP_REDIS_TLS_CA)"
+        }
+        Failure::Expired => "renew the server certificate",
+        Failure::ClientCertRequired => "set LOCKSTEP_REDIS_TLS_CERT and LOCKSTEP_REDIS_TLS_KEY",
+        Failure::ClientCertRejected => {
+            "check LOCKSTEP_REDIS_TLS_CERT: the server does not trust it"
+        }
+        Failure::NotTls => "is this the server's TLS port? (rediss:// needs one)",
+    };
+    Some(format!("redis TLS: {} — {hint}", failure.describe()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_schemes_are_recognised_and_made_plain() {
+        assert!(uses_tls("rediss://h:6380"));
+        assert!(uses_tls("rediss-cluster://h:7000?node=h:7001"));
+        assert!(!uses_tls("redis://h:6379"));
+        assert_eq!(plain_scheme("rediss://h:6380/0"), "redis://h:6380/0");
+        assert_eq!(
+            plain_scheme("rediss-sentinel://h:26379/0?sentinelServiceName=m"),
+            "redis-sentinel://h:26379/0?sentinelServiceName=m"
+        );
+        assert_eq!(plain_scheme("valkeys://h"), "valkey://h");
+        assert_eq!(plain_scheme("redis://h"), "redis://h");
+    }
+
+    #[test]
+    fn cluster_nodes_are_checked_against_a_dns_seed_name_only() {
+        let mapped = host_mapping("rediss-cluster://cache.example.com:7000");
+        let TlsHostMapping::Custom(m) = mapped else {
+            panic!("a DNS seed maps announced IPs: {mapped:?}");
+        };
+        assert_eq!(
+            m.map(&"10.0.0.7".parse().unwrap(), "10.0.0.8").as_deref(),
+            Some("cache.example.com")
+        );
+        assert_eq!(
+            host_mapping("rediss-cluster://127.0.0.1:7000?node=127.0.0.1:7001"),
+            TlsHostMapping::None
+        );
+        assert_eq!(
+            host_mapping("rediss://cache.example.com:6380"),
+            TlsHostMapping::None
+        );
+    }
+
+    #[test]
+    fn an_unreadable_ca_fails_registration_with_the_setting_named() {
+        let settings = RedisTls {
+            ca: Some("/nonexistent/redis-ca.pem".into()),
+            ..RedisTls::default()
+        };
+        let e = register("rediss://127.0.0.1:1", &settings)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("LOCKSTEP_REDIS_TLS_CA"), "{e}");
+        assert!(e.contains("/nonexistent/redis-ca.pem"), "{e}");
+    }
+}

@@ -571,7 +571,8 @@ impl RedisTls {
                 "redis_tls_cert and redis_tls_key must be set together",
             );
         }
-        let tls_url = redis_url.is_some_and(|u| u.starts_with("rediss") || u.starts_with("valkeys"));
+        let tls_url =
+            redis_url.is_some_and(|u| u.starts_with("rediss") || u.starts_with("valkeys"));
         if self.is_set() && !tls_url {
             return invalid(
                 "redis_tls_ca",

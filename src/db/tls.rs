@@ -202,10 +202,7 @@ mod tests {
             "postgres://u:pw@db.internal:5432/app?application_name=x&sslmode=require"
         );
         let c: tokio_postgres::Config = rest.parse().unwrap();
-        assert_eq!(
-            c.get_ssl_mode(),
-            tokio_postgres::config::SslMode::Require
-        );
+        assert_eq!(c.get_ssl_mode(), tokio_postgres::config::SslMode::Require);
     }
 
     #[test]

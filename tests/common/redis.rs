@@ -216,3 +216,77 @@ impl Drop for RedisCluster {
         }
     }
 }
+
+// ---- TLS servers (issue 12, item 3) ----
+
+/// A `redis-server` that speaks TLS only (`--port 0 --tls-port P`), serving `server`'s
+/// certificate; with `auth_clients` it requires a client certificate signed by `ca`.
+pub struct TlsRedisServer {
+    pub port: u16,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsRedisServer {
+    pub fn start(
+        server: &super::certs::CertFiles,
+        ca: &std::path::Path,
+        auth_clients: bool,
+    ) -> TlsRedisServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--tls-cert-file")
+            .arg(&server.cert)
+            .arg("--tls-key-file")
+            .arg(&server.key)
+            .arg("--tls-ca-cert-file")
+            .arg(ca)
+            .args([
+                "--tls-auth-clients",
+                if auth_clients { "yes" } else { "no" },
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (apt-get install -y redis-server)");
+        let s = TlsRedisServer {
+            port,
+            child: Some(child),
+            _dir: dir,
+        };
+        wait_listening(port);
+        s
+    }
+
+    /// `rediss://host:port`; `host` must be a name the server certificate carries for a
+    /// verifying client.
+    pub fn url(&self, host: &str) -> String {
+        format!("rediss://{host}:{}", self.port)
+    }
+}
+
+impl Drop for TlsRedisServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Waits until something accepts TCP connections on `port` (a TLS server cannot be PINGed
+/// in plaintext).
+fn wait_listening(port: u16) {
+    for _ in 0..400 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("TLS redis-server on port {port} did not start");
+}

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::certs::TestCa;
 use common::postgres::PostgresServer;
-use common::redis::TlsRedisServer;
+use common::redis::{TlsRedisCluster, TlsRedisServer};
 use lockstep::config::{Config, RedisTls};
 use serde_json::json;
 
@@ -39,6 +39,10 @@ fn trusting(ca: &Path) -> RedisTls {
 
 /// A WebSocket client on `running` joins a room and is granted a lock: the whole path works.
 async fn a_lock_is_granted(running: &lockstep::Running) -> u64 {
+    a_lock_is_granted_on(running, "segment:1").await
+}
+
+async fn a_lock_is_granted_on(running: &lockstep::Running, resource: &str) -> u64 {
     let http = reqwest::Client::new();
     let r: serde_json::Value = http
         .post(format!("http://{}/v1/dev/token", running.addr))
@@ -53,7 +57,7 @@ async fn a_lock_is_granted(running: &lockstep::Running) -> u64 {
     let mut alice = common::Client::connect(running.addr, token, common::Codec::Json, None).await;
     alice.join("doc:tls").await;
     let g = alice
-        .request(json!({"type": "lock.acquire", "room": "doc:tls", "resource": "segment:1", "action": "edit"}))
+        .request(json!({"type": "lock.acquire", "room": "doc:tls", "resource": resource, "action": "edit"}))
         .await;
     g["token"]
         .as_u64()
@@ -319,4 +323,31 @@ async fn postgres_sslmodes_against_a_tls_only_server() {
             "sslmode=require",
         ],
     );
+}
+
+/// A TLS Cluster announces its nodes by IP (127.0.0.1) while the certificate names only
+/// `localhost`: every node is checked against the URL's host name, so the node works; and a
+/// lock is granted through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_over_tls_checks_announced_nodes_against_the_url_host() {
+    let ca = TestCa::new("cluster");
+    let cert = ca.peer("redis-node", &["localhost"]);
+    let cluster = TlsRedisCluster::start(&cert, &ca.ca_pem);
+    assert_eq!(cluster.node_count(), 3);
+    let url = cluster.url("localhost");
+    let (running, _dir) = try_start(|c| {
+        c.redis_url = Some(url.clone());
+        c.redis_tls = trusting(&ca.ca_pem);
+    })
+    .await
+    .expect("the node starts on a TLS cluster");
+    // Several resources, so keys land on more than one node.
+    for i in 0..3 {
+        assert!(a_lock_is_granted_on(&running, &format!("segment:{i}")).await > 0);
+    }
+    running.shutdown().await;
+
+    // Addressed by IP, the certificate (no IP in it) does not match: refused, clearly.
+    let e = start_err(&cluster.url("127.0.0.1"), trusting(&ca.ca_pem)).await;
+    assert_says(&e, &["redis TLS", "NotValidForName"]);
 }

@@ -47,19 +47,32 @@ impl TestCa {
 
     /// A server certificate for `names` (DNS names or IP addresses).
     pub fn server(&self, file: &str, names: &[&str]) -> CertFiles {
-        self.leaf(file, names, ExtendedKeyUsagePurpose::ServerAuth)
+        self.leaf(file, names, &[ExtendedKeyUsagePurpose::ServerAuth])
+    }
+
+    /// A certificate usable both ways, for servers that also connect to each other with it
+    /// (Redis Cluster nodes on their TLS bus).
+    pub fn peer(&self, file: &str, names: &[&str]) -> CertFiles {
+        self.leaf(
+            file,
+            names,
+            &[
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
     }
 
     /// A client certificate (CN = `file`).
     pub fn client(&self, file: &str) -> CertFiles {
-        self.leaf(file, &[], ExtendedKeyUsagePurpose::ClientAuth)
+        self.leaf(file, &[], &[ExtendedKeyUsagePurpose::ClientAuth])
     }
 
-    fn leaf(&self, file: &str, names: &[&str], usage: ExtendedKeyUsagePurpose) -> CertFiles {
+    fn leaf(&self, file: &str, names: &[&str], usage: &[ExtendedKeyUsagePurpose]) -> CertFiles {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let mut params = CertificateParams::new(names).expect("leaf params");
         params.distinguished_name.push(DnType::CommonName, file);
-        params.extended_key_usages = vec![usage];
+        params.extended_key_usages = usage.to_vec();
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let key = KeyPair::generate().expect("leaf key");
         let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");

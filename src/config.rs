@@ -355,10 +355,11 @@ impl Config {
             metrics_listen: s.metrics_listen,
             redis_url: s.redis_url.filter(|u| !u.is_empty()),
             database_url: s.database_url.filter(|u| !u.is_empty()),
+            // An empty path (an env var set to "") means unset, as for the URLs.
             redis_tls: RedisTls {
-                ca: s.redis_tls_ca,
-                cert: s.redis_tls_cert,
-                key: s.redis_tls_key,
+                ca: s.redis_tls_ca.filter(|p| !p.as_os_str().is_empty()),
+                cert: s.redis_tls_cert.filter(|p| !p.as_os_str().is_empty()),
+                key: s.redis_tls_key.filter(|p| !p.as_os_str().is_empty()),
                 insecure: s.redis_tls_insecure.unwrap_or(false),
             },
             audit_retention: s.audit_retention.map(|h| h.0).filter(|d| !d.is_zero()),

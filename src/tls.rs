@@ -254,13 +254,12 @@ impl Failure {
             if let Some(r) = err.downcast_ref::<rustls::Error>() {
                 return Failure::of(r);
             }
-            if let Some(inner) = err
+            if let Some(r) = err
                 .downcast_ref::<std::io::Error>()
                 .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
             {
-                if let Some(r) = inner.downcast_ref::<rustls::Error>() {
-                    return Failure::of(r);
-                }
+                return Failure::of(r);
             }
             next = err.source();
         }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::certs::TestCa;
 use common::postgres::PostgresServer;
-use common::redis::{TlsRedisCluster, TlsRedisServer};
+use common::redis::{TlsRedisCluster, TlsRedisServer, TlsSentinel};
 use lockstep::config::{Config, RedisTls};
 use serde_json::json;
 
@@ -350,4 +350,27 @@ async fn redis_cluster_over_tls_checks_announced_nodes_against_the_url_host() {
     // Addressed by IP, the certificate (no IP in it) does not match: refused, clearly.
     let e = start_err(&cluster.url("127.0.0.1"), trusting(&ca.ca_pem)).await;
     assert_says(&e, &["redis TLS", "NotValidForName"]);
+}
+
+/// Sentinel over TLS: the node asks a TLS Sentinel for the primary, then connects to the
+/// address it reports (127.0.0.1, which the certificate carries) over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_sentinel_over_tls_finds_and_verifies_the_primary() {
+    let ca = TestCa::new("sentinel");
+    let cert = ca.peer("redis", &["localhost", "127.0.0.1"]);
+    let primary = TlsRedisServer::start(&cert, &ca.ca_pem, false);
+    let sentinel = TlsSentinel::start(&cert, &ca.ca_pem, &primary, "main");
+    let url = sentinel.url("localhost", "main");
+    let (running, _dir) = try_start(|c| {
+        c.redis_url = Some(url.clone());
+        c.redis_tls = trusting(&ca.ca_pem);
+    })
+    .await
+    .expect("the node starts through a TLS Sentinel");
+    assert!(a_lock_is_granted(&running).await > 0);
+    running.shutdown().await;
+
+    let other = TestCa::new("sentinel-other");
+    let e = start_err(&url, trusting(&other.ca_pem)).await;
+    assert_says(&e, &["redis TLS", "UnknownIssuer"]);
 }

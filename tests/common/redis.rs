@@ -378,3 +378,70 @@ impl TlsRedisCluster {
         self.nodes.len()
     }
 }
+
+/// One Sentinel that speaks TLS only (`--tls-replication yes`: it talks TLS to the primary
+/// too), monitoring `primary` as service `name` with quorum 1.
+pub struct TlsSentinel {
+    pub port: u16,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsSentinel {
+    pub fn start(
+        server: &super::certs::CertFiles,
+        ca: &std::path::Path,
+        primary: &TlsRedisServer,
+        name: &str,
+    ) -> TlsSentinel {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port 0\ntls-port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                 tls-cert-file {cert}\ntls-key-file {key}\ntls-ca-cert-file {ca}\n\
+                 tls-auth-clients no\ntls-replication yes\n\
+                 sentinel monitor {name} 127.0.0.1 {primary} 1\n",
+                dir = dir.path().display(),
+                cert = server.cert.display(),
+                key = server.key.display(),
+                ca = ca.display(),
+                primary = primary.port,
+            ),
+        )
+        .expect("write sentinel.conf");
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server --sentinel");
+        let s = TlsSentinel {
+            port,
+            child: Some(child),
+            _dir: dir,
+        };
+        wait_listening(port);
+        s
+    }
+
+    /// fred's TLS Sentinel URL for service `name`, the Sentinel addressed as `host`.
+    pub fn url(&self, host: &str, name: &str) -> String {
+        format!(
+            "rediss-sentinel://{host}:{}/0?sentinelServiceName={name}",
+            self.port
+        )
+    }
+}
+
+impl Drop for TlsSentinel {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -193,10 +193,9 @@ impl RedisBroker {
             .build_subscriber_client()
             .map_err(|e| EngineError::Internal(format!("redis subscriber: {e}")))?;
         let message_rx = subscriber.message_rx();
-        subscriber
-            .init()
-            .await
-            .map_err(|e| super::connect_err(url, &e))?;
+        if let Err(e) = subscriber.init().await {
+            return Err(super::connect_err(url, &e).await);
+        }
         // Taken after init: the first connection also counts as a "reconnect" for fred.
         let reconnect_rx = subscriber.reconnect_rx();
 

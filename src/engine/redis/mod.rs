@@ -46,14 +46,20 @@ pub async fn connect(url: &str) -> Result<Pool, EngineError> {
     let pool = builder(url)?
         .build_pool(POOL_SIZE)
         .map_err(|e| EngineError::Internal(format!("redis pool: {e}")))?;
-    pool.init().await.map_err(|e| connect_err(url, &e))?;
+    if let Err(e) = pool.init().await {
+        return Err(connect_err(url, &e).await);
+    }
     Ok(pool)
 }
 
 /// A failed first connection to `url`, its password redacted; a TLS failure says what to fix
-/// ([`tls::explain`]) instead of fred's bare I/O error.
-pub fn connect_err(url: &str, e: &fred::error::Error) -> EngineError {
-    let why = tls::explain(e).unwrap_or_else(|| e.to_string());
+/// ([`tls::explain`], else [`tls::probe`]) instead of fred's bare I/O or Sentinel error.
+pub async fn connect_err(url: &str, e: &fred::error::Error) -> EngineError {
+    let why = match tls::explain(e) {
+        Some(why) => why,
+        None if tls::uses_tls(url) => tls::probe(url).await.unwrap_or_else(|| e.to_string()),
+        None => e.to_string(),
+    };
     EngineError::Unavailable(format!("redis connect {}: {why}", redacted(url)))
 }
 

@@ -13,20 +13,25 @@
 //! `TlsHostMapping`; see docs/deployment.md). With an IP in the URL, announced IPs are checked
 //! as themselves. Sentinel hands out the primary's announced address, which fred checks as is:
 //! the primary's certificate must carry it (or Sentinel must announce host names).
+//!
+//! Errors. fred flattens TLS failures into text ([`explain`] reads it) and reports an
+//! unreachable Sentinel without any cause; then one handshake of our own ([`probe`]) finds it.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, LazyLock, RwLock};
 
 use fred::types::config::{HostMapping, TlsConfig, TlsConnector, TlsHostMapping};
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
 
 use crate::config::RedisTls;
 use crate::engine::EngineError;
 use crate::tls::{ClientTls, Failure, TlsError, Verify, client_config};
 
-/// URL → the TLS config its clients use. Written at start, read by every client build; never
-/// held across an await.
-static REGISTRY: LazyLock<RwLock<HashMap<String, TlsConfig>>> =
+/// URL → the TLS config its clients use (fred's, and the rustls config inside it for
+/// [`probe`]). Written at start, read by every client build; never held across an await.
+static REGISTRY: LazyLock<RwLock<HashMap<String, (TlsConfig, Arc<ClientConfig>)>>> =
     LazyLock::new(|| RwLock::new(HashMap::new()));
 
 /// Whether `url` asks for TLS (`rediss…` or `valkeys…` schemes).
@@ -70,6 +75,10 @@ pub fn register(url: &str, settings: &RedisTls) -> Result<(), TlsError> {
 
 /// The TLS config for `url`: the registered one, else the defaults.
 pub(super) fn config_for(url: &str) -> Result<TlsConfig, EngineError> {
+    lookup(url).map(|(fred, _)| fred)
+}
+
+fn lookup(url: &str) -> Result<(TlsConfig, Arc<ClientConfig>), EngineError> {
     let registered = REGISTRY
         .read()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -82,7 +91,7 @@ pub(super) fn config_for(url: &str) -> Result<TlsConfig, EngineError> {
     }
 }
 
-fn build(url: &str, settings: &RedisTls) -> Result<TlsConfig, TlsError> {
+fn build(url: &str, settings: &RedisTls) -> Result<(TlsConfig, Arc<ClientConfig>), TlsError> {
     let verify = if settings.insecure {
         Verify::Nothing
     } else {
@@ -99,10 +108,12 @@ fn build(url: &str, settings: &RedisTls) -> Result<TlsConfig, TlsError> {
         client_cert,
         cert_setting: "LOCKSTEP_REDIS_TLS_CERT/_KEY",
     })?;
-    Ok(TlsConfig {
-        connector: TlsConnector::from(rustls),
+    let rustls = Arc::new(rustls);
+    let fred = TlsConfig {
+        connector: TlsConnector::Rustls(tokio_rustls::TlsConnector::from(rustls.clone())),
         hostnames: host_mapping(url),
-    })
+    };
+    Ok((fred, rustls))
 }
 
 /// Cluster URLs whose host is a DNS name check every node against that name (see the module
@@ -137,7 +148,32 @@ impl HostMapping for SeedHostName {
 /// what happened and which setting to check. `None`: not a TLS failure we recognise.
 pub fn explain(e: &fred::error::Error) -> Option<String> {
     let text = format!("{} {:?}", e.details(), e);
-    let failure = Failure::of_text(&text)?;
+    Failure::of_text(&text).map(message)
+}
+
+/// Why a TLS connection to the first host of `url` fails, found with one handshake of our
+/// own: fred reports a Sentinel it could not reach without the cause ("Failed to connect to all
+/// sentinel nodes"). `None`: the handshake worked, or failed for a reason we do not know.
+pub async fn probe(url: &str) -> Option<String> {
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+    let (_, config) = lookup(url).ok()?;
+    let u = url::Url::parse(url).ok()?;
+    let host = u.host_str()?.trim_matches(['[', ']']).to_owned();
+    let sentinel = u.scheme().ends_with("-sentinel");
+    let port = u.port().unwrap_or(if sentinel { 26379 } else { 6379 });
+    let tcp = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect((host.as_str(), port)))
+        .await
+        .ok()?
+        .ok()?;
+    let name = ServerName::try_from(host).ok()?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    match tokio::time::timeout(WAIT, connector.connect(name, tcp)).await {
+        Ok(Err(e)) => Failure::in_chain(&e).map(message),
+        _ => None,
+    }
+}
+
+fn message(failure: Failure) -> String {
     let hint = match failure {
         Failure::Untrusted => "check LOCKSTEP_REDIS_TLS_CA",
         Failure::WrongName => {
@@ -150,7 +186,7 @@ pub fn explain(e: &fred::error::Error) -> Option<String> {
         }
         Failure::NotTls => "is this the server's TLS port? (rediss:// needs one)",
     };
-    Some(format!("redis TLS: {} — {hint}", failure.describe()))
+    format!("redis TLS: {} — {hint}", failure.describe())
 }
 
 #[cfg(test)]

@@ -31,8 +31,11 @@ use crate::tls::{ClientTls, Failure, TlsError, Verify, client_config};
 
 /// URL → the TLS config its clients use (fred's, and the rustls config inside it for
 /// [`probe`]). Written at start, read by every client build; never held across an await.
-static REGISTRY: LazyLock<RwLock<HashMap<String, (TlsConfig, Arc<ClientConfig>)>>> =
+static REGISTRY: LazyLock<RwLock<HashMap<String, Registered>>> =
     LazyLock::new(|| RwLock::new(HashMap::new()));
+
+/// fred's TLS config and the rustls config inside it.
+type Registered = (TlsConfig, Arc<ClientConfig>);
 
 /// Whether `url` asks for TLS (`rediss…` or `valkeys…` schemes).
 pub fn uses_tls(url: &str) -> bool {
@@ -78,7 +81,7 @@ pub(super) fn config_for(url: &str) -> Result<TlsConfig, EngineError> {
     lookup(url).map(|(fred, _)| fred)
 }
 
-fn lookup(url: &str) -> Result<(TlsConfig, Arc<ClientConfig>), EngineError> {
+fn lookup(url: &str) -> Result<Registered, EngineError> {
     let registered = REGISTRY
         .read()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -91,7 +94,7 @@ fn lookup(url: &str) -> Result<(TlsConfig, Arc<ClientConfig>), EngineError> {
     }
 }
 
-fn build(url: &str, settings: &RedisTls) -> Result<(TlsConfig, Arc<ClientConfig>), TlsError> {
+fn build(url: &str, settings: &RedisTls) -> Result<Registered, TlsError> {
     let verify = if settings.insecure {
         Verify::Nothing
     } else {

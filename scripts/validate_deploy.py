@@ -25,6 +25,9 @@ What is checked, and with what:
   metrics table of docs/operations.md (or LOCKSTEP_METRICS_DOC, e.g. the catalogue), and
   histograms are referenced only as _bucket/_sum/_count.
 - Drain timing: terminationGracePeriodSeconds >= preStop sleep + LOCKSTEP_DRAIN_TIMEOUT.
+- TLS (helm/lockstep/ci/tls-values.yaml): the Redis and Postgres certificate Secrets are
+  mounted where the settings point (LOCKSTEP_REDIS_TLS_* in the ConfigMap, sslrootcert in the
+  URL), in the pods and in the migration job; k8s/ mounts the same paths.
 
 Exits 1 with every failure listed.
 """
@@ -448,6 +451,54 @@ def check_drain(plain_docs: list[dict], renders) -> None:
         check(f"helm ({name})", docs)
 
 
+def check_tls(plain_docs: list[dict], renders) -> None:
+    def mounts(docs, kind):
+        out = {}
+        for d in docs:
+            if d["kind"] != kind:
+                continue
+            spec = d["spec"]["template"]["spec"]
+            secrets = {v["name"]: v["secret"]["secretName"]
+                       for v in spec.get("volumes", []) if "secret" in v}
+            for m in spec["containers"][0].get("volumeMounts", []):
+                if m["name"] in secrets:
+                    out[m["mountPath"]] = secrets[m["name"]]
+        return out
+
+    def check(where, docs, redis_secret, pg_secret, expect_cm):
+        cm = {}
+        for d in docs:
+            if d["kind"] == "ConfigMap" and "LOCKSTEP_LISTEN" in (d.get("data") or {}):
+                cm.update(d.get("data") or {})
+        dep = mounts(docs, "Deployment")
+        job = mounts(docs, "Job")
+        bad = []
+        if dep.get("/etc/lockstep/tls/redis") != redis_secret:
+            bad.append(f"Deployment does not mount {redis_secret} at /etc/lockstep/tls/redis")
+        if dep.get("/etc/lockstep/tls/postgres") != pg_secret:
+            bad.append(f"Deployment does not mount {pg_secret} at /etc/lockstep/tls/postgres")
+        if job.get("/etc/lockstep/tls/postgres") != pg_secret:
+            bad.append(f"migration Job does not mount {pg_secret} at /etc/lockstep/tls/postgres")
+        for k, v in expect_cm.items():
+            if cm.get(k) != v:
+                bad.append(f"ConfigMap {k}={cm.get(k)!r}, expected {v!r}")
+        if bad:
+            fail(f"{where}: " + "; ".join(bad))
+        else:
+            ok(f"{where}: Redis and Postgres TLS Secrets mounted where the settings point")
+
+    check("k8s/", plain_docs, "lockstep-redis-tls", "lockstep-postgres-tls", {})
+    tls = [(n, d) for n, d in renders if n.endswith("tls-values.yaml")]
+    if not tls:
+        fail("no helm/lockstep/ci/tls-values.yaml render")
+    for name, docs in tls:
+        check(f"helm ({name})", docs, "lockstep-redis-tls", "lockstep-postgres-tls", {
+            "LOCKSTEP_REDIS_TLS_CA": "/etc/lockstep/tls/redis/ca.crt",
+            "LOCKSTEP_REDIS_TLS_CERT": "/etc/lockstep/tls/redis/tls.crt",
+            "LOCKSTEP_REDIS_TLS_KEY": "/etc/lockstep/tls/redis/tls.key",
+        })
+
+
 def main() -> int:
     plain = check_plain_manifests()
     check_kustomize()
@@ -456,6 +507,7 @@ def main() -> int:
     check_metrics()
     check_rules_and_dashboard()
     check_drain(plain, renders)
+    check_tls(plain, renders)
     print(f"{passed} passed, {len(failures)} failed")
     return 1 if failures else 0
 

@@ -64,8 +64,24 @@ pub struct Settings {
     #[arg(long, env = "LOCKSTEP_REDIS_URL")]
     pub redis_url: Option<String>,
     /// Postgres URL for audit records; unset: JSON-lines file in the data directory.
+    /// TLS comes from the URL's libpq parameters: `sslmode` (`disable`, `prefer`, `require`,
+    /// `verify-ca`, `verify-full`), `sslrootcert`, `sslcert`, `sslkey`.
     #[arg(long, env = "LOCKSTEP_DATABASE_URL")]
     pub database_url: Option<String>,
+    // TLS to Redis (`rediss://` URLs): one block, see docs/configuration.md.
+    /// PEM file of CA certificates trusted for `rediss://`; unset: the system's roots.
+    #[arg(long, env = "LOCKSTEP_REDIS_TLS_CA")]
+    pub redis_tls_ca: Option<PathBuf>,
+    /// PEM client certificate (chain) for mutual TLS to Redis; needs `redis_tls_key`.
+    #[arg(long, env = "LOCKSTEP_REDIS_TLS_CERT")]
+    pub redis_tls_cert: Option<PathBuf>,
+    /// PEM private key of `redis_tls_cert`.
+    #[arg(long, env = "LOCKSTEP_REDIS_TLS_KEY")]
+    pub redis_tls_key: Option<PathBuf>,
+    /// Accept any Redis server certificate (no chain, no host name check). For tests only;
+    /// logged as a warning at start.
+    #[arg(long, env = "LOCKSTEP_REDIS_TLS_INSECURE")]
+    pub redis_tls_insecure: Option<bool>,
     /// With a database: delete audit records older than this (`lockstep.prune_audit`, run by
     /// every node every 10 minutes); unset or `0s`: keep them forever.
     #[arg(long, env = "LOCKSTEP_AUDIT_RETENTION")]
@@ -204,6 +220,7 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub redis_url: Option<String>,
     pub database_url: Option<String>,
+    pub redis_tls: RedisTls,
     pub audit_retention: Option<Duration>,
     pub fence_retention: Duration,
     // --- Replicated grants (issue 12, item 1); resolve with `Config::lock_replicas_required` ---
@@ -269,6 +286,10 @@ impl Settings {
             metrics_listen: self.metrics_listen.or(other.metrics_listen),
             redis_url: self.redis_url.or(other.redis_url),
             database_url: self.database_url.or(other.database_url),
+            redis_tls_ca: self.redis_tls_ca.or(other.redis_tls_ca),
+            redis_tls_cert: self.redis_tls_cert.or(other.redis_tls_cert),
+            redis_tls_key: self.redis_tls_key.or(other.redis_tls_key),
+            redis_tls_insecure: self.redis_tls_insecure.or(other.redis_tls_insecure),
             audit_retention: self.audit_retention.or(other.audit_retention),
             fence_retention: self.fence_retention.or(other.fence_retention),
             // --- Replicated grants ---
@@ -352,6 +373,13 @@ impl Config {
             metrics_listen: s.metrics_listen,
             redis_url: s.redis_url.filter(|u| !u.is_empty()),
             database_url: s.database_url.filter(|u| !u.is_empty()),
+            // An empty path (an env var set to "") means unset, as for the URLs.
+            redis_tls: RedisTls {
+                ca: s.redis_tls_ca.filter(|p| !p.as_os_str().is_empty()),
+                cert: s.redis_tls_cert.filter(|p| !p.as_os_str().is_empty()),
+                key: s.redis_tls_key.filter(|p| !p.as_os_str().is_empty()),
+                insecure: s.redis_tls_insecure.unwrap_or(false),
+            },
             audit_retention: s.audit_retention.map(|h| h.0).filter(|d| !d.is_zero()),
             fence_retention: d(s.fence_retention, Duration::from_secs(7 * 24 * 3600)),
             // --- Replicated grants ---
@@ -409,6 +437,7 @@ impl Config {
                 reason: reason.to_owned(),
             })
         };
+        self.redis_tls.validate(self.redis_url.as_deref())?;
         if self.heartbeat_interval < Duration::from_millis(10) {
             return invalid("heartbeat_interval", "must be at least 10ms");
         }
@@ -542,7 +571,8 @@ impl Config {
             LockReplicas::Auto => {
                 let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
                 u32::from(
-                    scheme.starts_with("redis-sentinel") || scheme.starts_with("redis-cluster"),
+                    // redis-, rediss- (TLS), valkey-, valkeys-: the deployment is the suffix.
+                    scheme.ends_with("-sentinel") || scheme.ends_with("-cluster"),
                 )
             }
         }
@@ -615,6 +645,47 @@ impl<'de> Deserialize<'de> for LockReplicas {
     }
 }
 // --- end replicated grants ---
+
+/// TLS settings for `rediss://` connections (applied by `engine::redis::tls`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedisTls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub insecure: bool,
+}
+
+impl RedisTls {
+    fn is_set(&self) -> bool {
+        *self != RedisTls::default()
+    }
+
+    /// A certificate needs its key; and TLS settings with a plaintext URL are a mistake that
+    /// would silently send everything in the clear, so they are refused.
+    fn validate(&self, redis_url: Option<&str>) -> Result<(), ConfigError> {
+        let invalid = |name, reason: &str| {
+            Err(ConfigError::Invalid {
+                name,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.cert.is_some() != self.key.is_some() {
+            return invalid(
+                "redis_tls_cert",
+                "redis_tls_cert and redis_tls_key must be set together",
+            );
+        }
+        let tls_url =
+            redis_url.is_some_and(|u| u.starts_with("rediss") || u.starts_with("valkeys"));
+        if self.is_set() && !tls_url {
+            return invalid(
+                "redis_tls_ca",
+                "Redis TLS settings are set but redis_url is not a rediss:// URL",
+            );
+        }
+        Ok(())
+    }
+}
 
 fn default_node_id() -> String {
     let host = std::env::var("HOSTNAME")
@@ -711,6 +782,23 @@ mod tests {
             ..Settings::default()
         };
         assert!(Config::from_settings(too_big_state).is_err());
+        let cert_without_key = Settings {
+            redis_url: Some("rediss://cache:6380".into()),
+            redis_tls_cert: Some("client.pem".into()),
+            ..Settings::default()
+        };
+        assert!(Config::from_settings(cert_without_key).is_err());
+        let tls_on_plain_url = Settings {
+            redis_url: Some("redis://cache:6379".into()),
+            redis_tls_ca: Some("ca.pem".into()),
+            ..Settings::default()
+        };
+        assert!(Config::from_settings(tls_on_plain_url).is_err());
+        let mutual: Settings = toml::from_str(
+            "redis_url = \"rediss://cache:6380\"\nredis_tls_cert = \"c.pem\"\nredis_tls_key = \"k.pem\"",
+        )
+        .unwrap();
+        assert!(Config::from_settings(mutual).is_ok());
         let unknown: Result<Settings, _> = toml::from_str("nonsense = 1");
         assert!(unknown.is_err());
     }
@@ -738,6 +826,15 @@ mod tests {
             1
         );
         assert_eq!(with(Some("redis-cluster://h:7000?node=h:7001"), None), 1);
+        // Over TLS too: a TLS Sentinel or Cluster has its replicas all the same.
+        assert_eq!(with(Some("rediss-cluster://h:7000"), None), 1);
+        assert_eq!(
+            with(
+                Some("rediss-sentinel://h:26379/0?sentinelServiceName=m"),
+                None
+            ),
+            1
+        );
         assert_eq!(with(Some("redis-cluster://h:7000"), Some("0")), 0);
         assert_eq!(with(Some("redis://h:6379"), Some("2")), 2);
         let c = Config::from_settings(Settings::default()).unwrap();

@@ -3,6 +3,11 @@
 //! Migrations run under a session advisory lock, so several nodes starting at once (or
 //! `lockstep migrate` beside running nodes) apply each migration exactly once; refinery records
 //! what was applied in `lockstep.refinery_schema_history`.
+//!
+//! Every connection is opened from the URL through [`tls::target`], so `sslmode` and the
+//! certificate parameters apply to the pool and the migrations alike.
+
+pub mod tls;
 
 use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod};
 
@@ -21,6 +26,8 @@ pub enum DbError {
     Unavailable(String),
     #[error("migration failed: {0}")]
     Migration(String),
+    #[error("postgres TLS: {0}")]
+    Tls(String),
 }
 
 /// Run on every new connection. A registered fence (and an acknowledged audit batch) must
@@ -31,10 +38,10 @@ const DURABLE_COMMITS: &str = "SET synchronous_commit TO on";
 
 /// A pool of connections to `url` (`postgres://user:pass@host:port/db`).
 pub fn pool(url: &str, size: usize) -> Result<Pool, DbError> {
-    let config: tokio_postgres::Config = url.parse().map_err(|e| DbError::Url(format!("{e}")))?;
+    let target = tls::target(url)?;
     let manager = Manager::from_config(
-        config,
-        tokio_postgres::NoTls,
+        target.config,
+        target.tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -55,11 +62,12 @@ pub fn pool(url: &str, size: usize) -> Result<Pool, DbError> {
 
 /// Applies pending migrations; safe to run concurrently from several processes.
 pub async fn migrate(url: &str) -> Result<Vec<String>, DbError> {
-    let config: tokio_postgres::Config = url.parse().map_err(|e| DbError::Url(format!("{e}")))?;
-    let (mut client, connection) = config
-        .connect(tokio_postgres::NoTls)
+    let target = tls::target(url)?;
+    let (mut client, connection) = target
+        .config
+        .connect(target.tls)
         .await
-        .map_err(|e| DbError::Unavailable(e.to_string()))?;
+        .map_err(|e| tls::connect_error(&e, target.mode))?;
     let conn = tokio::spawn(connection);
     let lock = client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])

@@ -21,6 +21,7 @@
 //! - [`session`]: one WebSocket connection: read loop, outbound queue, heartbeat, resume.
 //! - [`http`]: the router: WebSocket upgrade, REST API, health, metrics, demo page.
 //! - [`telemetry`]: OpenTelemetry metrics exported in Prometheus text.
+//! - [`tls`]: rustls client configs (ring) for Redis and Postgres, and TLS failures explained.
 //! - [`logging`]: the `tracing` subscriber: console logs (text or flat JSON) and OTLP traces.
 //!
 //! [`start`] is shared by `main` and the tests, which run the same code on `127.0.0.1:0`.
@@ -39,6 +40,7 @@ pub mod node;
 pub mod protocol;
 pub mod session;
 pub mod telemetry;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -119,7 +119,10 @@ async fn publish_eventually(b: &RedisBroker, e: Arc<RoomEvent>) {
 
 /// A raw client, to write to Redis behind the engines' backs.
 async fn raw(r: &RedisServer) -> Client {
-    let c = redis_engine::builder(&r.url()).unwrap().build().unwrap();
+    let c = redis_engine::builder(&redis_engine::RedisTarget::from_url(&r.url()).unwrap())
+        .unwrap()
+        .build()
+        .unwrap();
     c.init().await.unwrap();
     c
 }

@@ -29,6 +29,7 @@ const SWEEP_BATCH: usize = 256;
 
 pub fn spawn(node: &Arc<Node>, parts: ClusterParts) {
     let ClusterParts {
+        redis,
         registry,
         mut resync,
     } = parts;
@@ -50,7 +51,7 @@ pub fn spawn(node: &Arc<Node>, parts: ClusterParts) {
     });
     let registry = Arc::new(registry);
     let _ = node.revocations.set(registry.clone());
-    spawn_revocation_listener(node);
+    spawn_revocation_listener(node, redis);
     let beat = registry.clone();
     every(node, Duration::from_secs(1), move |node| {
         let registry = beat.clone();
@@ -70,16 +71,13 @@ pub fn spawn(node: &Arc<Node>, parts: ClusterParts) {
 
 /// Applies the admin revocations and takeover steps other nodes publish (this node's own
 /// revocations were applied at once).
-fn spawn_revocation_listener(node: &Arc<Node>) {
-    let Some(url) = node.config.redis_url.clone() else {
-        return;
-    };
+fn spawn_revocation_listener(node: &Arc<Node>, redis: crate::engine::redis::RedisTarget) {
     let span = node.span();
     let node = node.clone();
     tokio::spawn(
         async move {
             let (subscriber, mut rx) =
-                match crate::engine::redis::nodes::listen_revocations(&url).await {
+                match crate::engine::redis::nodes::listen_revocations(&redis).await {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::error!(error = %e, "cannot listen for session revocations");

@@ -46,6 +46,8 @@ pub struct Engines {
 }
 
 pub struct ClusterParts {
+    /// Where Redis is, for the clients the cluster duties build (the revocation listener).
+    pub redis: redis::RedisTarget,
     pub registry: NodeRegistry,
     pub resync: mpsc::Receiver<Resync>,
 }
@@ -103,10 +105,12 @@ pub async fn build(
             audit_outbox,
         });
     };
-    let pool = redis::connect(url).await?;
+    let target = redis::RedisTarget::new(url, &config.redis_tls)?;
+    let pool = redis::connect_to(&target).await?;
     let m = metrics.redis();
     let (resync_tx, resync) = mpsc::channel(RESYNC_QUEUE);
-    let broker = RedisBroker::start_with_metrics(url, node_id, hub, resync_tx, m.clone()).await?;
+    let broker =
+        RedisBroker::start_with_metrics(&target, node_id, hub, resync_tx, m.clone()).await?;
     observe_broker(metrics, &broker);
     metrics.cluster_started();
     let presence_ttl_ms = config.presence_ttl.as_millis() as u64;
@@ -137,7 +141,7 @@ pub async fn build(
     // audit calls never queue behind a WAIT.
     let replicas = config.lock_replicas_required();
     let lock_pool = if replicas > 0 {
-        redis::connect(url).await?
+        redis::connect_to(&target).await?
     } else {
         pool.clone()
     };
@@ -168,6 +172,7 @@ pub async fn build(
         resume: Arc::new(RedisResumeStore::new(pool.clone()).with_metrics(m.clone())),
         audit,
         cluster: Some(ClusterParts {
+            redis: target,
             registry: NodeRegistry::new(pool, node_id).with_metrics(m),
             resync,
         }),

@@ -96,6 +96,8 @@ pub enum NodeError {
     Engine(#[from] crate::engine::EngineError),
     #[error(transparent)]
     Db(#[from] crate::db::DbError),
+    #[error("redis TLS: {0}")]
+    RedisTls(#[from] crate::tls::TlsError),
 }
 
 /// Why an operation failed, as the client sees it.

@@ -1,6 +1,7 @@
 //! Test harness: a real gateway on a free loopback port and real WebSocket/HTTP clients.
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod cluster;
 pub mod engine;
 pub mod k6;

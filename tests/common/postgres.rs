@@ -49,7 +49,8 @@ fn run(bin: &Path, tool: &str, args: &[&str]) -> std::process::Output {
 }
 
 impl PostgresServer {
-    pub fn start() -> PostgresServer {
+    /// initdb into a fresh temp dir; not started.
+    fn init() -> PostgresServer {
         let dir = tempfile::tempdir().expect("tempdir");
         if is_root() {
             let ok = Command::new("chown")
@@ -81,13 +82,49 @@ impl PostgresServer {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let server = PostgresServer {
+        PostgresServer {
             port: free_port(),
             dir,
             bin,
-        };
+        }
+    }
+
+    pub fn start() -> PostgresServer {
+        let server = PostgresServer::init();
         server.start_again();
         server
+    }
+
+    /// A cluster with `ssl = on` serving `server` (cert and key PEM files) that accepts TCP
+    /// connections over TLS only (`hostssl` lines in pg_hba.conf; a plaintext one is refused).
+    pub fn start_tls(server: &super::certs::CertFiles) -> PostgresServer {
+        let pg = PostgresServer::init();
+        let data = pg.dir.path().join("data");
+        // The server reads them as `postgres`, and refuses a key others can read.
+        for (from, to) in [(&server.cert, "server.crt"), (&server.key, "server.key")] {
+            let dest = data.join(to);
+            std::fs::copy(from, &dest).expect("copy server cert/key");
+            let ok = Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&dest)
+                .status()
+                .is_ok_and(|s| s.success())
+                || !is_root();
+            assert!(ok, "chown {to}");
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        }
+        let conf = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).expect("postgresql.conf");
+        text.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(&conf, text).expect("write postgresql.conf");
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
+        )
+        .expect("write pg_hba.conf");
+        pg.start_again();
+        pg
     }
 
     fn data(&self) -> String {

@@ -557,3 +557,232 @@ impl Drop for RedisCluster {
         }
     }
 }
+
+// ---- TLS servers (issue 12, item 3) ----
+
+/// A `redis-server` that speaks TLS only (`--port 0 --tls-port P`), serving `server`'s
+/// certificate; with `auth_clients` it requires a client certificate signed by `ca`.
+pub struct TlsRedisServer {
+    pub port: u16,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsRedisServer {
+    pub fn start(
+        server: &super::certs::CertFiles,
+        ca: &std::path::Path,
+        auth_clients: bool,
+    ) -> TlsRedisServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--tls-cert-file")
+            .arg(&server.cert)
+            .arg("--tls-key-file")
+            .arg(&server.key)
+            .arg("--tls-ca-cert-file")
+            .arg(ca)
+            .args([
+                "--tls-auth-clients",
+                if auth_clients { "yes" } else { "no" },
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (apt-get install -y redis-server)");
+        let s = TlsRedisServer {
+            port,
+            child: Some(child),
+            _dir: dir,
+        };
+        wait_listening(port);
+        s
+    }
+
+    /// `rediss://host:port`; `host` must be a name the server certificate carries for a
+    /// verifying client.
+    pub fn url(&self, host: &str) -> String {
+        format!("rediss://{host}:{}", self.port)
+    }
+}
+
+impl Drop for TlsRedisServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Waits until something accepts TCP connections on `port` (a TLS server cannot be PINGed
+/// in plaintext).
+fn wait_listening(port: u16) {
+    for _ in 0..400 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("TLS redis-server on port {port} did not start");
+}
+
+/// A 3-master Redis Cluster that speaks TLS only, between nodes too (`--tls-cluster yes
+/// --tls-replication yes`), every node serving `server`'s certificate.
+pub struct TlsRedisCluster {
+    pub ports: Vec<u16>,
+    nodes: Vec<TlsRedisServer>,
+}
+
+impl TlsRedisCluster {
+    pub fn start(server: &super::certs::CertFiles, ca: &std::path::Path) -> TlsRedisCluster {
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let port = free_port();
+            let child = Command::new("redis-server")
+                .args(["--port", "0", "--tls-port", &port.to_string()])
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                .args(["--tls-cluster", "yes", "--tls-replication", "yes"])
+                .arg("--tls-cert-file")
+                .arg(&server.cert)
+                .arg("--tls-key-file")
+                .arg(&server.key)
+                .arg("--tls-ca-cert-file")
+                .arg(ca)
+                .args(["--tls-auth-clients", "no", "--dir"])
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server");
+            nodes.push(TlsRedisServer {
+                port,
+                child: Some(child),
+                _dir: dir,
+            });
+        }
+        let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+        for p in &ports {
+            wait_listening(*p);
+        }
+        // `timeout`: `--cluster create` waits forever for nodes that cannot meet on the bus.
+        let cli = |args: &[&str]| {
+            Command::new("timeout")
+                .args(["60", "redis-cli", "--tls", "--cacert"])
+                .arg(ca)
+                .args(args)
+                .output()
+                .expect("redis-cli")
+        };
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let mut create = vec!["--cluster", "create"];
+        create.extend(addrs.iter().map(String::as_str));
+        create.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+        let out = cli(&create);
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for _ in 0..200 {
+            let ok = ports.iter().all(|p| {
+                let o = cli(&["-h", "127.0.0.1", "-p", &p.to_string(), "cluster", "info"]);
+                String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok")
+            });
+            if ok {
+                return TlsRedisCluster { ports, nodes };
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("TLS redis cluster did not converge");
+    }
+
+    /// fred's TLS cluster URL with every node addressed as `host`.
+    pub fn url(&self, host: &str) -> String {
+        let mut url = format!("rediss-cluster://{host}:{}", self.ports[0]);
+        for (i, p) in self.ports[1..].iter().enumerate() {
+            url.push_str(if i == 0 { "?" } else { "&" });
+            url.push_str(&format!("node={host}:{p}"));
+        }
+        url
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+}
+
+/// One Sentinel that speaks TLS only (`--tls-replication yes`: it talks TLS to the primary
+/// too), monitoring `primary` as service `name` with quorum 1.
+pub struct TlsSentinel {
+    pub port: u16,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsSentinel {
+    pub fn start(
+        server: &super::certs::CertFiles,
+        ca: &std::path::Path,
+        primary: &TlsRedisServer,
+        name: &str,
+    ) -> TlsSentinel {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port 0\ntls-port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                 tls-cert-file {cert}\ntls-key-file {key}\ntls-ca-cert-file {ca}\n\
+                 tls-auth-clients no\ntls-replication yes\n\
+                 sentinel monitor {name} 127.0.0.1 {primary} 1\n",
+                dir = dir.path().display(),
+                cert = server.cert.display(),
+                key = server.key.display(),
+                ca = ca.display(),
+                primary = primary.port,
+            ),
+        )
+        .expect("write sentinel.conf");
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server --sentinel");
+        let s = TlsSentinel {
+            port,
+            child: Some(child),
+            _dir: dir,
+        };
+        wait_listening(port);
+        s
+    }
+
+    /// fred's TLS Sentinel URL for service `name`, the Sentinel addressed as `host`.
+    pub fn url(&self, host: &str, name: &str) -> String {
+        format!(
+            "rediss-sentinel://{host}:{}/0?sentinelServiceName={name}",
+            self.port
+        )
+    }
+}
+
+impl Drop for TlsSentinel {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -164,28 +164,30 @@ struct Shared {
 }
 
 impl RedisBroker {
-    /// Connects a command pool and a subscriber client to `url` and starts the publisher,
-    /// reader and reconnect tasks. Events of subscribed rooms go to `sink`; resync requests
-    /// to `resync` (bounded; see the module docs).
+    /// Connects a command pool and a subscriber client to `url` (default TLS settings) and
+    /// starts the publisher, reader and reconnect tasks. Events of subscribed rooms go to
+    /// `sink`; resync requests to `resync` (bounded; see the module docs).
     pub async fn start(
         url: &str,
         node_id: &str,
         sink: Arc<dyn EventSink>,
         resync: mpsc::Sender<Resync>,
     ) -> Result<Arc<RedisBroker>, EngineError> {
-        Self::start_with_metrics(url, node_id, sink, resync, RedisMetrics::default()).await
+        let target = super::RedisTarget::from_url(url)?;
+        Self::start_with_metrics(&target, node_id, sink, resync, RedisMetrics::default()).await
     }
 
-    /// [`start`](Self::start), recording every Redis call in `metrics` (see [`super::call`]).
+    /// [`start`](Self::start) for `target` (the node's TLS settings), recording every Redis
+    /// call in `metrics` (see [`super::call`]).
     pub async fn start_with_metrics(
-        url: &str,
+        target: &super::RedisTarget,
         node_id: &str,
         sink: Arc<dyn EventSink>,
         resync: mpsc::Sender<Resync>,
         metrics: RedisMetrics,
     ) -> Result<Arc<RedisBroker>, EngineError> {
-        let pool = super::connect(url).await?;
-        let builder = super::builder(url)?;
+        let pool = super::connect_to(target).await?;
+        let builder = super::builder(target)?;
         let sharded = builder
             .get_config()
             .is_some_and(|c| c.server.is_clustered());
@@ -193,9 +195,9 @@ impl RedisBroker {
             .build_subscriber_client()
             .map_err(|e| EngineError::Internal(format!("redis subscriber: {e}")))?;
         let message_rx = subscriber.message_rx();
-        subscriber.init().await.map_err(|e| {
-            EngineError::Unavailable(format!("redis connect {}: {e}", super::redacted(url)))
-        })?;
+        if let Err(e) = subscriber.init().await {
+            return Err(super::connect_err(target, &e).await);
+        }
         // Taken after init: the first connection also counts as a "reconnect" for fred.
         let reconnect_rx = subscriber.reconnect_rx();
 

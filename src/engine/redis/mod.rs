@@ -2,7 +2,8 @@
 //!
 //! Only this module knows key names ([`keys`]) and Lua (`scripts/*.lua`). Standalone,
 //! Sentinel and Cluster deployments are all reached through fred's URL forms
-//! (`redis://`, `redis-sentinel://…?sentinelServiceName=`, `redis-cluster://…?node=`).
+//! (`redis://`, `redis-sentinel://…?sentinelServiceName=`, `redis-cluster://…?node=`), and
+//! each has a TLS form (`rediss://`, `rediss-sentinel://`, `rediss-cluster://`; see [`tls`]).
 //!
 //! Every call the engines make to Redis goes through [`call`]: a `redis` tracing span named
 //! after the operation, and `lockstep_redis_command_duration_seconds{op}` /
@@ -19,6 +20,7 @@ pub mod presence;
 pub mod replication;
 pub mod resume;
 pub mod script;
+pub mod tls;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -26,8 +28,10 @@ use std::time::{Duration, Instant};
 use fred::prelude::*;
 use tracing::Instrument;
 
+use crate::config::RedisTls;
 use crate::engine::EngineError;
 use crate::telemetry::RedisMetrics;
+use crate::tls::TlsError;
 
 /// Commands from one node go over a small pool; blocking reads and pub/sub use their own
 /// connections (fred's subscriber client), so a slow command never stalls fan-out.
@@ -41,15 +45,63 @@ pub const EVENT_CAPACITY: usize = 16 * 1024;
 /// scripts that change state are made safe to re-send ([`script`]).
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Builds a connected command pool for `url`.
+/// Where a node's Redis is and how to reach it: the URL and, for a TLS URL (`rediss…`), the
+/// TLS config built once from `LOCKSTEP_REDIS_TLS_*` ([`tls`]). Every fred client a node builds
+/// (command pools, subscribers, the revocation listener) is built from it.
+#[derive(Debug, Clone)]
+pub struct RedisTarget {
+    url: String,
+    tls: Option<tls::Tls>,
+}
+
+impl RedisTarget {
+    /// `url` with the node's TLS settings; reads their PEM files now.
+    pub fn new(url: &str, settings: &RedisTls) -> Result<RedisTarget, TlsError> {
+        Ok(RedisTarget {
+            url: url.to_owned(),
+            tls: tls::build(url, settings)?,
+        })
+    }
+
+    /// `url` with the default TLS settings (system roots, full verification): tools and tests.
+    pub fn from_url(url: &str) -> Result<RedisTarget, EngineError> {
+        RedisTarget::new(url, &RedisTls::default())
+            .map_err(|e| EngineError::Unavailable(format!("redis TLS: {e}")))
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+/// Builds a connected command pool for `url` with the default TLS settings ([`connect_to`]
+/// with [`RedisTarget::from_url`]).
 pub async fn connect(url: &str) -> Result<Pool, EngineError> {
-    let pool = builder(url)?
+    connect_to(&RedisTarget::from_url(url)?).await
+}
+
+/// Builds a connected command pool for `target`.
+pub async fn connect_to(target: &RedisTarget) -> Result<Pool, EngineError> {
+    let pool = builder(target)?
         .build_pool(POOL_SIZE)
         .map_err(|e| EngineError::Internal(format!("redis pool: {e}")))?;
-    pool.init()
-        .await
-        .map_err(|e| EngineError::Unavailable(format!("redis connect {}: {e}", redacted(url))))?;
+    if let Err(e) = pool.init().await {
+        return Err(connect_err(target, &e).await);
+    }
     Ok(pool)
+}
+
+/// A failed first connection to `target`, its password redacted; a TLS failure says what to
+/// fix ([`tls::explain`], else [`tls::probe`]) instead of fred's bare I/O or Sentinel error.
+pub async fn connect_err(target: &RedisTarget, e: &fred::error::Error) -> EngineError {
+    let why = match (tls::explain(e), &target.tls) {
+        (Some(why), _) => why,
+        (None, Some(t)) => tls::probe(&target.url, t)
+            .await
+            .unwrap_or_else(|| e.to_string()),
+        (None, None) => e.to_string(),
+    };
+    EngineError::Unavailable(format!("redis connect {}: {why}", redacted(&target.url)))
 }
 
 /// `url` with any password replaced by `***`, for error messages and logs: connect errors end
@@ -67,10 +119,13 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
-/// A fred builder with the project's reconnect policy and timeouts.
-pub fn builder(url: &str) -> Result<Builder, EngineError> {
-    let config =
-        Config::from_url(url).map_err(|e| EngineError::Internal(format!("bad redis URL: {e}")))?;
+/// A fred builder for `target` with the project's reconnect policy and timeouts.
+pub fn builder(target: &RedisTarget) -> Result<Builder, EngineError> {
+    // fred is given the plain scheme: with a TLS one it would build its own rustls config from
+    // the process-default crypto provider, which [`crate::tls`] avoids.
+    let mut config = Config::from_url(&tls::plain_scheme(&target.url))
+        .map_err(|e| EngineError::Internal(format!("bad redis URL: {e}")))?;
+    config.tls = target.tls.as_ref().map(|t| t.fred.clone());
     let mut b = Builder::from_config(config);
     b.with_performance_config(|p| {
         p.default_command_timeout = COMMAND_TIMEOUT;
@@ -117,7 +172,10 @@ mod tests {
 
     /// Records each new span's name and fields.
     #[derive(Clone, Default)]
-    struct Spans(Arc<Mutex<Vec<(String, Vec<(String, String)>)>>>);
+    struct Spans(Arc<Mutex<Vec<SeenSpan>>>);
+
+    /// A span's name and its fields.
+    type SeenSpan = (String, Vec<(String, String)>);
 
     struct Fields(Vec<(String, String)>);
     impl Visit for Fields {

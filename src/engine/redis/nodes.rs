@@ -149,12 +149,12 @@ impl NodeRegistry {
 /// revocation published while it is disconnected is missed by this node; the `jti` part
 /// still holds there (connect, resume and refresh check the shared list).
 pub async fn listen_revocations(
-    url: &str,
+    target: &super::RedisTarget,
 ) -> EngineResult<(
     fred::clients::SubscriberClient,
     tokio::sync::broadcast::Receiver<fred::types::Message>,
 )> {
-    let subscriber = super::builder(url)?
+    let subscriber = super::builder(target)?
         .build_subscriber_client()
         .map_err(|e| crate::engine::EngineError::Internal(format!("redis subscriber: {e}")))?;
     let rx = subscriber.message_rx();

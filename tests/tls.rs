@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::certs::TestCa;
 use common::postgres::PostgresServer;
 use common::redis::{TlsRedisCluster, TlsRedisServer, TlsSentinel};
-use lockstep::config::{Config, RedisTls};
+use lockstep::config::{Config, LockReplicas, RedisTls};
 use serde_json::json;
 
 /// Starts a node with `f` applied to a test config; the start-up error as text.
@@ -338,6 +338,9 @@ async fn redis_cluster_over_tls_checks_announced_nodes_against_the_url_host() {
     let (running, _dir) = try_start(|c| {
         c.redis_url = Some(url.clone());
         c.redis_tls = trusting(&ca.ca_pem);
+        // No replicas here (TLS is under test; tests/redis_failover.rs covers replication),
+        // and `auto` wants one on a Sentinel or Cluster URL.
+        c.lock_replicas = LockReplicas::Count(0);
     })
     .await
     .expect("the node starts on a TLS cluster");
@@ -364,6 +367,9 @@ async fn redis_sentinel_over_tls_finds_and_verifies_the_primary() {
     let (running, _dir) = try_start(|c| {
         c.redis_url = Some(url.clone());
         c.redis_tls = trusting(&ca.ca_pem);
+        // No replicas here (TLS is under test; tests/redis_failover.rs covers replication),
+        // and `auto` wants one on a Sentinel or Cluster URL.
+        c.lock_replicas = LockReplicas::Count(0);
     })
     .await
     .expect("the node starts through a TLS Sentinel");

@@ -10,7 +10,8 @@
 # runtime that holds only the binary. The runtime runs as uid 10001 and writes nothing outside
 # $LOCKSTEP_DATA_DIR, so it works with a read-only root filesystem once that directory is a
 # volume. Any glibc 2.36+ image with libgcc works as a runtime (e.g. a distroless "cc" image:
-# pass --build-arg RUNTIME_IMAGE=...); the binary needs only libc, libm and libgcc_s.
+# pass --build-arg RUNTIME_IMAGE=...); the binary needs only libc, libm and libgcc_s, plus the
+# CA bundle copied in below.
 
 ARG RUST_IMAGE=rust:1.95-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
@@ -43,6 +44,10 @@ FROM ${RUNTIME_IMAGE} AS runtime
 # The data directory exists and belongs to the runtime user, so `docker run` without a volume
 # works too (with --read-only it must be a volume).
 RUN mkdir -p /var/lib/lockstep && chown 10001:10001 /var/lib/lockstep
+# The system CA roots that `rediss://` without LOCKSTEP_REDIS_TLS_CA, and Postgres with
+# `sslrootcert=system`, verify managed services against (the slim image has none). Copied from
+# the builder, so a runtime image without a package manager gets them too.
+COPY --from=builder /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 COPY --from=builder /lockstep /lockstep
 USER 10001:10001
 ENV LOCKSTEP_LISTEN=0.0.0.0:8080 \

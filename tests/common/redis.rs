@@ -257,36 +257,19 @@ impl Sentinel {
 
     /// Starts a Sentinel (quorum 1) for `primary` and waits until it has found `replica`.
     pub fn start(primary: &RedisServer, replica: &RedisServer) -> Sentinel {
-        let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
-        let conf = dir.path().join("sentinel.conf");
         let m = Sentinel::SERVICE;
-        std::fs::write(
-            &conf,
+        let s = Sentinel::spawn(port, |dir| {
             format!(
                 "port {port}\nbind 127.0.0.1\ndir {dir}\n\
                  sentinel monitor {m} 127.0.0.1 {p} 1\n\
                  sentinel down-after-milliseconds {m} 500\n\
                  sentinel failover-timeout {m} 5000\n\
                  sentinel parallel-syncs {m} 1\n",
-                dir = dir.path().display(),
+                dir = dir.display(),
                 p = primary.port,
-            ),
-        )
-        .expect("sentinel.conf");
-        let child = Command::new("redis-server")
-            .arg(&conf)
-            .arg("--sentinel")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server --sentinel");
-        let s = Sentinel {
-            port,
-            child: Some(child),
-            _dir: dir,
-        };
-        RedisServer::wait_port(port);
+            )
+        });
         let want = format!("{}", replica.port);
         for _ in 0..600 {
             let replicas = cli_port(port, &["sentinel", "replicas", m]);
@@ -329,6 +312,30 @@ impl Sentinel {
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("sentinel did not promote {port} within {within:?}");
+    }
+}
+
+impl Sentinel {
+    /// Runs `redis-server --sentinel` on `port` with the configuration `conf` makes for its
+    /// temp dir, and waits until it listens (plain or TLS: only the TCP port is checked).
+    fn spawn(port: u16, conf: impl FnOnce(&std::path::Path) -> String) -> Sentinel {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("sentinel.conf");
+        std::fs::write(&file, conf(dir.path())).expect("sentinel.conf");
+        let child = Command::new("redis-server")
+            .arg(&file)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server --sentinel");
+        let s = Sentinel {
+            port,
+            child: Some(child),
+            _dir: dir,
+        };
+        wait_listening(port);
+        s
     }
 }
 
@@ -629,7 +636,7 @@ fn wait_listening(port: u16) {
         }
         std::thread::sleep(Duration::from_millis(25));
     }
-    panic!("TLS redis-server on port {port} did not start");
+    panic!("redis-server on port {port} did not start");
 }
 
 /// A 3-master Redis Cluster that speaks TLS only, between nodes too (`--tls-cluster yes
@@ -722,11 +729,7 @@ impl TlsRedisCluster {
 
 /// One Sentinel that speaks TLS only (`--tls-replication yes`: it talks TLS to the primary
 /// too), monitoring `primary` as service `name` with quorum 1.
-pub struct TlsSentinel {
-    pub port: u16,
-    child: Option<Child>,
-    _dir: tempfile::TempDir,
-}
+pub struct TlsSentinel(Sentinel);
 
 impl TlsSentinel {
     pub fn start(
@@ -735,54 +738,27 @@ impl TlsSentinel {
         primary: &TlsRedisServer,
         name: &str,
     ) -> TlsSentinel {
-        let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
-        let conf = dir.path().join("sentinel.conf");
-        std::fs::write(
-            &conf,
+        TlsSentinel(Sentinel::spawn(port, |dir| {
             format!(
                 "port 0\ntls-port {port}\nbind 127.0.0.1\ndir {dir}\n\
                  tls-cert-file {cert}\ntls-key-file {key}\ntls-ca-cert-file {ca}\n\
                  tls-auth-clients no\ntls-replication yes\n\
                  sentinel monitor {name} 127.0.0.1 {primary} 1\n",
-                dir = dir.path().display(),
+                dir = dir.display(),
                 cert = server.cert.display(),
                 key = server.key.display(),
                 ca = ca.display(),
                 primary = primary.port,
-            ),
-        )
-        .expect("write sentinel.conf");
-        let child = Command::new("redis-server")
-            .arg(&conf)
-            .arg("--sentinel")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server --sentinel");
-        let s = TlsSentinel {
-            port,
-            child: Some(child),
-            _dir: dir,
-        };
-        wait_listening(port);
-        s
+            )
+        }))
     }
 
     /// fred's TLS Sentinel URL for service `name`, the Sentinel addressed as `host`.
     pub fn url(&self, host: &str, name: &str) -> String {
         format!(
             "rediss-sentinel://{host}:{}/0?sentinelServiceName={name}",
-            self.port
+            self.0.port
         )
-    }
-}
-
-impl Drop for TlsSentinel {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }

@@ -274,3 +274,31 @@ pub fn now_ms() -> u64 {
         .expect("clock")
         .as_millis() as u64
 }
+
+/// What every k6 run must show, after its own checks: k6 counted no lost lock, unexpected error
+/// or presence leave; the audit trail shows no lock ended other than by its holder's release and
+/// no two grants of one resource overlapping; and enough grants happened for that to mean
+/// something. Returns the number of grants.
+pub fn assert_clean_run(summary: &Value, output: &str, trail: &[Vec<AuditRecord>]) -> usize {
+    for metric in [
+        "studio_locks_lost",
+        "studio_unexpected_errors",
+        "studio_presence_leaves",
+    ] {
+        assert_eq!(summary_count(summary, metric), 0.0, "{metric}\n{output}");
+    }
+    let ended_badly = ended_badly(trail);
+    assert!(
+        ended_badly.is_empty(),
+        "locks ended other than by their holder's release: {ended_badly:#?}"
+    );
+    let bad = overlaps(trail);
+    assert!(bad.is_empty(), "grants overlap: {bad:#?}");
+    let grants = trail
+        .iter()
+        .flatten()
+        .filter(|r| r.kind == AuditKind::LockAcquired)
+        .count();
+    assert!(grants >= 50, "only {grants} grants in the whole run");
+    grants
+}

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{Gateway, token};
 use common::proxy::RedisProxy;
-use common::redis::RedisServer;
+use common::redis::{RedisCluster, RedisServer, cli_port};
 use common::{Client, Codec, metric_sum};
+use lockstep::engine::redis::keys;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -180,4 +181,63 @@ async fn a_node_that_loses_redis_tells_its_holders_before_anyone_else_is_granted
     );
     assert_eq!(lost, Some(1.0), "one lock declared lost on node A");
     drop((carol, alice, bob, a, b));
+}
+
+/// The primary that owns the shard of lock `room`/`resource` in `cluster`.
+fn primary_of(cluster: &RedisCluster, room: &str, resource: &str) -> u16 {
+    let shard = keys::shard_of(&format!("{room}/{resource}"));
+    let slot = cluster.keyslot(&format!("{{ls{shard}}}"));
+    cluster
+        .primary_of_slot(cluster.ports[0], slot)
+        .expect("a primary owns the slot")
+}
+
+/// One Cluster primary refuses writes (it lost its replicas: `min-replicas-to-write`) while the
+/// others answer: a lease renewal that reaches every shard then fails on one of them only. The
+/// holder of a lock on that primary must still be told `lost` in time — a renewal that worked
+/// on the other shards must not pass for one that renewed hers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_renewal_that_fails_on_one_cluster_shard_is_not_taken_for_renewed() {
+    let cluster = RedisCluster::start();
+    // Two resources of one room whose locks live on different primaries.
+    let room = "scene:78";
+    let first = "segment:78-0";
+    let failing = primary_of(&cluster, room, first);
+    let other = (1..200)
+        .map(|i| format!("segment:78-{i}"))
+        .find(|r| primary_of(&cluster, room, r) != failing)
+        .expect("a resource on another primary");
+    let lease = format!("{}ms", LEASE.as_millis());
+    let settings = [
+        ("LOCKSTEP_LOCK_LEASE", lease.as_str()),
+        // No replicas in this cluster: what is under test is a shard failing, not WAIT.
+        ("LOCKSTEP_LOCK_REPLICAS", "0"),
+    ];
+    let a = Gateway::start(&cluster.url(), "node-a", &settings).await;
+    let mut alice = Client::connect(a.addr(), &token("alice", None), Codec::Json, None).await;
+    alice.join(room).await;
+    for resource in [first, other.as_str()] {
+        let r = alice
+            .request(json!({"type":"lock.acquire","room":room,"resource":resource,"action":"trim"}))
+            .await;
+        assert!(r["token"].as_u64().is_some(), "{resource}: {r}");
+    }
+    // Some renewals of both go through first.
+    tokio::time::sleep(LEASE / 2).await;
+
+    let refused = cli_port(failing, &["config", "set", "min-replicas-to-write", "1"]);
+    assert!(refused.contains("OK"), "{refused}");
+    let cut = Instant::now();
+    let notice = alice
+        .recv_where(|m| m["type"] == "lock.released" && m["resource"] == first)
+        .await;
+    let told = cut.elapsed();
+    assert_eq!(notice["reason"], "lost", "{notice}");
+    assert!(
+        told <= LEASE,
+        "alice was told {told:?} after her shard stopped renewing: later than a lease"
+    );
+    eprintln!("told {told:?} after one shard stopped renewing");
+    cli_port(failing, &["config", "set", "min-replicas-to-write", "0"]);
+    drop((alice, a, cluster));
 }

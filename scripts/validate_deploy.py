@@ -17,7 +17,7 @@ What is checked, and with what:
   here: the PrometheusRule and the chart's copy hold exactly the plain rules file's groups, the
   dashboard's queries parse as PromQL (promtool, as recording rules), the chart's dashboard is
   the same file.
-- Settings: every LOCKSTEP_* name the code reads (`env = "..."` in src/config.rs, plus
+- Settings: every LOCKSTEP_* name the code reads (`env = "..."` in src/config/, plus
   `env::var("LOCKSTEP_...")` elsewhere, test-only hooks excepted) is in values.yaml, in the
   rendered ConfigMap/Secret/Deployment env of some chart render, and in k8s/ (ConfigMap,
   Secret template or Deployment env; commented out in the ConfigMap when unset by default).
@@ -238,10 +238,12 @@ def check_chart() -> list[tuple[str, list[dict]]]:
 
 
 def code_env_names() -> set[str]:
-    with open(os.path.join(ROOT, "src", "config.rs")) as f:
-        names = set(re.findall(r'env\s*=\s*"(LOCKSTEP_[A-Z0-9_]+)"', f.read()))
+    names = set()
+    for path in glob.glob(os.path.join(ROOT, "src", "config", "*.rs")):
+        with open(path) as f:
+            names |= set(re.findall(r'env\s*=\s*"(LOCKSTEP_[A-Z0-9_]+)"', f.read()))
     if not names:
-        fail("src/config.rs: no env = \"LOCKSTEP_...\" found (parser out of date?)")
+        fail("src/config/: no env = \"LOCKSTEP_...\" found (parser out of date?)")
     for path in glob.glob(os.path.join(ROOT, "src", "**", "*.rs"), recursive=True):
         with open(path) as f:
             names |= set(re.findall(r'env::var(?:_os)?\(\s*"(LOCKSTEP_[A-Z0-9_]+)"', f.read()))

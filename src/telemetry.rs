@@ -39,6 +39,7 @@ struct Inner {
     sessions: UpDownCounter<i64>,
     sessions_opened: Counter<u64>,
     sessions_closed: Counter<u64>,
+    session_takeovers: Counter<u64>,
     joins: Counter<u64>,
     draining: Gauge<i64>,
     messages_received: Counter<u64>,
@@ -67,6 +68,12 @@ struct Inner {
 
 /// Label values of `lockstep_sessions_opened_total{kind}`.
 pub const SESSION_KINDS: &[&str] = &["new", "resumed"];
+
+/// Label values of `lockstep_session_takeovers_total{outcome}`: a resume found its session
+/// still attached on this node (`local`) or on another one and moved it here (`remote`); asked
+/// the cluster and nobody had it (`not_found`); or the holding node did not park it in time
+/// (`timeout`). The last two open a new session.
+pub const TAKEOVER_OUTCOMES: &[&str] = &["local", "remote", "not_found", "timeout"];
 
 /// Label values of `lockstep_sessions_closed_total{reason}` (see `EndReason::metric_label`).
 pub const CLOSE_REASONS: &[&str] = &[
@@ -161,6 +168,10 @@ impl Metrics {
             sessions_closed: counter(
                 "lockstep.sessions.closed",
                 "Session sockets closed on this node, by reason",
+            ),
+            session_takeovers: counter(
+                "lockstep.session.takeovers",
+                "Resumes that had to take their session over from a socket still attached, by outcome",
             ),
             joins: counter("lockstep.joins", "Room joins"),
             draining: m
@@ -304,6 +315,10 @@ impl Metrics {
         for kind in SESSION_KINDS {
             i.sessions_opened.add(0, &[KeyValue::new("kind", *kind)]);
         }
+        for outcome in TAKEOVER_OUTCOMES {
+            i.session_takeovers
+                .add(0, &[KeyValue::new("outcome", *outcome)]);
+        }
         for reason in CLOSE_REASONS {
             i.sessions_closed
                 .add(0, &[KeyValue::new("reason", *reason)]);
@@ -394,6 +409,12 @@ impl Metrics {
         self.inner
             .sessions_opened
             .add(1, &[KeyValue::new("kind", kind)]);
+    }
+    /// A resume had to take its session over (`outcome`: one of [`TAKEOVER_OUTCOMES`]).
+    pub fn session_takeover(&self, outcome: &'static str) {
+        self.inner
+            .session_takeovers
+            .add(1, &[KeyValue::new("outcome", outcome)]);
     }
     /// A session's socket closed (`reason`: one of [`CLOSE_REASONS`]).
     pub fn session_closed(&self, reason: &'static str) {

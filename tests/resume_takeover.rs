@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::cluster::{Gateway, token};
 use common::redis::RedisServer;
-use common::{Client, Closed, Codec};
+use common::{Client, Closed, Codec, metric_sum};
 use serde_json::{Value, json};
 
 const ROOM: &str = "scene:12";
@@ -101,6 +101,22 @@ async fn a_resume_on_another_node_takes_over_a_silent_socket() {
             .all(|v| v["type"] != "presence.leave" && v["type"] != "presence.join"),
         "{after:?}"
     );
+    // Operators see the move on the node that took the session over.
+    let text = reqwest::get(b.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let takeovers = |outcome| {
+        metric_sum(
+            &text,
+            "lockstep_session_takeovers_total",
+            &[("outcome", outcome)],
+        )
+    };
+    assert_eq!(takeovers("remote"), Some(1.0), "{text}");
+    assert_eq!(takeovers("not_found"), Some(0.0));
 }
 
 /// A drain where every client reconnects the moment `reconnect` arrives (`after_ms` taken as

@@ -231,6 +231,7 @@ impl Node {
     async fn claim_parked(&self, token: &str, user_id: &str) -> Option<(String, ParkedSession)> {
         let digest = resume_digest(token);
         if let Some((old, true)) = self.hub.by_resume_digest(&digest, user_id) {
+            self.metrics.session_takeover("local");
             old.takeover.cancel();
             if tokio::time::timeout(TAKEOVER_WAIT, old.ended.cancelled())
                 .await
@@ -264,18 +265,21 @@ impl Node {
         drop(wait);
         if !found {
             // Nobody holds it attached; it may have parked on its own meanwhile.
-            return self
-                .claim(token, user_id)
-                .await
-                .ok()
-                .flatten()
-                .map(|rec| (token.to_owned(), rec));
+            let claimed = self.claim(token, user_id).await.ok().flatten();
+            let outcome = if claimed.is_some() {
+                "remote"
+            } else {
+                "not_found"
+            };
+            self.metrics.session_takeover(outcome);
+            return claimed.map(|rec| (token.to_owned(), rec));
         }
         let deadline = started + TAKEOVER_WAIT;
         let mut pause = CLAIM_POLL_FIRST;
         loop {
             match self.claim(token, user_id).await {
                 Ok(Some(rec)) => {
+                    self.metrics.session_takeover("remote");
                     tracing::debug!(session = %rec.session_id, from = %rec.node_id, "taken over from another node");
                     return Some((token.to_owned(), rec));
                 }
@@ -284,6 +288,7 @@ impl Node {
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
+                self.metrics.session_takeover("timeout");
                 tracing::warn!("takeover: the old node did not park the session in time");
                 return None;
             }

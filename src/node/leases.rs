@@ -44,7 +44,7 @@
 //! when any part of it failed (the Redis store does: one failed or unacknowledged shard fails
 //! the call), never report a partial renewal as a success.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -215,6 +215,12 @@ fn lock_of(node: &Node, h: &SessionHandle, key: &LockKey, token: u64) -> LockInf
     }
 }
 
+/// `sessions` by id: the renewal and the watchdog look up the holder of every lock they end,
+/// and in an outage that is every lock of the node — a scan per lock would be quadratic.
+fn by_id(sessions: &[Arc<SessionHandle>]) -> HashMap<&str, &Arc<SessionHandle>> {
+    sessions.iter().map(|h| (&*h.id, h)).collect()
+}
+
 fn held_by(sessions: &[Arc<SessionHandle>]) -> Vec<HeldLock> {
     sessions
         .iter()
@@ -247,13 +253,16 @@ pub(super) async fn renew(node: &Node) {
             return;
         }
     };
+    // A Redis that lost its data reports every lock gone: no scan of `gone` per held lock.
+    let gone: HashSet<(LockKey, u64)> = gone.into_iter().collect();
     let (gone, renewed): (Vec<HeldLock>, Vec<HeldLock>) = held
         .into_iter()
-        .partition(|(_, k, t)| gone.iter().any(|(gk, gt)| gk == k && gt == t));
+        .partition(|(_, k, t)| gone.contains(&(k.clone(), *t)));
     node.leases.renewed(&renewed, sent);
     node.leases.forget(&gone);
+    let holders = by_id(&sessions);
     for (session, key, token) in gone {
-        let Some(h) = sessions.iter().find(|h| h.id == session) else {
+        let Some(h) = holders.get(&*session) else {
             continue;
         };
         if !h.holds(&key, token) {
@@ -290,8 +299,9 @@ pub(super) fn check(node: &Node) {
     } else {
         tracing::info!(locks = due.len(), "more locks declared lost");
     }
+    let holders = by_id(&sessions);
     for (session, key, token) in due {
-        let Some(h) = sessions.iter().find(|h| h.id == session) else {
+        let Some(h) = holders.get(&*session) else {
             continue;
         };
         if !h.holds(&key, token) {

@@ -29,7 +29,9 @@ impl RedisServer {
     }
 
     /// Starts a replica of `primary` and waits until its replication link is up (initial sync
-    /// done).
+    /// done) and the primary's stream reaches it: a write on the primary is acknowledged by
+    /// `WAIT`. Until the replica's first `REPLCONF ACK` (up to a second after the sync) the
+    /// primary holds its stream back, and a `WAIT` with a short timeout would count nobody.
     pub fn start_replica_of(primary: &RedisServer) -> RedisServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = RedisServer {
@@ -44,7 +46,32 @@ impl RedisServer {
         };
         s.spawn();
         s.wait_link_up();
+        s.wait_acknowledging(primary);
         s
+    }
+
+    /// Waits until this replica acknowledges a write made on `primary` (`SET` then `WAIT 1`
+    /// on one connection: `WAIT` counts its own connection's writes only).
+    fn wait_acknowledging(&self, primary: &RedisServer) {
+        use std::io::Write;
+        for _ in 0..50 {
+            let mut cli = Command::new("redis-cli")
+                .args(["-p", &primary.port.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("redis-cli");
+            cli.stdin
+                .take()
+                .expect("stdin")
+                .write_all(b"SET lockstep-test-synced 1\nWAIT 1 200\n")
+                .expect("write to redis-cli");
+            let out = cli.wait_with_output().expect("redis-cli");
+            if String::from_utf8_lossy(&out.stdout).lines().last() == Some("1") {
+                return;
+            }
+        }
+        panic!("replica on {} never acknowledged a write", self.port);
     }
 
     /// Waits until this replica's link to its primary is up.

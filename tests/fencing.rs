@@ -89,12 +89,7 @@ async fn http_acquire_eventually(g: &Gateway, sub: &str, room: &str, resource: &
 }
 
 async fn metric(g: &Gateway, name: &str) -> f64 {
-    let text = reqwest::get(g.url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let text = g.metrics().await;
     metric_sum(&text, name, &[]).unwrap_or(0.0)
 }
 

@@ -272,12 +272,7 @@ async fn killed_pubsub_connections_resync_and_events_flow_again() {
         }
     }
     assert_eq!(got.expect("cursor events flow again")["user_id"], "bob");
-    let metrics = reqwest::get(a.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = a.metrics().await;
     let value = |name: &str| {
         metrics
             .lines()

@@ -168,12 +168,7 @@ async fn a_node_that_loses_redis_tells_its_holders_before_anyone_else_is_granted
             || (m["type"] == "lock.acquired" && m["holder"]["user_id"] == "alice")),
         "{seen:?}"
     );
-    let text = reqwest::get(a.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = a.metrics().await;
     let lost = metric_sum(
         &text,
         "lockstep_lock_outcomes_total",

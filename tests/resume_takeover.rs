@@ -102,12 +102,7 @@ async fn a_resume_on_another_node_takes_over_a_silent_socket() {
         "{after:?}"
     );
     // Operators see the move on the node that took the session over.
-    let text = reqwest::get(b.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = b.metrics().await;
     let takeovers = |outcome| {
         metric_sum(
             &text,
@@ -354,7 +349,6 @@ async fn a_takeover_stops_a_socket_stuck_in_a_write() {
     // Alice's old socket is never read again: fill its window from node 2 until node 1 has
     // bytes queued for it that it cannot write.
     let blob = "x".repeat(300_000);
-    let http = reqwest::Client::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         for _ in 0..10 {
@@ -362,14 +356,7 @@ async fn a_takeover_stops_a_socket_stuck_in_a_write() {
                 .await;
         }
         bob.ping().await;
-        let metrics = http
-            .get(a.url("/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text");
+        let metrics = a.metrics().await;
         let queued = common::metric_sum(&metrics, "lockstep_outbound_queue_bytes", &[]);
         if queued.is_some_and(|q| q > 1_000_000.0) {
             break;

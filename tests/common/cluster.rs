@@ -99,6 +99,16 @@ impl Gateway {
         format!("http://127.0.0.1:{}{}", self.port, path)
     }
 
+    /// The node's `/metrics` text (read it with [`super::metric_sum`]).
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }

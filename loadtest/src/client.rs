@@ -20,7 +20,15 @@ pub const SUBPROTOCOL: &str = "lockstep.v1.json";
 /// Client-side socket buffers. tungstenite's 128 KiB default read buffer would cost the load
 /// generator itself ~1.3 GB at 10k connections; frames here are small, and buffers grow for
 /// larger ones.
-const CLIENT_BUFFER: usize = 4 * 1024;
+pub const CLIENT_BUFFER: usize = 4 * 1024;
+
+/// The client socket configuration every subcommand uses: [`CLIENT_BUFFER`]-sized buffers.
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(CLIENT_BUFFER)
+        .write_buffer_size(CLIENT_BUFFER)
+        .max_write_buffer_size(CLIENT_BUFFER + 1024 * 1024)
+}
 
 /// Why one client operation failed; `kind()` is the key it is counted under.
 #[derive(Debug)]
@@ -84,8 +92,12 @@ impl Target {
     }
 
     fn ws_url(&self, token: &str) -> String {
-        let ws = self.base.replacen("http", "ws", 1);
-        format!("{ws}/v1/ws?token={token}")
+        format!("{}/v1/ws?token={token}", self.ws_base())
+    }
+
+    /// The base URL with `ws://` / `wss://` instead of `http://` / `https://`.
+    pub fn ws_base(&self) -> String {
+        self.base.replacen("http", "ws", 1)
     }
 
     fn token_url(&self) -> String {
@@ -247,10 +259,7 @@ impl Conn {
             "Sec-WebSocket-Protocol",
             HeaderValue::from_static(SUBPROTOCOL),
         );
-        let config = WebSocketConfig::default()
-            .read_buffer_size(CLIENT_BUFFER)
-            .write_buffer_size(CLIENT_BUFFER)
-            .max_write_buffer_size(CLIENT_BUFFER + 1024 * 1024);
+        let config = ws_config();
         // Nagle off: latency measurements must not wait for delayed ACKs on our side.
         let (ws, _resp) = tokio_tungstenite::connect_async_with_config(req, Some(config), true)
             .await

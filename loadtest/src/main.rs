@@ -8,6 +8,9 @@
 //! - [`crossnode`]: two gateway nodes on one Redis: cursor and presence latency from a
 //!   client on one node to a client on the other, lock latency with clients on both nodes, and
 //!   a bare `SET NX` to the same Redis as the floor.
+//! - [`fanout`]: rooms × members, every member sending cursors at a rate, every receiver
+//!   timing them end to end; speaks lockstep, Socket.IO 4 and the bare relay's protocol, so
+//!   `side-by-side.sh` compares the three with one driver.
 //! - [`ping`]: the same harness with bare `ping` → `pong`, the baseline a lock round trip is
 //!   compared with.
 //!
@@ -17,6 +20,7 @@
 mod bench;
 mod client;
 mod crossnode;
+mod fanout;
 mod idle;
 mod locks;
 mod ping;
@@ -50,6 +54,9 @@ enum Command {
     /// Two nodes sharing one Redis: cross-node cursor/presence latency, lock latency with
     /// clients on both nodes, and a bare Redis SET NX round trip for comparison.
     Crossnode(crossnode::Args),
+    /// Room fan-out: cursors at a rate from every member of rooms × members, end-to-end
+    /// latency, deliveries per server CPU-second (lockstep, Socket.IO or the bare relay).
+    Fanout(fanout::Args),
 }
 
 fn main() -> ExitCode {
@@ -80,6 +87,7 @@ fn run(cli: Cli) -> Result<()> {
             Command::Locks(args) => locks::run(args).await,
             Command::Ping(args) => ping::run(args).await,
             Command::Crossnode(args) => crossnode::run(args).await,
+            Command::Fanout(args) => fanout::run(args).await,
         }
     })?;
     println!("{}", serde_json::to_string_pretty(&output)?);

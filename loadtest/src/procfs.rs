@@ -36,6 +36,35 @@ pub fn memory(pid: Option<u32>) -> Result<Memory> {
     })
 }
 
+/// CPU time of `pid` (`None`: this process) in seconds: `utime + stime` from
+/// `/proc/PID/stat`, children not included.
+pub fn cpu_seconds(pid: Option<u32>) -> Result<f64> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".to_owned(),
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    // After it come field 3 (state) onwards; utime and stime are fields 14 and 15.
+    let rest = text
+        .rsplit_once(')')
+        .with_context(|| format!("no ')' in {path}"))?
+        .1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .with_context(|| format!("{path} has too few fields"))?
+            .parse()
+            .with_context(|| format!("parsing field {} of {path}", i + 3))
+    };
+    let ticks = tick(11)? + tick(12)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as f64 } else { 100.0 };
+    Ok(ticks as f64 / hz)
+}
+
 /// Raises this process's soft open-files limit to its hard limit; returns the new soft limit.
 // `rlim_t` is u64 on Linux but not everywhere: keep the casts.
 #[allow(clippy::unnecessary_cast)]

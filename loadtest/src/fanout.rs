@@ -1,0 +1,711 @@
+//! `fanout`: room fan-out throughput, end-to-end latency and what it costs the server, with
+//! one workload spoken in three protocols so that lockstep, a Socket.IO 4 server and a bare
+//! relay are measured by the same driver (`side-by-side.sh` runs them one after the other).
+//!
+//! The workload: `--rooms` × `--members` WebSockets, each joined to its room; every member
+//! sends a cursor frame `--rate` times a second (first sends spread over one period, so the
+//! load is even), carrying its send time in µs since one monotonic base of this process.
+//! Every member that receives a cursor records `now - sent` (driver and servers share the
+//! machine, so one clock serves both ends). With several `--url`s member i of every room
+//! connects to node `i % N`, so most deliveries cross nodes.
+//!
+//! Phases: connect and join (not timed), `--warmup-secs` of load (not measured),
+//! `--duration-secs` measured, then sending stops and the sockets close. Deliveries and
+//! latencies count frames *received* during the measured window; CPU of the driver, of each
+//! `--server-pid` and of `--redis-pid` is read from `/proc/PID/stat` at the window's two
+//! ends, RSS at its end.
+//!
+//! Protocols (`--target`):
+//! - `lockstep`: `GET /v1/ws` with `lockstep.v1.json`, `join` (waits for its `reply`), then
+//!   `cursor {room, x: sent_us, y}`; the time comes back in the forwarded `cursor`'s `x`.
+//!   lockstep coalesces cursors per (room, sender) in a receiver's queue while its writer is
+//!   behind (latest wins), so `delivery_ratio` may be below 1 under overload: deliveries are
+//!   what arrived, never what was sent.
+//! - `socketio`: Engine.IO 4 over a plain WebSocket (`/socket.io/?EIO=4&transport=websocket`):
+//!   `0{..}` open, `40` → `40{..}`, `421["join",room]` → ack `431[..]`, then
+//!   `42["cursor",{room,t,y}]`; the server's `2` pings are answered with `3`.
+//! - `relay`: the bare relay (`bare-relay` binary): `GET /<room>`, the server says `joined`,
+//!   then every text frame `{"room","t","y"}` goes verbatim to the room's other members.
+
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt, stream};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::bench::round3;
+use crate::client::{self, ClientError, Target, Tokens, run_prefix};
+use crate::procfs;
+use crate::stats::{self, ErrorCounts};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Which server the driver talks to.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// The lockstep gateway (`/v1/ws`, `lockstep.v1.json`).
+    Lockstep,
+    /// The bare relay (`bare-relay`): path = room, frames forwarded verbatim.
+    Relay,
+    /// A Socket.IO 4 server (`loadtest/socketio/server.js`), Engine.IO 4 over WebSocket.
+    Socketio,
+}
+
+impl Protocol {
+    fn name(self) -> &'static str {
+        match self {
+            Protocol::Lockstep => "lockstep",
+            Protocol::Relay => "relay",
+            Protocol::Socketio => "socketio",
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The server's protocol.
+    #[arg(long, value_enum, default_value = "lockstep")]
+    pub target: Protocol,
+    /// HTTP base URL of a node (`http://127.0.0.1:8080`); repeat for several nodes: member i
+    /// of every room connects to the (i mod N)-th.
+    #[arg(long = "url", required = true)]
+    pub urls: Vec<String>,
+    /// lockstep only: sign HS256 tokens with the nodes' `LOCKSTEP_JWT_SECRET`; without it
+    /// dev tokens are minted from the first node (dev mode).
+    #[arg(long)]
+    pub jwt_secret: Option<String>,
+    /// Rooms.
+    #[arg(long, default_value_t = 100)]
+    pub rooms: usize,
+    /// Members per room (one connection each; every member sends and receives).
+    #[arg(long, default_value_t = 20)]
+    pub members: usize,
+    /// Cursor frames per second per member.
+    #[arg(long, default_value_t = 2.0)]
+    pub rate: f64,
+    /// Seconds of load before the measured window.
+    #[arg(long, default_value_t = 5.0)]
+    pub warmup_secs: f64,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 20.0)]
+    pub duration_secs: f64,
+    /// Connections being opened and joined at once.
+    #[arg(long, default_value_t = 64)]
+    pub connect_concurrency: usize,
+    /// Deadline for connecting and joining one member (seconds).
+    #[arg(long, default_value_t = 30)]
+    pub timeout_secs: u64,
+    /// A server process whose CPU (over the window) and RSS (at its end) are reported;
+    /// repeat for several nodes.
+    #[arg(long = "server-pid")]
+    pub server_pids: Vec<u32>,
+    /// The Redis process, whose CPU over the window is reported.
+    #[arg(long)]
+    pub redis_pid: Option<u32>,
+}
+
+// Phases, in order; members read them on every frame (one relaxed load).
+const WARMUP: u8 = 0;
+const MEASURE: u8 = 1;
+const COOLDOWN: u8 = 2;
+const DONE: u8 = 3;
+
+/// Latencies a member buffers before taking the shared histogram's lock.
+const FLUSH_EVERY: usize = 256;
+
+/// What every member task shares.
+struct Shared {
+    proto: Protocol,
+    /// The clock of every timestamp on the wire.
+    base: Instant,
+    phase: AtomicU8,
+    /// Latencies (µs) of cursors received in the measured window.
+    hist: Mutex<Histogram<u64>>,
+    deliveries: AtomicU64,
+    /// Cursors sent in the measured window.
+    sent: AtomicU64,
+    /// Frames received that were not a cursor (presence, snapshots, pings...).
+    other_frames: AtomicU64,
+    errors: Mutex<ErrorCounts>,
+}
+
+impl Shared {
+    fn now_us(&self) -> u64 {
+        self.base.elapsed().as_micros() as u64
+    }
+
+    fn phase(&self) -> u8 {
+        self.phase.load(Ordering::Relaxed)
+    }
+
+    fn error(&self, kind: impl Into<String>) {
+        self.errors.lock().expect("not poisoned").add(kind);
+    }
+}
+
+/// One joined member.
+struct Member {
+    ws: Ws,
+    /// The room name as this protocol spells it.
+    room: String,
+    /// Index over all members: spreads first sends over a period.
+    global: usize,
+    /// Index in the room: the `y` of its cursors.
+    index: usize,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<Value> {
+    anyhow::ensure!(args.rooms > 0 && args.members > 1, "want rooms ≥ 1 and members ≥ 2");
+    anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
+    let targets: Vec<Target> = args
+        .urls
+        .iter()
+        .map(|u| Target::new(u))
+        .collect::<anyhow::Result<_>>()?;
+    let total = args.rooms * args.members;
+    let timeout = Duration::from_secs(args.timeout_secs.max(1));
+    let shared = Arc::new(Shared {
+        proto: args.target,
+        base: Instant::now(),
+        phase: AtomicU8::new(WARMUP),
+        hist: Mutex::new(stats::new_histogram()),
+        deliveries: AtomicU64::new(0),
+        sent: AtomicU64::new(0),
+        other_frames: AtomicU64::new(0),
+        errors: Mutex::new(ErrorCounts::default()),
+    });
+
+    // Tokens first (lockstep only): signed locally, or minted from the first node.
+    let prefix = run_prefix("fanout");
+    // `None`: no token could be had for that member (counted already).
+    let tokens: Vec<Option<String>> = if args.target == Protocol::Lockstep {
+        let minter = Tokens::new(&targets[0], args.jwt_secret.as_deref())?;
+        let subs = (0..total)
+            .map(|g| format!("{prefix}-r{}-m{}", g / args.members, g % args.members))
+            .collect();
+        minter
+            .mint_all(subs, args.connect_concurrency)
+            .await
+            .into_iter()
+            .map(|t| match t {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    shared.error(e.kind());
+                    None
+                }
+            })
+            .collect()
+    } else {
+        vec![Some(String::new()); total]
+    };
+
+    eprintln!(
+        "fanout/{}: opening {total} connections ({} rooms × {}) over {} node(s)",
+        args.target.name(),
+        args.rooms,
+        args.members,
+        targets.len()
+    );
+    let opened = Instant::now();
+    let members: Vec<Member> = stream::iter(tokens.into_iter().enumerate())
+        .map(|(global, token)| {
+            let room_no = global / args.members;
+            let index = global % args.members;
+            let target = targets[index % targets.len()].clone();
+            let proto = args.target;
+            async move {
+                let token = token?;
+                let room = room_name(proto, room_no);
+                match tokio::time::timeout(timeout, open(proto, &target, &room, &token)).await {
+                    Ok(Ok(ws)) => Some(Ok(Member {
+                        ws,
+                        room,
+                        global,
+                        index,
+                    })),
+                    Ok(Err(e)) => {
+                        if global == 0 {
+                            eprintln!("fanout: member 0: {e}");
+                        }
+                        Some(Err(e.kind()))
+                    }
+                    Err(_) => Some(Err("timeout:join".to_owned())),
+                }
+            }
+        })
+        .buffer_unordered(args.connect_concurrency.max(1))
+        .filter_map(|r| {
+            let r = match r {
+                Some(Ok(m)) => Some(m),
+                Some(Err(kind)) => {
+                    shared.error(kind);
+                    None
+                }
+                None => None,
+            };
+            std::future::ready(r)
+        })
+        .collect()
+        .await;
+    let joined = members.len();
+    eprintln!(
+        "fanout/{}: {joined}/{total} joined in {:.1}s; {}s warm-up, {}s measured",
+        args.target.name(),
+        opened.elapsed().as_secs_f64(),
+        args.warmup_secs,
+        args.duration_secs
+    );
+    anyhow::ensure!(
+        joined > 0,
+        "no member could connect and join: {}",
+        shared.errors.lock().expect("not poisoned").to_json()
+    );
+
+    // Load: every member sends from `start + its offset` on.
+    let period = Duration::from_secs_f64(1.0 / args.rate);
+    let start = Instant::now() + Duration::from_millis(100);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let tasks: Vec<_> = members
+        .into_iter()
+        .map(|m| {
+            // Golden-ratio offsets: spread evenly over one period whatever the count.
+            let frac = (m.global as f64 * 0.618_033_988_749_895).fract();
+            let first = start + period.mul_f64(frac);
+            tokio::spawn(member_loop(
+                m,
+                shared.clone(),
+                first,
+                period,
+                stop_rx.clone(),
+            ))
+        })
+        .collect();
+
+    tokio::time::sleep_until((start + Duration::from_secs_f64(args.warmup_secs)).into()).await;
+    let before = Sample::take(&args);
+    let window_start = Instant::now();
+    shared.phase.store(MEASURE, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs_f64(args.duration_secs)).await;
+    shared.phase.store(COOLDOWN, Ordering::Relaxed);
+    let window = window_start.elapsed().as_secs_f64();
+    let after = Sample::take(&args);
+    let server_rss: Vec<Option<procfs::Memory>> = args
+        .server_pids
+        .iter()
+        .map(|&p| procfs::memory(Some(p)).ok())
+        .collect();
+
+    // Let frames in flight land (not counted), then close everything.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    shared.phase.store(DONE, Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        if t.await.is_err() {
+            shared.error("task_panicked");
+        }
+    }
+
+    Ok(report(
+        &args, &shared, joined, total, window, &before, &after, &server_rss,
+    ))
+}
+
+fn room_name(proto: Protocol, n: usize) -> String {
+    match proto {
+        Protocol::Lockstep => format!("scene:fan-{n}"),
+        Protocol::Relay | Protocol::Socketio => format!("fan-{n}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// connecting and joining
+
+/// Connects one member and joins it to `room`; returns once the server confirmed the join.
+async fn open(
+    proto: Protocol,
+    target: &Target,
+    room: &str,
+    token: &str,
+) -> Result<Ws, ClientError> {
+    let base = target.ws_base();
+    let url = match proto {
+        Protocol::Lockstep => format!("{base}/v1/ws?token={token}"),
+        Protocol::Relay => format!("{base}/{room}"),
+        Protocol::Socketio => format!("{base}/socket.io/?EIO=4&transport=websocket"),
+    };
+    let mut req = url
+        .into_client_request()
+        .map_err(|e| ClientError::Connect(e.to_string()))?;
+    if proto == Protocol::Lockstep {
+        req.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            HeaderValue::from_static(client::SUBPROTOCOL),
+        );
+    }
+    // Nagle off: a latency benchmark must not wait for delayed ACKs on the driver's side.
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async_with_config(req, Some(client::ws_config()), true)
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+    match proto {
+        Protocol::Lockstep => {
+            let welcome = next_text(&mut ws).await?;
+            if !welcome.contains("\"welcome\"") {
+                return Err(ClientError::Protocol(format!("expected welcome, got {welcome}")));
+            }
+            let join = json!({"type": "join", "room": room, "id": 1});
+            send(&mut ws, join.to_string()).await?;
+            loop {
+                let text = next_text(&mut ws).await?;
+                let v: Value = serde_json::from_str(&text)
+                    .map_err(|e| ClientError::Protocol(format!("bad JSON: {e}")))?;
+                if v["id"].as_u64() != Some(1) {
+                    continue; // room.snapshot, presence.join ...
+                }
+                if v["type"] == "reply" {
+                    break;
+                }
+                let code = v["code"].as_str().unwrap_or("unknown");
+                return Err(ClientError::Protocol(format!("join: {code}")));
+            }
+        }
+        Protocol::Relay => {
+            let text = next_text(&mut ws).await?;
+            if text != "joined" {
+                return Err(ClientError::Protocol(format!("expected joined, got {text}")));
+            }
+        }
+        Protocol::Socketio => {
+            let open = next_text(&mut ws).await?;
+            if !open.starts_with('0') {
+                return Err(ClientError::Protocol(format!("expected EIO open, got {open}")));
+            }
+            send(&mut ws, "40".into()).await?;
+            wait_prefix(&mut ws, "40").await?;
+            send(&mut ws, format!("421[\"join\",\"{room}\"]")).await?;
+            wait_prefix(&mut ws, "431").await?;
+        }
+    }
+    Ok(ws)
+}
+
+async fn send(ws: &mut Ws, text: String) -> Result<(), ClientError> {
+    ws.send(Message::text(text))
+        .await
+        .map_err(|e| ClientError::Io(e.to_string()))
+}
+
+/// The next text frame (control frames skipped).
+async fn next_text(ws: &mut Ws) -> Result<String, ClientError> {
+    loop {
+        match ws.next().await {
+            None => return Err(ClientError::Closed("stream ended".into())),
+            Some(Err(e)) => return Err(ClientError::Io(e.to_string())),
+            Some(Ok(Message::Text(t))) => return Ok(t.as_str().to_owned()),
+            Some(Ok(Message::Close(c))) => {
+                let why = c
+                    .map(|c| format!("{} {}", u16::from(c.code), c.reason))
+                    .unwrap_or_else(|| "no close frame".into());
+                return Err(ClientError::Closed(why));
+            }
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+/// Reads Socket.IO packets until one starting with `prefix` (answering pings meanwhile).
+async fn wait_prefix(ws: &mut Ws, prefix: &str) -> Result<(), ClientError> {
+    loop {
+        let text = next_text(ws).await?;
+        if text.starts_with(prefix) {
+            return Ok(());
+        }
+        if text == "2" {
+            send(ws, "3".into()).await?;
+        } else if text.starts_with("44") {
+            return Err(ClientError::Protocol(format!("connect error: {text}")));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the load
+
+/// One member: sends a cursor every `period` from `first` on while the phase is warm-up or
+/// measure, and reads everything the server sends until `stop`.
+async fn member_loop(
+    mut m: Member,
+    sh: Arc<Shared>,
+    first: Instant,
+    period: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut lat: Vec<u64> = Vec::with_capacity(FLUSH_EVERY);
+    let mut deliveries = 0u64;
+    let mut sent = 0u64;
+    let mut other = 0u64;
+    let mut next = first;
+    let mut sending = true;
+    let sleep = tokio::time::sleep_until(next.into());
+    tokio::pin!(sleep);
+    let failure: Option<String> = loop {
+        tokio::select! {
+            _ = &mut sleep, if sending => {
+                let phase = sh.phase();
+                if phase >= COOLDOWN {
+                    sending = false;
+                    continue;
+                }
+                let frame = cursor_frame(sh.proto, &m.room, sh.now_us(), m.index);
+                if let Err(e) = m.ws.send(Message::text(frame)).await {
+                    break Some(format!("send:{}", ClientError::Io(e.to_string()).kind()));
+                }
+                if phase == MEASURE {
+                    sent += 1;
+                }
+                next += period;
+                // A driver that fell more than a period behind does not burst to catch up.
+                let now = Instant::now();
+                if next + period < now {
+                    next = now;
+                }
+                sleep.as_mut().reset(next.into());
+            }
+            msg = m.ws.next() => {
+                let text = match msg {
+                    None => break Some("closed".into()),
+                    Some(Err(e)) => break Some(ClientError::Io(e.to_string()).kind()),
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Close(_))) => break Some("closed".into()),
+                    Some(Ok(_)) => continue,
+                };
+                match decode(sh.proto, text.as_str()) {
+                    Frame::Cursor(sent_us) => {
+                        if sh.phase() == MEASURE {
+                            deliveries += 1;
+                            lat.push(sh.now_us().saturating_sub(sent_us));
+                            if lat.len() >= FLUSH_EVERY {
+                                flush(&sh, &mut lat);
+                            }
+                        }
+                    }
+                    Frame::Ping => {
+                        if let Err(e) = m.ws.send(Message::text("3")).await {
+                            break Some(format!("send:{}", ClientError::Io(e.to_string()).kind()));
+                        }
+                    }
+                    Frame::Other => other += 1,
+                    Frame::Bad => break Some("protocol".into()),
+                }
+            }
+            _ = stop.changed() => break None,
+        }
+    };
+    flush(&sh, &mut lat);
+    sh.deliveries.fetch_add(deliveries, Ordering::Relaxed);
+    sh.sent.fetch_add(sent, Ordering::Relaxed);
+    sh.other_frames.fetch_add(other, Ordering::Relaxed);
+    match failure {
+        // A socket lost after the measured window does not count against the server.
+        Some(kind) if sh.phase() < DONE => sh.error(kind),
+        Some(_) => {}
+        None => {
+            let _ = tokio::time::timeout(Duration::from_secs(2), m.ws.close(None)).await;
+        }
+    }
+}
+
+fn flush(sh: &Shared, lat: &mut Vec<u64>) {
+    if lat.is_empty() {
+        return;
+    }
+    let mut h = sh.hist.lock().expect("not poisoned");
+    let high = h.high();
+    for &us in lat.iter() {
+        h.saturating_record(us.clamp(1, high));
+    }
+    lat.clear();
+}
+
+/// The cursor frame of one member, its send time in µs inside.
+fn cursor_frame(proto: Protocol, room: &str, sent_us: u64, index: usize) -> String {
+    match proto {
+        Protocol::Lockstep => {
+            format!(r#"{{"type":"cursor","room":"{room}","x":{sent_us},"y":{index}}}"#)
+        }
+        Protocol::Relay => format!(r#"{{"room":"{room}","t":{sent_us},"y":{index}}}"#),
+        Protocol::Socketio => {
+            format!(r#"42["cursor",{{"room":"{room}","t":{sent_us},"y":{index}}}]"#)
+        }
+    }
+}
+
+enum Frame {
+    /// A cursor with this send time (µs).
+    Cursor(u64),
+    /// Engine.IO ping: answer `3`.
+    Ping,
+    /// Anything else the server may send (presence, snapshots, acks).
+    Other,
+    /// A cursor frame without a readable time.
+    Bad,
+}
+
+/// Finds the send time without a JSON parse: the driver's own CPU is part of the budget.
+fn decode(proto: Protocol, text: &str) -> Frame {
+    let (is_cursor, key) = match proto {
+        Protocol::Lockstep => (text.contains(r#""type":"cursor""#), r#""x":"#),
+        Protocol::Relay => (true, r#""t":"#),
+        Protocol::Socketio => {
+            if text == "2" {
+                return Frame::Ping;
+            }
+            (text.starts_with(r#"42["cursor""#), r#""t":"#)
+        }
+    };
+    if !is_cursor {
+        return Frame::Other;
+    }
+    match number_after(text, key) {
+        Some(us) => Frame::Cursor(us),
+        None => Frame::Bad,
+    }
+}
+
+/// The number right after `key` (`"x":1234` or `"x":1234.0`), as an integer.
+fn number_after(text: &str, key: &str) -> Option<u64> {
+    let at = text.find(key)? + key.len();
+    let rest = &text[at..];
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '+' | '-')))
+        .unwrap_or(rest.len());
+    let v: f64 = rest[..end].parse().ok()?;
+    (v.is_finite() && v >= 0.0).then_some(v as u64)
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU and the report
+
+/// CPU seconds of the driver, each server and Redis at one instant.
+struct Sample {
+    driver: f64,
+    servers: Vec<Option<f64>>,
+    redis: Option<f64>,
+}
+
+impl Sample {
+    fn take(args: &Args) -> Sample {
+        Sample {
+            driver: procfs::cpu_seconds(None).unwrap_or(0.0),
+            servers: args
+                .server_pids
+                .iter()
+                .map(|&p| procfs::cpu_seconds(Some(p)).ok())
+                .collect(),
+            redis: args.redis_pid.and_then(|p| procfs::cpu_seconds(Some(p)).ok()),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    args: &Args,
+    sh: &Shared,
+    joined: usize,
+    total: usize,
+    window: f64,
+    before: &Sample,
+    after: &Sample,
+    server_rss: &[Option<procfs::Memory>],
+) -> Value {
+    let deliveries = sh.deliveries.load(Ordering::Relaxed);
+    let sent = sh.sent.load(Ordering::Relaxed);
+    let expected = sent * (args.members as u64 - 1);
+    let hist = sh.hist.lock().expect("not poisoned");
+    let errors = sh.errors.lock().expect("not poisoned");
+    let servers: Vec<Value> = args
+        .server_pids
+        .iter()
+        .enumerate()
+        .map(|(i, pid)| {
+            let cpu = match (before.servers[i], after.servers[i]) {
+                (Some(a), Some(b)) => Some(round3(b - a)),
+                _ => None,
+            };
+            let mem = server_rss[i];
+            json!({
+                "pid": pid,
+                "cpu_s": cpu,
+                "rss_kb": mem.map(|m| m.rss_kb),
+                "hwm_kb": mem.map(|m| m.hwm_kb),
+            })
+        })
+        .collect();
+    let server_cpu: f64 = before
+        .servers
+        .iter()
+        .zip(&after.servers)
+        .filter_map(|(a, b)| Some(b.as_ref()? - a.as_ref()?))
+        .sum();
+    let redis_cpu = match (before.redis, after.redis) {
+        (Some(a), Some(b)) => Some(round3(b - a)),
+        _ => None,
+    };
+    let driver_cpu = after.driver - before.driver;
+    let per_cpu = (server_cpu > 0.0).then(|| (deliveries as f64 / server_cpu).round());
+    json!({
+        "benchmark": "fanout",
+        "target": args.target.name(),
+        "urls": args.urls,
+        "nodes": args.urls.len(),
+        "rooms": args.rooms,
+        "members": args.members,
+        "connections": total,
+        "joined": joined,
+        "rate_hz": args.rate,
+        "warmup_s": args.warmup_secs,
+        "window_s": round3(window),
+        "sent": sent,
+        "expected_deliveries": expected,
+        "deliveries": deliveries,
+        "deliveries_per_s": (deliveries as f64 / window).round(),
+        "delivery_ratio": if expected > 0 { round3(deliveries as f64 / expected as f64) } else { 0.0 },
+        "latency_us": stats::summary(&hist),
+        "other_frames": sh.other_frames.load(Ordering::Relaxed),
+        "errors": errors.to_json(),
+        "errors_total": errors.total(),
+        "driver_cpu_s": round3(driver_cpu),
+        "servers": servers,
+        "server_cpu_s": round3(server_cpu),
+        "server_rss_kb": server_rss.iter().map(|m| m.map(|m| m.rss_kb)).collect::<Vec<_>>(),
+        "redis_cpu_s": redis_cpu,
+        "deliveries_per_server_cpu_s": per_cpu,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_time_back_from_each_protocol() {
+        let lockstep = r#"{"type":"cursor","room":"scene:fan-1","user_id":"u","session_id":"s","x":123456.0,"y":3.0}"#;
+        assert!(matches!(decode(Protocol::Lockstep, lockstep), Frame::Cursor(123456)));
+        let presence = r#"{"type":"presence.join","room":"scene:fan-1"}"#;
+        assert!(matches!(decode(Protocol::Lockstep, presence), Frame::Other));
+        let sio = cursor_frame(Protocol::Socketio, "fan-1", 42, 3);
+        assert!(matches!(decode(Protocol::Socketio, &sio), Frame::Cursor(42)));
+        assert!(matches!(decode(Protocol::Socketio, "2"), Frame::Ping));
+        let relay = cursor_frame(Protocol::Relay, "fan-1", 7, 0);
+        assert!(matches!(decode(Protocol::Relay, &relay), Frame::Cursor(7)));
+        assert!(matches!(decode(Protocol::Relay, r#"{"t":"x"}"#), Frame::Bad));
+    }
+}

@@ -89,3 +89,58 @@ trap 'exit 130' INT TERM
 median() {
     jq -s "map($2) | sort | .[(length - 1) / 2 | floor]" "$1"
 }
+
+# --- shared by side-by-side.sh (and any script that runs several servers) ---
+
+# start_redis DIR: a private redis-server on a free loopback port, no persistence, its log in
+# DIR; sets REDIS_PID, REDIS_PORT, REDIS_URL. Stop it with stop_pid "$REDIS_PID".
+start_redis() {
+    local dir="$1"
+    REDIS_PORT="$(free_port)"
+    REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+    "${REDIS_SERVER:-redis-server}" --port "$REDIS_PORT" --bind 127.0.0.1 --save "" \
+        --appendonly no --dir "$dir" --logfile "$dir/redis.log" &
+    REDIS_PID=$!
+    for _ in $(seq 1 50); do
+        redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 || {
+        echo "redis did not start:" >&2
+        cat "$dir/redis.log" >&2
+        return 1
+    }
+    echo "redis pid $REDIS_PID on $REDIS_URL" >&2
+}
+
+# stop_pid PID: SIGTERM, up to 10 s for a drain, then SIGKILL; quiet if it is gone already.
+stop_pid() {
+    local pid="$1"
+    [[ -n "$pid" ]] || return 0
+    kill "$pid" 2>/dev/null || return 0
+    for _ in $(seq 1 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -9 "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+# wait_ready PID LOG PROBE...: runs PROBE (a command) every 0.1 s for up to 10 s until it
+# succeeds; fails early, showing LOG, if PID exits.
+wait_ready() {
+    local pid="$1" log="$2"
+    shift 2
+    for _ in $(seq 1 100); do
+        "$@" >/dev/null 2>&1 && return 0
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo "pid $pid exited during start-up:" >&2
+            cat "$log" >&2
+            return 1
+        fi
+        sleep 0.1
+    done
+    echo "pid $pid not ready after 10s:" >&2
+    tail -50 "$log" >&2
+    return 1
+}

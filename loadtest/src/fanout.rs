@@ -10,8 +10,11 @@
 //! connects to node `i % N`, so most deliveries cross nodes.
 //!
 //! Phases: connect and join (not timed), `--warmup-secs` of load (not measured),
-//! `--duration-secs` measured, then sending stops and the sockets close. Deliveries and
-//! latencies count frames *received* during the measured window; CPU of the driver, of each
+//! `--duration-secs` measured, then sending stops, `--drain-secs` for frames in flight, and
+//! the sockets close. Deliveries and latencies count frames *received* during the measured
+//! window (the CPU figures cover the same window); `delivery_ratio` counts the cursors *sent*
+//! in the window that arrived before the drain ended, against sent × (members − 1), so
+//! neither the window's edges nor a slow server's backlog blur it. CPU of the driver, of each
 //! `--server-pid` and of `--redis-pid` is read from `/proc/PID/stat` at the window's two
 //! ends, RSS at its end.
 //!
@@ -97,6 +100,9 @@ pub struct Args {
     /// Seconds measured.
     #[arg(long, default_value_t = 20.0)]
     pub duration_secs: f64,
+    /// Seconds after the window for cursors sent in it to arrive (`delivery_ratio`).
+    #[arg(long, default_value_t = 2.0)]
+    pub drain_secs: f64,
     /// Connections being opened and joined at once.
     #[arg(long, default_value_t = 64)]
     pub connect_concurrency: usize,
@@ -132,6 +138,10 @@ struct Shared {
     deliveries: AtomicU64,
     /// Cursors sent in the measured window.
     sent: AtomicU64,
+    /// The window in `now_us` time, `[start, end)`; end is `u64::MAX` until it closes.
+    window_us: [AtomicU64; 2],
+    /// Cursors sent in the window that arrived (whenever, until the drain ends).
+    arrived: AtomicU64,
     /// Frames received that were not a cursor (presence, snapshots, pings...).
     other_frames: AtomicU64,
     errors: Mutex<ErrorCounts>,
@@ -179,6 +189,8 @@ pub async fn run(args: Args) -> anyhow::Result<Value> {
         hist: Mutex::new(stats::new_histogram()),
         deliveries: AtomicU64::new(0),
         sent: AtomicU64::new(0),
+        window_us: [AtomicU64::new(u64::MAX), AtomicU64::new(u64::MAX)],
+        arrived: AtomicU64::new(0),
         other_frames: AtomicU64::new(0),
         errors: Mutex::new(ErrorCounts::default()),
     });
@@ -292,9 +304,11 @@ pub async fn run(args: Args) -> anyhow::Result<Value> {
     tokio::time::sleep_until((start + Duration::from_secs_f64(args.warmup_secs)).into()).await;
     let before = Sample::take(&args);
     let window_start = Instant::now();
-    shared.phase.store(MEASURE, Ordering::Relaxed);
+    shared.window_us[0].store(shared.now_us(), Ordering::SeqCst);
+    shared.phase.store(MEASURE, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_secs_f64(args.duration_secs)).await;
-    shared.phase.store(COOLDOWN, Ordering::Relaxed);
+    shared.window_us[1].store(shared.now_us(), Ordering::SeqCst);
+    shared.phase.store(COOLDOWN, Ordering::SeqCst);
     let window = window_start.elapsed().as_secs_f64();
     let after = Sample::take(&args);
     let server_rss: Vec<Option<procfs::Memory>> = args
@@ -303,8 +317,8 @@ pub async fn run(args: Args) -> anyhow::Result<Value> {
         .map(|&p| procfs::memory(Some(p)).ok())
         .collect();
 
-    // Let frames in flight land (not counted), then close everything.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Let frames in flight land (only for `arrived`), then close everything.
+    tokio::time::sleep(Duration::from_secs_f64(args.drain_secs.max(0.0))).await;
     shared.phase.store(DONE, Ordering::Relaxed);
     let _ = stop_tx.send(true);
     for t in tasks {
@@ -450,6 +464,7 @@ async fn member_loop(
 ) {
     let mut lat: Vec<u64> = Vec::with_capacity(FLUSH_EVERY);
     let mut deliveries = 0u64;
+    let mut arrived = 0u64;
     let mut sent = 0u64;
     let mut other = 0u64;
     let mut next = first;
@@ -489,6 +504,11 @@ async fn member_loop(
                 };
                 match decode(sh.proto, text.as_str()) {
                     Frame::Cursor(sent_us) => {
+                        if sent_us >= sh.window_us[0].load(Ordering::Relaxed)
+                            && sent_us < sh.window_us[1].load(Ordering::Relaxed)
+                        {
+                            arrived += 1;
+                        }
                         if sh.phase() == MEASURE {
                             deliveries += 1;
                             lat.push(sh.now_us().saturating_sub(sent_us));
@@ -512,6 +532,7 @@ async fn member_loop(
     flush(&sh, &mut lat);
     sh.deliveries.fetch_add(deliveries, Ordering::Relaxed);
     sh.sent.fetch_add(sent, Ordering::Relaxed);
+    sh.arrived.fetch_add(arrived, Ordering::Relaxed);
     sh.other_frames.fetch_add(other, Ordering::Relaxed);
     match failure {
         // A socket lost after the measured window does not count against the server.
@@ -629,6 +650,7 @@ fn report(
     let deliveries = sh.deliveries.load(Ordering::Relaxed);
     let sent = sh.sent.load(Ordering::Relaxed);
     let expected = sent * (args.members as u64 - 1);
+    let arrived = sh.arrived.load(Ordering::Relaxed);
     let hist = sh.hist.lock().expect("not poisoned");
     let errors = sh.errors.lock().expect("not poisoned");
     let servers: Vec<Value> = args
@@ -677,7 +699,9 @@ fn report(
         "expected_deliveries": expected,
         "deliveries": deliveries,
         "deliveries_per_s": (deliveries as f64 / window).round(),
-        "delivery_ratio": if expected > 0 { round3(deliveries as f64 / expected as f64) } else { 0.0 },
+        "arrived": arrived,
+        "drain_s": args.drain_secs,
+        "delivery_ratio": if expected > 0 { round3(arrived as f64 / expected as f64) } else { 0.0 },
         "latency_us": stats::summary(&hist),
         "other_frames": sh.other_frames.load(Ordering::Relaxed),
         "errors": errors.to_json(),

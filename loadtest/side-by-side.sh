@@ -29,7 +29,9 @@
 # Environment: ROOMS (100), MEMBERS (20), RATE (2), WARMUP (5), DURATION (20), RUNS (1),
 # SYSTEMS, SKIP_BUILD=1 (use the binaries already built), LOCKSTEP_BIN=path (another gateway
 # binary; the gateway is then not built), BENCH_TMPDIR=dir, BENCH_OUT=dir (keep every JSON
-# result there), REDIS_SERVER (redis-server), NODE (node).
+# result there), REDIS_SERVER (redis-server), NODE (node). lockstep's own settings pass through
+# from the environment (e.g. LOCKSTEP_MESSAGES_PER_SECOND for RATE above ~90, its default budget
+# being 100 messages/s per session). Results: docs/benchmarks.md, "Side by side".
 # Needs: redis-server, redis-cli, node 20 + npm, jq, curl, python3.
 
 source "$(dirname "$0")/lib.sh"

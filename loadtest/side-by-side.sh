@@ -49,6 +49,7 @@ SOCKETIO_DIR="$ROOT/loadtest/socketio"
 
 WORK=""
 REDIS_PID=""
+DRIVER_PID=""
 PIDS=()    # the servers of the system being measured
 URLS=()
 
@@ -65,6 +66,7 @@ stop_servers() {
 }
 
 cleanup() {
+    [[ -n "$DRIVER_PID" ]] && kill "$DRIVER_PID" 2>/dev/null
     stop_servers
     stop_pid "$REDIS_PID"
     REDIS_PID=""
@@ -183,7 +185,12 @@ measure() {
     done
     [[ "$redis" == yes ]] && args+=(--redis-pid "$REDIS_PID")
     local out
-    out="$("$LOAD" "${args[@]}")"
+    # In the background and waited for, so that a TERM or ^C runs the trap at once.
+    "$LOAD" "${args[@]}" >"$WORK/driver.json" &
+    DRIVER_PID=$!
+    wait "$DRIVER_PID"
+    DRIVER_PID=""
+    out="$(cat "$WORK/driver.json")"
     jq -c --arg s "$sys" --argjson run "$run" '. + {system: $s, run: $run}' <<<"$out" >>"$RESULTS"
     jq -c '{deliveries_per_s, deliveries_per_server_cpu_s, latency_us: (.latency_us | {p50, p99, max}), server_rss_kb, errors}' <<<"$out" >&2
     stop_servers

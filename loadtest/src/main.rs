@@ -21,6 +21,7 @@ mod idle;
 mod locks;
 mod ping;
 mod procfs;
+mod scale;
 mod stats;
 
 use std::process::ExitCode;
@@ -50,6 +51,10 @@ enum Command {
     /// Two nodes sharing one Redis: cross-node cursor/presence latency, lock latency with
     /// clients on both nodes, and a bare Redis SET NX round trip for comparison.
     Crossnode(crossnode::Args),
+    /// The studio workload on two nodes: one driver process's share (see `loadtest/scale.sh`).
+    Scale(scale::Args),
+    /// Adds up the `--out` files of several `scale` driver processes.
+    ScaleMerge(scale::MergeArgs),
 }
 
 fn main() -> ExitCode {
@@ -80,6 +85,8 @@ fn run(cli: Cli) -> Result<()> {
             Command::Locks(args) => locks::run(args).await,
             Command::Ping(args) => ping::run(args).await,
             Command::Crossnode(args) => crossnode::run(args).await,
+            Command::Scale(args) => scale::run(args).await,
+            Command::ScaleMerge(args) => scale::merge(args),
         }
     })?;
     println!("{}", serde_json::to_string_pretty(&output)?);

@@ -142,6 +142,10 @@ for i in 0 1; do
     echo "node $i pid ${NODE_PIDS[$i]} on ${URLS[$i]}" >&2
 done
 
+rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+# Baseline RSS of each node before any client: per-connection memory is counted above it.
+RSS_BASE=("$(rss_kb "${NODE_PIDS[0]}")" "$(rss_kb "${NODE_PIDS[1]}")")
+
 PER=$(( ROOMS / DRIVERS ))
 RATE=$(python3 -c "print($CONNECT_RATE / $DRIVERS)")
 echo "ramping up $(( ROOMS * MEMBERS )) connections ($ROOMS rooms × $MEMBERS) from $DRIVERS driver processes at $CONNECT_RATE/s" >&2
@@ -180,7 +184,6 @@ sleep "$WARMUP_S"
 # utime + stime of a pid, in clock ticks (fields 14 and 15 of /proc/PID/stat; the command
 # name in field 2 has no spaces here).
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
-rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 PIDS=("${NODE_PIDS[@]}" "$REDIS_PID" "${DRIVER_PIDS[@]}")
 
 redis-cli -p "$REDIS_PORT" CONFIG RESETSTAT >/dev/null
@@ -217,7 +220,7 @@ HZ="$(getconf CLK_TCK)"
 server_json="$(
     for i in 0 1; do
         p="${NODE_PIDS[$i]}"
-        echo "node $i $(( T1[$p] - T0[$p] )) ${RSS[$p]}"
+        echo "node ${RSS_BASE[$i]} $(( T1[$p] - T0[$p] )) ${RSS[$p]}"
     done
     echo "redis 0 $(( T1[$REDIS_PID] - T0[$REDIS_PID] )) ${RSS[$REDIS_PID]}"
     for p in "${PIDS[@]:3}"; do echo "driver 0 $(( T1[$p] - T0[$p] )) ${RSS[$p]}"; done
@@ -231,7 +234,7 @@ m = json.load(open(merged_f))
 hz = int(hz)
 window = (int(t1) - int(t0)) / 1e9
 procs = [l.split() for l in """$server_json""".strip().splitlines()]
-nodes = [(int(t) / hz, int(r)) for k, _, t, r in procs if k == "node"]
+nodes = [(int(t) / hz, int(r), int(b)) for k, b, t, r in procs if k == "node"]
 redis = [(int(t) / hz, int(r)) for k, _, t, r in procs if k == "redis"][0]
 drivers_cpu = sum(int(t) / hz for k, _, t, r in procs if k == "driver")
 cmds = {}
@@ -246,7 +249,7 @@ for line in open(cmd_f):
 total_calls = sum(c["calls"] for c in cmds.values())
 m["server"] = {
     "window_s": round(window, 3),
-    "nodes": [{"cpu_s": round(c, 2), "cores": round(c / window, 3), "rss_kb": r} for c, r in nodes],
+    "nodes": [{"cpu_s": round(c, 2), "cores": round(c / window, 3), "rss_kb": r, "rss_before_clients_kb": b} for c, r, b in nodes],
     "redis": {"cpu_s": round(redis[0], 2), "cores": round(redis[0] / window, 3), "rss_kb": redis[1]},
     "drivers_cpu_s": round(drivers_cpu, 2),
     "redis_commandstats": cmds,
@@ -286,8 +289,9 @@ rows = [
     ("errors", f"{m['errors_total']} {json.dumps(m['errors']) if m['errors'] else ''}".strip(), "0", ok(m["errors_total"] == 0)),
     ("lost locks", f"{m['lost_locks_total']} {json.dumps(m['lost_locks']) if m['lost_locks'] else ''}".strip(), "0", ok(m["lost_locks_total"] == 0)),
 ]
-for i, (c, r) in enumerate(nodes):
-    rows.append((f"node {'AB'[i]} CPU (cores) / RSS", f"{c / window:.2f} / {r / 1024:.0f} MB ({r * 1024 / max(conns / 2, 1) / 1000:.1f} KB per connection)", "", ""))
+for i, (c, r, b) in enumerate(nodes):
+    per = (r - b) * 1024 / max(conns / 2, 1) / 1000
+    rows.append((f"node {'AB'[i]} CPU (cores) / RSS", f"{c / window:.2f} / {r / 1024:.0f} MB ({per:.1f} KB per connection above the {b / 1024:.0f} MB before clients)", "", ""))
 rows.append(("Redis CPU (cores) / commands/s", f"{redis[0] / window:.2f} / {total_calls / window:,.0f}", "", ""))
 rows.append(("driver CPU (cores, all processes)", f"{drivers_cpu / window:.2f}", "", ""))
 print("| scale run | measured | target | met |")

@@ -17,14 +17,17 @@
 # The workload per room of MEMBERS (20): CURSOR_SENDERS (4, a fifth) send cursors at CURSOR_HZ
 # (2); every member changes its focus every PRESENCE_EVERY_S (10); EDITORS (5, a quarter) take
 # a lock every LOCK_EVERY_S (30) on one of LOCK_RESOURCES (8) resources of their room, never
-# waiting, hold it LOCK_HOLD_MS (2000) and release it.
+# waiting, hold it LOCK_HOLD_MS (2000) and release it (asking ttl_ms LOCK_TTL_MS, 15000).
 #
 # The gateways run with their defaults: nothing in them refuses this load (one user per
 # connection, one room per session, ≤ 2.1 messages/s per session against a budget of 100,
 # 20 members against a cap of 500, /v1/ws outside the HTTP budget, tokens signed here).
 #
+# A size that does not fit still ends in a table: a driver stops its ramp after RAMP_TIMEOUT_S
+# (default 300) or once more than 5 % of its joins failed, and the rest count as errors.
+#
 # Environment: LOCKSTEP_BIN=path (default: build the release binary), SKIP_BUILD=1, DRIVERS,
-# CONNECT_RATE (default 500/s), WARMUP_S (default 10), the workload knobs above,
+# CONNECT_RATE (default 500/s), WARMUP_S (default 10), RAMP_TIMEOUT_S, the workload knobs above,
 # SCALE_JSON=file (also write the merged result with the server-side figures there),
 # BENCH_TMPDIR=dir, REDIS_SERVER, NODE_ENV="K=V …" (extra gateway settings).
 
@@ -46,6 +49,7 @@ WORKLOAD=(
     --lock-every-s "${LOCK_EVERY_S:-30}"
     --lock-hold-ms "${LOCK_HOLD_MS:-2000}"
     --lock-resources "${LOCK_RESOURCES:-8}"
+    --lock-ttl-ms "${LOCK_TTL_MS:-15000}"
 )
 
 WORK=""
@@ -152,7 +156,7 @@ echo "ramping up $(( ROOMS * MEMBERS )) connections ($ROOMS rooms × $MEMBERS) f
 for d in $(seq 0 $(( DRIVERS - 1 ))); do
     "$LOAD" scale --url "${URLS[0]}" --url "${URLS[1]}" --jwt-secret "$SECRET" \
         --rooms "$PER" --first-room $(( d * PER )) "${WORKLOAD[@]}" \
-        --connect-rate "$RATE" \
+        --connect-rate "$RATE" --ramp-timeout-s "${RAMP_TIMEOUT_S:-300}" \
         --ready-file "$WORK/ready.$d" --go-file "$WORK/go" --stop-file "$WORK/stop" \
         --out "$WORK/driver.$d.json" >"$WORK/driver.$d.stdout" 2>"$WORK/driver.$d.log" &
     DRIVER_PIDS+=($!)

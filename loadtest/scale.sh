@@ -5,7 +5,8 @@
 #
 # Starts a private redis-server (free loopback port, no persistence), two gateway nodes on it
 # (free ports, one shared HS256 secret, temp data dirs, JSON-lines audit) and DRIVERS driver
-# processes (`lockstep-load scale`, default 2): driver d drives rooms [d*R/D, (d+1)*R/D), and
+# processes (`lockstep-load scale`, default 2): driver d drives rooms [d*R/D, (d+1)*R/D) (the
+# last one also the remainder), and
 # member m of every room connects to node m mod 2, so each room is split over both nodes and
 # every process holds fewer than 20,000 sockets (the open-files hard limit here). Connections
 # ramp up at CONNECT_RATE per second in total; once every driver has joined its rooms the
@@ -87,9 +88,9 @@ command -v "$REDIS_SERVER" >/dev/null || {
     echo "redis-server is needed (apt-get install -y redis-server)" >&2
     exit 1
 }
-(( ROOMS % DRIVERS == 0 )) || { echo "ROOMS ($ROOMS) must be a multiple of DRIVERS ($DRIVERS)" >&2; exit 1; }
-(( ROOMS * MEMBERS / DRIVERS < 19900 )) || {
-    echo "$(( ROOMS * MEMBERS / DRIVERS )) connections per driver process: raise DRIVERS" >&2
+(( ROOMS >= DRIVERS )) || { echo "ROOMS ($ROOMS) must be at least DRIVERS ($DRIVERS)" >&2; exit 1; }
+(( (ROOMS / DRIVERS + 1) * MEMBERS < 19900 )) || {
+    echo "$(( (ROOMS / DRIVERS + 1) * MEMBERS )) connections per driver process: raise DRIVERS" >&2
     exit 1
 }
 
@@ -154,8 +155,11 @@ PER=$(( ROOMS / DRIVERS ))
 RATE=$(python3 -c "print($CONNECT_RATE / $DRIVERS)")
 echo "ramping up $(( ROOMS * MEMBERS )) connections ($ROOMS rooms × $MEMBERS) from $DRIVERS driver processes at $CONNECT_RATE/s" >&2
 for d in $(seq 0 $(( DRIVERS - 1 ))); do
+    # The last driver also takes the rooms left over by the division.
+    mine=$PER
+    (( d == DRIVERS - 1 )) && mine=$(( ROOMS - PER * (DRIVERS - 1) ))
     "$LOAD" scale --url "${URLS[0]}" --url "${URLS[1]}" --jwt-secret "$SECRET" \
-        --rooms "$PER" --first-room $(( d * PER )) "${WORKLOAD[@]}" \
+        --rooms "$mine" --first-room $(( d * PER )) "${WORKLOAD[@]}" \
         --connect-rate "$RATE" --ramp-timeout-s "${RAMP_TIMEOUT_S:-300}" \
         --ready-file "$WORK/ready.$d" --go-file "$WORK/go" --stop-file "$WORK/stop" \
         --out "$WORK/driver.$d.json" >"$WORK/driver.$d.stdout" 2>"$WORK/driver.$d.log" &

@@ -277,3 +277,45 @@ pub fn merge(args: MergeArgs) -> Result<Value> {
     }
     Ok(total.summary())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(lat_us: &[u64], cursors: u64, errors: &[(&str, u64)]) -> Part {
+        let mut p = Part::empty();
+        p.processes = 1;
+        p.planned = 10;
+        p.connected = 10;
+        p.window_s = 30.0;
+        p.counts[C_CURSORS_DELIVERED] = cursors;
+        for &us in lat_us {
+            p.hists[H_CURSOR_CROSS].record(us).unwrap();
+        }
+        for &(k, n) in errors {
+            p.errors.insert(k.to_owned(), n);
+        }
+        p
+    }
+
+    #[test]
+    fn raw_round_trip_and_merge_add_up_exactly() {
+        let a = part(&[100, 200, 300], 5, &[("timeout:join", 2)]);
+        let b = part(&[1_000, 50_000], 7, &[("timeout:join", 1), ("closed", 4)]);
+        let mut total = Part::from_raw(&a.to_raw()).unwrap();
+        total.merge(&Part::from_raw(&b.to_raw()).unwrap());
+        assert_eq!(total.processes, 2);
+        assert_eq!(total.connected, 20);
+        assert_eq!(total.counts[C_CURSORS_DELIVERED], 12);
+        assert_eq!(total.errors["timeout:join"], 3);
+        assert_eq!(total.errors["closed"], 4);
+        let h = &total.hists[H_CURSOR_CROSS];
+        assert_eq!(h.len(), 5);
+        assert_eq!(h.max(), h.highest_equivalent(50_000));
+        let s = total.summary();
+        assert_eq!(s["errors_total"], 7);
+        assert_eq!(s["latency_us"]["cursor_cross_node"]["count"], 5);
+        // 12 deliveries over the (shared) 30 s window.
+        assert_eq!(s["per_s"]["cursor_deliveries"], 0.4);
+    }
+}

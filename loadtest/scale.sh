@@ -25,7 +25,7 @@
 # 20 members against a cap of 500, /v1/ws outside the HTTP budget, tokens signed here).
 #
 # A size that does not fit still ends in a table: a driver stops its ramp after RAMP_TIMEOUT_S
-# (default 300) or once more than 5 % of its joins failed, and the rest count as errors.
+# (default 120) or once more than 5 % of its joins failed, and the rest count as errors.
 #
 # Environment: LOCKSTEP_BIN=path (default: build the release binary), SKIP_BUILD=1, DRIVERS,
 # CONNECT_RATE (default 500/s), WARMUP_S (default 10), RAMP_TIMEOUT_S, the workload knobs above,
@@ -160,7 +160,7 @@ for d in $(seq 0 $(( DRIVERS - 1 ))); do
     (( d == DRIVERS - 1 )) && mine=$(( ROOMS - PER * (DRIVERS - 1) ))
     "$LOAD" scale --url "${URLS[0]}" --url "${URLS[1]}" --jwt-secret "$SECRET" \
         --rooms "$mine" --first-room $(( d * PER )) "${WORKLOAD[@]}" \
-        --connect-rate "$RATE" --ramp-timeout-s "${RAMP_TIMEOUT_S:-300}" \
+        --connect-rate "$RATE" --ramp-timeout-s "${RAMP_TIMEOUT_S:-120}" \
         --ready-file "$WORK/ready.$d" --go-file "$WORK/go" --stop-file "$WORK/stop" \
         --out "$WORK/driver.$d.json" >"$WORK/driver.$d.stdout" 2>"$WORK/driver.$d.log" &
     DRIVER_PIDS+=($!)

@@ -91,7 +91,7 @@ pub struct Args {
     /// The ramp gives up (the rest of the connections are not attempted, and counted as
     /// `ramp:abandoned` errors) after this many seconds, or once more than 5 % of the
     /// connections (at least 50) failed: the size does not fit, and the window shows what did.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 120)]
     pub ramp_timeout_s: u64,
     /// Written (empty) when every connection has joined or failed.
     #[arg(long)]

@@ -11,6 +11,8 @@
 //! - [`fanout`]: rooms × members, every member sending cursors at a rate, every receiver
 //!   timing them end to end; speaks lockstep, Socket.IO 4 and the bare relay's protocol, so
 //!   `side-by-side.sh` compares the three with one driver.
+//! - [`scale`]: the studio workload (cursors, focus changes, lock cycles) on two nodes, one
+//!   driver process's share; `scale-merge` adds up several (`scale.sh` runs it all).
 //! - [`ping`]: the same harness with bare `ping` → `pong`, the baseline a lock round trip is
 //!   compared with.
 //!
@@ -25,6 +27,7 @@ mod idle;
 mod locks;
 mod ping;
 mod procfs;
+mod scale;
 mod stats;
 
 use std::process::ExitCode;
@@ -57,6 +60,10 @@ enum Command {
     /// Room fan-out: cursors at a rate from every member of rooms × members, end-to-end
     /// latency, deliveries per server CPU-second (lockstep, Socket.IO or the bare relay).
     Fanout(fanout::Args),
+    /// The studio workload on two nodes: one driver process's share (see `loadtest/scale.sh`).
+    Scale(scale::Args),
+    /// Adds up the `--out` files of several `scale` driver processes.
+    ScaleMerge(scale::MergeArgs),
 }
 
 fn main() -> ExitCode {
@@ -88,6 +95,8 @@ fn run(cli: Cli) -> Result<()> {
             Command::Ping(args) => ping::run(args).await,
             Command::Crossnode(args) => crossnode::run(args).await,
             Command::Fanout(args) => fanout::run(args).await,
+            Command::Scale(args) => scale::run(args).await,
+            Command::ScaleMerge(args) => scale::merge(args),
         }
     })?;
     println!("{}", serde_json::to_string_pretty(&output)?);

@@ -5,7 +5,9 @@
 #      tests), with k6 installed first when missing;
 #   2. the demo page in headless Chromium (installs chromium and playwright-core when missing);
 #   3. the deployment files, validated offline (k8s/, Helm chart, alert rules, dashboard);
-#   4. a k6 smoke of the studio scenario against a private Redis and 3 release-build nodes.
+#   4. a k6 smoke of the studio scenario against a private Redis and 3 release-build nodes;
+#   5. a toy-size run of the benchmark harnesses (side by side with Socket.IO and the bare
+#      relay, and the scale run), so the tools behind docs/benchmarks.md keep working.
 # Needs redis-server and PostgreSQL's initdb/pg_ctl on the machine (`.ci/run` installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,3 +21,4 @@ bash scripts/browser-test.sh
 bash scripts/validate-deploy.sh
 # Exit 99 = a latency or safety threshold crossed.
 bash loadtest/k6-local.sh --smoke
+bash loadtest/smoke.sh

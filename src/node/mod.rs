@@ -289,7 +289,8 @@ impl Node {
             origin: origin.cloned(),
             kind,
         });
-        if let Err(e) = self.broker.publish(event).await {
+        // Queued, not confirmed: local members have it now, other nodes in queue order.
+        if let Err(e) = self.broker.post(event).await {
             tracing::warn!(error = %e, %room, "publish failed");
         }
     }

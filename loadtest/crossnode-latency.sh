@@ -21,6 +21,12 @@
 # sent during it, from INFO commandstats), then the medians and the lock / SET NX ratios.
 # Redis, both nodes and the temp dirs are removed on exit, error or ^C (trap).
 #
+# COMMANDS=1 measures Redis commands per operation instead (and nothing else): the stats are
+# reset, the two idle nodes are watched for IDLE_SECONDS (default 5: reapers, lease and presence
+# refreshes), then reset before each of `crossnode locks` (acquire + release pairs, shared room)
+# and `crossnode presence` (focus changes, closed loop), and each command's count, less the idle
+# rate times the run's duration, is divided by the operations. One JSON object per operation.
+#
 # Environment: RUNS, SKIP_BUILD=1, LOCKSTEP_BIN=path, BENCH_TMPDIR=dir, LOCK_ITERATIONS
 # (default 2000 per lock/SET client), PACED_RATE (messages/s per sender in the paced pass,
 # default 50; 0 skips it), PACED_ITERATIONS (default 500), REDIS_SERVER (default redis-server).
@@ -154,6 +160,44 @@ both=(--url "${URLS[0]}" --url "${URLS[1]}" --jwt-secret "$SECRET")
 fan=("${both[@]}" --pairs "$PAIRS" --iterations "$ITERATIONS")
 paced=("${both[@]}" --pairs "$PAIRS" --iterations "$PACED_ITERATIONS" --warmup 20 --rate "$PACED_RATE")
 locks=("${both[@]}" --clients "$CLIENTS" --iterations "$LOCK_ITERATIONS" --resources "$CLIENTS")
+# commands_per_op OP COUNT IDLE_JSON IDLE_SECONDS ARGS...: runs the load tool, prints
+# {op, ops, seconds, per_op: {command: calls per op}} (background calls subtracted).
+commands_per_op() {
+    local op="$1" count="$2" idle="$3" idle_s="$4" t0 t1 calls
+    shift 4
+    echo "== commands per $op ($count)" >&2
+    redis-cli -p "$REDIS_PORT" CONFIG RESETSTAT >/dev/null
+    t0="$(date +%s.%N)"
+    "$LOAD" "$@" >/dev/null
+    t1="$(date +%s.%N)"
+    calls="$(redis_calls)"
+    python3 - "$op" "$count" "$t0" "$t1" "$idle" "$idle_s" "$calls" <<'PY'
+import json, sys
+op, n, t0, t1, idle, idle_s, calls = sys.argv[1:]
+n, secs, idle_s = int(n), float(t1) - float(t0), float(idle_s)
+idle, calls = json.loads(idle), json.loads(calls)
+per_op = {}
+for name, c in sorted(calls.items()):
+    background = idle.get(name, {}).get("calls", 0) * secs / idle_s
+    v = max(c["calls"] - background, 0) / n
+    if v >= 0.005:
+        per_op[name] = round(v, 2)
+print(json.dumps({"op": op, "ops": n, "seconds": round(secs, 1),
+                  "per_op": per_op, "total_per_op": round(sum(per_op.values()), 2)}))
+PY
+}
+
+if [[ "${COMMANDS:-0}" == 1 ]]; then
+    IDLE_SECONDS="${IDLE_SECONDS:-5}"
+    redis-cli -p "$REDIS_PORT" CONFIG RESETSTAT >/dev/null
+    sleep "$IDLE_SECONDS"
+    idle="$(redis_calls)"
+    echo "idle two nodes, ${IDLE_SECONDS}s: $idle" >&2
+    commands_per_op "lock.acquire + lock.release" $(( CLIENTS * LOCK_ITERATIONS ))         "$idle" "$IDLE_SECONDS" crossnode locks "${locks[@]}"
+    commands_per_op "presence focus change" $(( PAIRS * ITERATIONS ))         "$idle" "$IDLE_SECONDS" crossnode presence "${fan[@]}"
+    exit 0
+fi
+
 for run in $(seq 1 "$RUNS"); do
     measure "cursor A -> B ($PAIRS pairs)" crossnode cursor "${fan[@]}"
     measure "presence A -> B ($PAIRS pairs)" crossnode presence "${fan[@]}"

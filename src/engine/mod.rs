@@ -561,6 +561,11 @@ pub trait Broker: Send + Sync + 'static {
     async fn post(&self, event: Arc<RoomEvent>) -> EngineResult<()> {
         self.publish(event).await
     }
+    /// Returns once every event posted before was sent (or failed): a draining node calls
+    /// it so that nothing it posted is lost with the process.
+    async fn flush(&self) -> EngineResult<()> {
+        Ok(())
+    }
     /// This node has local members in `room` from now on.
     async fn subscribe(&self, room: &Entity) -> EngineResult<()>;
     /// This node's last local member left `room`.

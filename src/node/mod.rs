@@ -242,6 +242,10 @@ impl Node {
             tracing::warn!("background duties still running after the drain");
         }
         self.hand_over_parked().await;
+        // Events are posted, not confirmed (`publish`): send what is still queued.
+        if let Err(e) = self.broker.flush().await {
+            tracing::warn!(error = %e, "room events not published before the exit");
+        }
         if let Err(e) = self.audit.flush().await {
             tracing::error!(error = %e, "audit flush on shutdown failed");
         }

@@ -146,7 +146,8 @@ const RESUBSCRIBE_CONCURRENCY: usize = 32;
 const SUB_STRIPES: usize = 64;
 
 struct Outgoing {
-    event: Arc<RoomEvent>,
+    /// `None`: a flush marker, answered once everything queued before it was answered.
+    event: Option<Arc<RoomEvent>>,
     /// `None` for [`post`](Broker::post): nobody waits for Redis' answer.
     done: Option<oneshot::Sender<EngineResult<()>>>,
 }
@@ -363,7 +364,10 @@ impl RedisBroker {
         if subscribed {
             self.shared.sink.deliver(event.clone());
         }
-        permit.send(Outgoing { event, done });
+        permit.send(Outgoing {
+            event: Some(event),
+            done,
+        });
         Ok(())
     }
 }
@@ -374,6 +378,27 @@ impl Broker for RedisBroker {
         let (done, result) = oneshot::channel();
         let work = async {
             self.enqueue(event, Some(done)).await?;
+            result
+                .await
+                .map_err(|_| EngineError::Unavailable("broker stopped".into()))?
+        };
+        tokio::time::timeout(PUBLISH_TIMEOUT, work)
+            .await
+            .map_err(|_| EngineError::Unavailable("redis publish timed out".into()))?
+    }
+
+    async fn flush(&self) -> EngineResult<()> {
+        let (done, result) = oneshot::channel();
+        let work = async {
+            let permit = self
+                .queue
+                .reserve()
+                .await
+                .map_err(|_| EngineError::Unavailable("broker stopped".into()))?;
+            permit.send(Outgoing {
+                event: None,
+                done: Some(done),
+            });
             result
                 .await
                 .map_err(|_| EngineError::Unavailable("broker stopped".into()))?
@@ -520,14 +545,20 @@ async fn publisher(
         let mut unreported = 0usize;
         let pipeline = pool.next().pipeline();
         let mut waiting = Vec::with_capacity(batch.len());
+        let mut flushes = Vec::new();
         for out in batch.drain(..) {
-            let room = &out.event.room;
+            let Some(event) = &out.event else {
+                // Answered after this batch's pipeline: everything queued before is answered.
+                flushes.extend(out.done);
+                continue;
+            };
+            let room = &event.room;
             let counter = seqs.entry(room.clone()).or_insert((0, now));
             let seq = counter.0 + 1;
             let encoded = rmp_serde::to_vec_named(&EnvelopeRef {
                 node: &node_id,
                 seq,
-                event: &out.event,
+                event,
             });
             let bytes = match encoded {
                 Ok(b) => b,
@@ -578,6 +609,9 @@ async fn publisher(
                 };
                 unreported += usize::from(answer(done, r));
             }
+        }
+        for done in flushes {
+            let _ = done.send(Ok(()));
         }
         if unreported > 0 {
             // Remote receivers see the gap and resync; local members had them already.

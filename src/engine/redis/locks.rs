@@ -124,8 +124,7 @@ use super::script::LuaScript;
 use super::{call, engine_err, keys};
 use crate::engine::{
     AcquireOutcome, AcquireRequest, Actor, EngineError, EngineResult, HeldBy, LockInfo, LockKey,
-    LockStore,
-    LockTransition, ReleaseReason, SessionId, TokenOutcome,
+    LockStore, LockTransition, ReleaseReason, SessionId, TokenOutcome,
 };
 use crate::names::Entity;
 use crate::telemetry::RedisMetrics;

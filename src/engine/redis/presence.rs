@@ -347,7 +347,10 @@ impl RedisPresenceStore {
         for _ in 0..UPDATE_ATTEMPTS {
             let old: Member = from_json(&current)?;
             let new = patched(&old, patch);
-            match self.compare_and_set(room, session_id, current, &new).await? {
+            match self
+                .compare_and_set(room, session_id, current, &new)
+                .await?
+            {
                 Cas::Written { old_expiry, expiry } => {
                     self.refocus(
                         room,
@@ -571,7 +574,10 @@ impl PresenceStore for RedisPresenceStore {
             return self.update(room, session_id, patch).await;
         };
         let new = patched(known, &patch);
-        let old_focus = known.focus.as_ref().filter(|f| new.focus.as_ref() != Some(*f));
+        let old_focus = known
+            .focus
+            .as_ref()
+            .filter(|f| new.focus.as_ref() != Some(*f));
         let cas = self.compare_and_set(room, session_id, to_json(known)?, &new);
         let del = async {
             if let Some(f) = old_focus {

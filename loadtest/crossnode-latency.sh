@@ -21,6 +21,15 @@
 # sent during it, from INFO commandstats), then the medians and the lock / SET NX ratios.
 # Redis, both nodes and the temp dirs are removed on exit, error or ^C (trap).
 #
+# COMMANDS=1 measures Redis commands per operation instead (and nothing else): the stats are
+# reset, the two idle nodes are watched for IDLE_SECONDS (default 5: reapers, lease and presence
+# refreshes), then reset before each of `crossnode locks` (acquire + release pairs, shared room)
+# and `crossnode presence` (focus changes, closed loop; both without warm-up), and each command's
+# count, less the idle rate times the run's duration, is divided by the operations. Commands
+# run inside Lua scripts count too (INFO commandstats counts them); `round_trips_per_op` is the
+# nodes' own view, from `lockstep_redis_command_duration_seconds_count{op}` on /metrics: one
+# per script call, command or pipeline. One JSON object per operation.
+#
 # Environment: RUNS, SKIP_BUILD=1, LOCKSTEP_BIN=path, BENCH_TMPDIR=dir, LOCK_ITERATIONS
 # (default 2000 per lock/SET client), PACED_RATE (messages/s per sender in the paced pass,
 # default 50; 0 skips it), PACED_ITERATIONS (default 500), REDIS_SERVER (default redis-server).
@@ -154,6 +163,80 @@ both=(--url "${URLS[0]}" --url "${URLS[1]}" --jwt-secret "$SECRET")
 fan=("${both[@]}" --pairs "$PAIRS" --iterations "$ITERATIONS")
 paced=("${both[@]}" --pairs "$PAIRS" --iterations "$PACED_ITERATIONS" --warmup 20 --rate "$PACED_RATE")
 locks=("${both[@]}" --clients "$CLIENTS" --iterations "$LOCK_ITERATIONS" --resources "$CLIENTS")
+# node_calls: the Redis calls both nodes made so far, by op, as {"op": {"calls": n}}.
+node_calls() {
+    local u
+    for u in "${URLS[@]}"; do
+        curl -fsS "$u/metrics"
+    done | python3 -c '
+import json, re, sys
+out = {}
+for line in sys.stdin:
+    m = re.match(r"lockstep_redis_command_duration_seconds_count\{(.*)\} (\S+)", line)
+    if not m:
+        continue
+    op = re.search(r"op=\"([^\"]*)\"", m.group(1))
+    if op:
+        d = out.setdefault(op.group(1), {"calls": 0})
+        d["calls"] += int(float(m.group(2)))
+print(json.dumps(out))'
+}
+
+# commands_per_op OP COUNT ARGS...: runs the load tool, prints {op, ops, seconds,
+# commands_per_op, round_trips_per_op} (background calls subtracted, see COMMANDS above).
+commands_per_op() {
+    local op="$1" count="$2" t0 t1 calls before after
+    shift 2
+    echo "== commands per $op ($count)" >&2
+    redis-cli -p "$REDIS_PORT" CONFIG RESETSTAT >/dev/null
+    before="$(node_calls)"
+    t0="$(date +%s.%N)"
+    "$LOAD" "$@" >/dev/null
+    t1="$(date +%s.%N)"
+    calls="$(redis_calls)"
+    after="$(node_calls)"
+    python3 - "$op" "$count" "$t0" "$t1" "$IDLE_SECONDS" "$idle" "$calls" "$idle_nodes" \
+        "$before" "$after" <<'PY'
+import json, sys
+op, n, t0, t1, idle_s, idle, calls, idle_nodes, before, after = sys.argv[1:]
+n, secs, idle_s = int(n), float(t1) - float(t0), float(idle_s)
+idle, calls, idle_nodes = json.loads(idle), json.loads(calls), json.loads(idle_nodes)
+before, after = json.loads(before), json.loads(after)
+def per_op(counts, background):
+    out = {}
+    for name, c in sorted(counts.items()):
+        bg = background.get(name, {}).get("calls", 0) * secs / idle_s
+        v = max(c["calls"] - bg, 0) / n
+        if v >= 0.005:
+            out[name] = round(v, 2)
+    return out
+delta = {k: {"calls": v["calls"] - before.get(k, {}).get("calls", 0)} for k, v in after.items()}
+cmds, rts = per_op(calls, idle), per_op(delta, idle_nodes)
+print(json.dumps({"op": op, "ops": n, "seconds": round(secs, 1),
+                  "commands_per_op": cmds, "commands_total": round(sum(cmds.values()), 2),
+                  "round_trips_per_op": rts, "round_trips_total": round(sum(rts.values()), 2)}))
+PY
+}
+
+if [[ "${COMMANDS:-0}" == 1 ]]; then
+    IDLE_SECONDS="${IDLE_SECONDS:-5}"
+    redis-cli -p "$REDIS_PORT" CONFIG RESETSTAT >/dev/null
+    first="$(node_calls)"
+    sleep "$IDLE_SECONDS"
+    idle="$(redis_calls)"
+    idle_nodes="$(python3 -c '
+import json, sys
+a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+print(json.dumps({k: {"calls": v["calls"] - a.get(k, {}).get("calls", 0)} for k, v in b.items()}))
+' "$first" "$(node_calls)")"
+    echo "idle two nodes, ${IDLE_SECONDS}s: $idle" >&2
+    commands_per_op "lock.acquire + lock.release" $(( CLIENTS * LOCK_ITERATIONS )) \
+        crossnode locks "${locks[@]}" --warmup 0
+    commands_per_op "presence focus change" $(( PAIRS * ITERATIONS )) \
+        crossnode presence "${fan[@]}" --warmup 0
+    exit 0
+fi
+
 for run in $(seq 1 "$RUNS"); do
     measure "cursor A -> B ($PAIRS pairs)" crossnode cursor "${fan[@]}"
     measure "presence A -> B ($PAIRS pairs)" crossnode presence "${fan[@]}"

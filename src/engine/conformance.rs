@@ -1507,6 +1507,43 @@ pub async fn presence_update(s: &dyn PresenceStore) {
         "focus index follows the update"
     );
 
+    // With the member as last written, and with an out-of-date one: the same result.
+    let refocus = PresencePatch {
+        focus: Some(Some(focus.clone())),
+        state: None,
+    };
+    let known = s
+        .update_known(&room, &id, refocus.clone(), Some(&cleared))
+        .await
+        .expect("update_known")
+        .expect("member exists");
+    assert_eq!(known.focus, Some(focus.clone()));
+    assert_eq!(known.state, updated.state);
+    let stale = s
+        .update_known(&room, &id, PresencePatch::default(), Some(&cleared))
+        .await
+        .expect("update_known")
+        .expect("member exists");
+    assert_eq!(stale, known, "an out-of-date member changes nothing");
+    assert_eq!(
+        s.presence_of(&focus).await.expect("presence"),
+        vec![known.clone()],
+        "focus index follows update_known"
+    );
+    let other = unique("segment");
+    let moved = PresencePatch {
+        focus: Some(Some(other.clone())),
+        state: None,
+    };
+    s.update_known(&room, &id, moved, Some(&known))
+        .await
+        .expect("update_known");
+    assert!(
+        s.presence_of(&focus).await.expect("presence").is_empty(),
+        "the old focus entry is gone"
+    );
+    assert_eq!(s.presence_of(&other).await.expect("presence").len(), 1);
+
     let nobody = s
         .update(&room, &holder("q").session_id, PresencePatch::default())
         .await

@@ -274,6 +274,24 @@ pub enum ActorVia {
 
 /// Exclusive locks with fencing tokens.
 ///
+/// Who releases a lock in [`LockStore::release_held`]: its holding session (WebSocket), or a
+/// user whose HTTP grants are theirs.
+#[derive(Debug, Clone, Copy)]
+pub enum HeldBy<'a> {
+    Session(&'a str),
+    User(&'a str),
+}
+
+impl HeldBy<'_> {
+    /// Whether `lock` is held by this holder.
+    pub fn holds(&self, lock: &LockInfo) -> bool {
+        match self {
+            HeldBy::Session(s) => *lock.holder.session_id == **s,
+            HeldBy::User(u) => *lock.holder.user_id == **u,
+        }
+    }
+}
+
 /// Every method that changes lock state also records its audit record(s) in the same step
 /// (the Redis store `XADD`s inside its Lua script), so lock state and audit never diverge.
 #[async_trait]
@@ -293,6 +311,26 @@ pub trait LockStore: Send + Sync + 'static {
         reason: ReleaseReason,
         actor: Option<&Actor>,
     ) -> EngineResult<TokenOutcome<LockTransition>>;
+
+    /// A holder's own release: compare-and-delete on `token` *and* the holder (`by`), one step.
+    /// When either does not match nothing changes and [`TokenOutcome::NotHeld`] carries the
+    /// current lock, so the caller tells a stale token (`current` absent or another token) from
+    /// someone else's lock (same token, other holder). The default reads, then releases; the
+    /// Redis store does both in one script (one round trip).
+    async fn release_held(
+        &self,
+        key: &LockKey,
+        token: u64,
+        by: HeldBy<'_>,
+    ) -> EngineResult<TokenOutcome<LockTransition>> {
+        match self.get(key).await? {
+            Some(current) if current.token == token && by.holds(&current) => {
+                self.release(key, token, ReleaseReason::Released, None)
+                    .await
+            }
+            current => Ok(TokenOutcome::NotHeld { current }),
+        }
+    }
 
     /// Takes back a grant whose token could not be registered (strict fencing), before
     /// anyone was told its token: compare-and-delete on `token` like `release`, recorded as
@@ -405,6 +443,19 @@ pub trait PresenceStore: Send + Sync + 'static {
         session_id: &SessionId,
         patch: PresencePatch,
     ) -> EngineResult<Option<Member>>;
+    /// [`update`](PresenceStore::update) by a caller that knows the member as it last wrote
+    /// it (`known`, from its join or last update). A store may save a read with it; the result
+    /// is `update`'s, also when `known` is out of date (then it is only slower).
+    async fn update_known(
+        &self,
+        room: &Entity,
+        session_id: &SessionId,
+        patch: PresencePatch,
+        known: Option<&Member>,
+    ) -> EngineResult<Option<Member>> {
+        let _ = known;
+        self.update(room, session_id, patch).await
+    }
     /// Removes the member; returns it if it was there.
     async fn leave(&self, room: &Entity, session_id: &SessionId) -> EngineResult<Option<Member>>;
     /// Members of the room, oldest first.
@@ -499,8 +550,22 @@ pub trait EventSink: Send + Sync + 'static {
 /// Fan-out of room events between nodes.
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
-    /// Delivers `event` to every node subscribed to its room (including this one).
+    /// Delivers `event` to every node subscribed to its room (including this one); returns
+    /// once the transport accepted it.
     async fn publish(&self, event: Arc<RoomEvent>) -> EngineResult<()>;
+    /// Like [`publish`](Broker::publish), but returns once `event` is queued behind this
+    /// node's earlier events (in order, so no later event of this node overtakes it), without
+    /// waiting for the transport to accept it. This node's own subscribers have it when this
+    /// returns. A failure after that is the broker's to report (remote receivers see a gap and
+    /// resync). This is what the node uses: nothing on a request's path waits for pub/sub.
+    async fn post(&self, event: Arc<RoomEvent>) -> EngineResult<()> {
+        self.publish(event).await
+    }
+    /// Returns once every event posted before was sent (or failed): a draining node calls
+    /// it so that nothing it posted is lost with the process.
+    async fn flush(&self) -> EngineResult<()> {
+        Ok(())
+    }
     /// This node has local members in `room` from now on.
     async fn subscribe(&self, room: &Entity) -> EngineResult<()>;
     /// This node's last local member left `room`.

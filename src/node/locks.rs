@@ -7,8 +7,8 @@ use std::time::Instant;
 use super::{Node, OpError};
 use crate::auth::{Principal, Role};
 use crate::engine::{
-    AcquireOutcome, AcquireRequest, Actor, ActorVia, EngineError, Grant, Holder, LockInfo, LockKey,
-    ReleaseReason, RoomEventKind, TokenOutcome, WaitSpec,
+    AcquireOutcome, AcquireRequest, Actor, ActorVia, EngineError, Grant, HeldBy, Holder, LockInfo,
+    LockKey, ReleaseReason, RoomEventKind, TokenOutcome, WaitSpec,
 };
 use crate::names::Entity;
 use crate::session::handle::SessionHandle;
@@ -269,6 +269,9 @@ impl Node {
         token: Option<u64>,
         force: bool,
     ) -> Result<(), OpError> {
+        if !force && !caller.principal().admin {
+            return self.release_own(caller, key, token).await;
+        }
         let current = self.locks.get(key).await?;
         let Some(current) = current else {
             if force {
@@ -329,6 +332,45 @@ impl Node {
                 self.announce(t).await;
                 Ok(())
             }
+            TokenOutcome::NotHeld { .. } => {
+                self.metrics.lock_outcome("stale");
+                Err(OpError::LockNotHeld)
+            }
+        }
+    }
+
+    /// A holder's own release (not forced, not an admin): the store compares token and holder
+    /// in the same step as the release, so this costs one Redis round trip, not a read first.
+    /// The answers are [`release`](Self::release)'s: `lock_not_held` for a stale token,
+    /// `forbidden` for a live token of someone else's lock.
+    async fn release_own(
+        &self,
+        caller: Caller<'_>,
+        key: &LockKey,
+        token: Option<u64>,
+    ) -> Result<(), OpError> {
+        let token = token.ok_or_else(|| OpError::BadRequest("token is required".into()))?;
+        let by = match &caller {
+            Caller::Session(h) => HeldBy::Session(&h.id),
+            Caller::Http { principal, .. } => HeldBy::User(&principal.user_id),
+        };
+        match self.locks.release_held(key, token, by).await? {
+            TokenOutcome::Done(t) => {
+                if let Caller::Session(h) = &caller {
+                    h.unhold(key, token);
+                }
+                self.announce(t).await;
+                Ok(())
+            }
+            TokenOutcome::NotHeld {
+                current: Some(current),
+            } if current.token == token => Err(self
+                .forbidden(
+                    caller.principal(),
+                    &current.room,
+                    "releasing another's lock",
+                )
+                .await),
             TokenOutcome::NotHeld { .. } => {
                 self.metrics.lock_outcome("stale");
                 Err(OpError::LockNotHeld)

@@ -242,6 +242,10 @@ impl Node {
             tracing::warn!("background duties still running after the drain");
         }
         self.hand_over_parked().await;
+        // Events are posted, not confirmed (`publish`): send what is still queued.
+        if let Err(e) = self.broker.flush().await {
+            tracing::warn!(error = %e, "room events not published before the exit");
+        }
         if let Err(e) = self.audit.flush().await {
             tracing::error!(error = %e, "audit flush on shutdown failed");
         }
@@ -289,7 +293,8 @@ impl Node {
             origin: origin.cloned(),
             kind,
         });
-        if let Err(e) = self.broker.publish(event).await {
+        // Queued, not confirmed: local members have it now, other nodes in queue order.
+        if let Err(e) = self.broker.post(event).await {
             tracing::warn!(error = %e, %room, "publish failed");
         }
     }

@@ -137,7 +137,16 @@ impl Node {
         if let Some(Some(state)) = &patch.state {
             self.check_json_size("state", state, self.config.max_presence_state_bytes)?;
         }
-        if let Some(member) = self.presence.update(room, &handle.id, patch).await? {
+        // The member as this session last wrote it lets the store skip reading it first.
+        let known = handle
+            .members()
+            .into_iter()
+            .find_map(|(r, m)| (r == *room).then_some(m));
+        if let Some(member) = self
+            .presence
+            .update_known(room, &handle.id, patch, known.as_ref())
+            .await?
+        {
             handle.set_member(room, member.clone());
             self.publish(
                 room,

@@ -17,7 +17,20 @@
 //! waiting for a batch to complete before sending the next: batches never overtake each other,
 //! so the wire order of a room's messages is their numbering order, while a busy node still
 //! sends hundreds of events per round trip. `publish` returns once Redis accepted the message
-//! (or with [`EngineError::Unavailable`] after a timeout or an error).
+//! (or with [`EngineError::Unavailable`] after a timeout or an error); [`post`](Broker::post),
+//! which the node uses, returns once the message is queued (waiting only for a queue slot, up
+//! to the same timeout, when the queue is full), and the publisher task logs and counts a
+//! failed pipeline instead (receivers see the gap and resync).
+//!
+//! # This node's own events
+//!
+//! An event of a room this node subscribes to is handed to the local sink by `publish`/`post`
+//! itself, before it is queued, and the node's own messages coming back over pub/sub are
+//! dropped: local members get their node's events in publish order without a Redis round
+//! trip, exactly as with the memory broker, and a request answered right after its event was
+//! posted is answered after its own members saw the event. Node ids must be unique (they
+//! already must be for liveness keys, `super::nodes`): a second node with this node's id
+//! would have its events dropped here as echoes.
 //!
 //! Numbering starts at 1 per room on every node start; the counter of a room this node has
 //! not published to for a while is forgotten, and starts again at 1. A receiver therefore
@@ -133,8 +146,22 @@ const RESUBSCRIBE_CONCURRENCY: usize = 32;
 const SUB_STRIPES: usize = 64;
 
 struct Outgoing {
-    event: Arc<RoomEvent>,
-    done: oneshot::Sender<EngineResult<()>>,
+    /// `None`: a flush marker, answered once everything queued before it was answered.
+    event: Option<Arc<RoomEvent>>,
+    /// `None` for [`post`](Broker::post): nobody waits for Redis' answer.
+    done: Option<oneshot::Sender<EngineResult<()>>>,
+}
+
+/// Tells the waiting publisher, if any, how its message fared; `true` for a posted message
+/// that failed (nobody was told: the publisher task logs them, once per batch).
+fn answer(done: Option<oneshot::Sender<EngineResult<()>>>, r: EngineResult<()>) -> bool {
+    match done {
+        Some(done) => {
+            let _ = done.send(r);
+            false
+        }
+        None => r.is_err(),
+    }
 }
 
 /// The Redis [`Broker`]. Create with [`RedisBroker::start`]; dropping it stops its tasks.
@@ -318,17 +345,39 @@ impl Drop for RedisBroker {
     }
 }
 
+impl RedisBroker {
+    /// Hands `event` to the local sink (when this node subscribes to its room) and queues it
+    /// for the publisher; waits only for a queue slot.
+    async fn enqueue(
+        &self,
+        event: Arc<RoomEvent>,
+        done: Option<oneshot::Sender<EngineResult<()>>>,
+    ) -> EngineResult<()> {
+        let permit = self
+            .queue
+            .reserve()
+            .await
+            .map_err(|_| EngineError::Unavailable("broker stopped".into()))?;
+        // With the slot in hand, nothing can fail any more between the local delivery and the
+        // queueing: local and remote members get the same events.
+        let subscribed = self.shared.rooms().contains_key(&event.room);
+        if subscribed {
+            self.shared.sink.deliver(event.clone());
+        }
+        permit.send(Outgoing {
+            event: Some(event),
+            done,
+        });
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl Broker for RedisBroker {
     async fn publish(&self, event: Arc<RoomEvent>) -> EngineResult<()> {
         let (done, result) = oneshot::channel();
         let work = async {
-            let permit = self
-                .queue
-                .reserve()
-                .await
-                .map_err(|_| EngineError::Unavailable("broker stopped".into()))?;
-            permit.send(Outgoing { event, done });
+            self.enqueue(event, Some(done)).await?;
             result
                 .await
                 .map_err(|_| EngineError::Unavailable("broker stopped".into()))?
@@ -336,6 +385,33 @@ impl Broker for RedisBroker {
         tokio::time::timeout(PUBLISH_TIMEOUT, work)
             .await
             .map_err(|_| EngineError::Unavailable("redis publish timed out".into()))?
+    }
+
+    async fn flush(&self) -> EngineResult<()> {
+        let (done, result) = oneshot::channel();
+        let work = async {
+            let permit = self
+                .queue
+                .reserve()
+                .await
+                .map_err(|_| EngineError::Unavailable("broker stopped".into()))?;
+            permit.send(Outgoing {
+                event: None,
+                done: Some(done),
+            });
+            result
+                .await
+                .map_err(|_| EngineError::Unavailable("broker stopped".into()))?
+        };
+        tokio::time::timeout(PUBLISH_TIMEOUT, work)
+            .await
+            .map_err(|_| EngineError::Unavailable("redis publish timed out".into()))?
+    }
+
+    async fn post(&self, event: Arc<RoomEvent>) -> EngineResult<()> {
+        tokio::time::timeout(PUBLISH_TIMEOUT, self.enqueue(event, None))
+            .await
+            .map_err(|_| EngineError::Unavailable("redis publish queue full".into()))?
     }
 
     async fn subscribe(&self, room: &Entity) -> EngineResult<()> {
@@ -414,6 +490,10 @@ impl Shared {
             self.reject(&msg.channel, &format!("event of room {room}"));
             return;
         }
+        // Our own event: the local sink had it when it was published (module doc).
+        if envelope.node == self.node_id {
+            return;
+        }
         let gap = {
             let mut rooms = self.rooms();
             // Not (or no longer) subscribed: a message that was in flight at unsubscribe.
@@ -462,24 +542,30 @@ async fn publisher(
     let mut batch = Vec::with_capacity(PUBLISH_BATCH);
     while queue.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
         let now = Instant::now();
+        let mut unreported = 0usize;
         let pipeline = pool.next().pipeline();
         let mut waiting = Vec::with_capacity(batch.len());
+        let mut flushes = Vec::new();
         for out in batch.drain(..) {
-            let room = &out.event.room;
+            let Some(event) = &out.event else {
+                // Answered after this batch's pipeline: everything queued before is answered.
+                flushes.extend(out.done);
+                continue;
+            };
+            let room = &event.room;
             let counter = seqs.entry(room.clone()).or_insert((0, now));
             let seq = counter.0 + 1;
             let encoded = rmp_serde::to_vec_named(&EnvelopeRef {
                 node: &node_id,
                 seq,
-                event: &out.event,
+                event,
             });
             let bytes = match encoded {
                 Ok(b) => b,
                 Err(e) => {
                     // Not numbered: receivers see no gap for an event that never left.
-                    let _ = out.done.send(Err(EngineError::Internal(format!(
-                        "encoding a room event: {e}"
-                    ))));
+                    let e = EngineError::Internal(format!("encoding a room event: {e}"));
+                    unreported += usize::from(answer(out.done, Err(e)));
                     continue;
                 }
             };
@@ -495,7 +581,7 @@ async fn publisher(
                 Ok(()) => waiting.push(out.done),
                 Err(e) => {
                     // The seq is spent: receivers see a gap and resync, which is right.
-                    let _ = out.done.send(Err(engine_err(e)));
+                    unreported += usize::from(answer(out.done, Err(engine_err(e))));
                 }
             }
         }
@@ -521,8 +607,18 @@ async fn publisher(
                         "redis: no reply to PUBLISH".into(),
                     )),
                 };
-                let _ = done.send(r);
+                unreported += usize::from(answer(done, r));
             }
+        }
+        for done in flushes {
+            let _ = done.send(Ok(()));
+        }
+        if unreported > 0 {
+            // Remote receivers see the gap and resync; local members had them already.
+            tracing::warn!(
+                failed = unreported,
+                "broker: posted room events not published"
+            );
         }
         if now.duration_since(last_prune) >= SEQ_IDLE {
             seqs.retain(|_, (_, used)| now.duration_since(*used) < SEQ_IDLE);

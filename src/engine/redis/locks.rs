@@ -123,8 +123,8 @@ use super::replication::{Acked, REPLICATED_OPS, Replication};
 use super::script::LuaScript;
 use super::{call, engine_err, keys};
 use crate::engine::{
-    AcquireOutcome, AcquireRequest, Actor, EngineError, EngineResult, LockInfo, LockKey, LockStore,
-    LockTransition, ReleaseReason, SessionId, TokenOutcome,
+    AcquireOutcome, AcquireRequest, Actor, EngineError, EngineResult, HeldBy, LockInfo, LockKey,
+    LockStore, LockTransition, ReleaseReason, SessionId, TokenOutcome,
 };
 use crate::names::Entity;
 use crate::telemetry::RedisMetrics;
@@ -504,6 +504,29 @@ impl LockStore for RedisLockStore {
         self.end_with_token(key, token, reason, actor, "").await
     }
 
+    /// `release.lua` with its holder check: one script, one round trip.
+    async fn release_held(
+        &self,
+        key: &LockKey,
+        token: u64,
+        by: HeldBy<'_>,
+    ) -> EngineResult<TokenOutcome<LockTransition>> {
+        let check = match by {
+            HeldBy::Session(s) => format!("s:{s}"),
+            HeldBy::User(u) => format!("u:{u}"),
+        };
+        let args = vec![
+            prefix_of(key),
+            key.to_string(),
+            token.to_string(),
+            ReleaseReason::Released.as_str().to_owned(),
+            actor_json(None)?,
+            String::new(),
+            check,
+        ];
+        self.release_args(key, args).await
+    }
+
     async fn withdraw(
         &self,
         key: &LockKey,
@@ -801,6 +824,15 @@ impl RedisLockStore {
             actor_json(actor)?,
             withdrawn.to_owned(),
         ];
+        self.release_args(key, args).await
+    }
+
+    /// Runs `release.lua` with `args` (see its header).
+    async fn release_args(
+        &self,
+        key: &LockKey,
+        args: Vec<String>,
+    ) -> EngineResult<TokenOutcome<LockTransition>> {
         let items = self
             .run("lock_release", &scripts().release, resource_keys(key), args)
             .await?;

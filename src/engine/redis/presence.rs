@@ -48,6 +48,20 @@
 //! membership being removed"), so a late delete never removes a newer entry; stale entries that
 //! have expired are pruned by the reads that skip them, and refresh rewrites the entries of
 //! live members, so a lost write heals within `ttl / 3`.
+//!
+//! # A focus change in one round trip
+//!
+//! [`update_known`](PresenceStore::update_known) (the node's path: it knows the member it last
+//! wrote) skips the read: it sends the compare-and-set script with the known member as the
+//! expected value and, concurrently (other slots in a Cluster), the index writes for the old
+//! and new focus (`presence_focus_set.lua`, timed by the server clock: the entry's value is
+//! `now + ttl`, and the old entry goes if its value is at or below that). One round trip of
+//! latency instead of four. If the known member was out of date (the compare fails) the
+//! update continues as [`update`](PresenceStore::update) does, from the current value; the
+//! index writes already made are harmless (reads check every entry against its member). The
+//! price of timing by the server clock instead of the membership's exact expiry: a `del`
+//! re-sent by fred after a reconnect, seconds later, could remove a newer entry of the same
+//! member, until the member's next refresh writes it again.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -85,6 +99,7 @@ struct Scripts {
     sweep: LuaScript,
     due: LuaScript,
     focus_del: LuaScript,
+    focus_set: LuaScript,
 }
 
 impl Scripts {
@@ -108,6 +123,9 @@ impl Scripts {
             due: once(include_str!("scripts/presence_due.lua")),
             // Compare-and-delete: the same on a re-run (the count is not used).
             focus_del: LuaScript::plain(include_str!("scripts/presence_focus_del.lua")),
+            // Re-run: the same write; a late re-run of a `del` may remove a newer entry of the
+            // same member, which its next refresh writes again (see "Focus index").
+            focus_set: LuaScript::plain(include_str!("scripts/presence_focus_set.lua")),
         }
     }
 }
@@ -255,6 +273,101 @@ impl RedisPresenceStore {
                 tracing::warn!(error = %e, %room, %focus, "presence: focus index write failed");
             }
         }
+    }
+
+    /// `presence_focus_set.lua`: `set` or `del` the index entry of `session` in `room` on
+    /// `focus`, by the server clock. Best effort, like [`refocus`](Self::refocus).
+    async fn focus_index(&self, mode: &str, focus: &Entity, room: &Entity, session: &SessionId) {
+        let args = vec![
+            mode.to_owned(),
+            self.member_ttl_ms.to_string(),
+            focus_field(room, session),
+        ];
+        let op = if mode == "set" {
+            "presence_focus_set"
+        } else {
+            "presence_focus_del"
+        };
+        let keys = vec![keys::focus(focus.as_str())];
+        if let Err(e) = self.eval(op, &self.scripts.focus_set, keys, args).await {
+            tracing::warn!(error = %e, %room, %focus, mode, "presence: focus index write failed");
+        }
+    }
+
+    /// One compare-and-set of `expected` → `new` (`presence_update.lua`).
+    async fn compare_and_set(
+        &self,
+        room: &Entity,
+        session_id: &SessionId,
+        expected: String,
+        new: &Member,
+    ) -> EngineResult<Cas> {
+        let args = vec![
+            session_id.to_string(),
+            expected,
+            to_json(new)?,
+            self.member_ttl_ms.to_string(),
+        ];
+        let reply = self
+            .eval(
+                "presence_update",
+                &self.scripts.update,
+                Self::room_keys(room),
+                args,
+            )
+            .await?;
+        let mut items = reply.into_array().into_iter();
+        match items.next().and_then(|v| v.as_i64()) {
+            Some(1) => {
+                let old_expiry = items.next().and_then(|v| v.as_u64());
+                let expiry = items
+                    .next()
+                    .and_then(|v| v.as_u64())
+                    .ok_or_else(|| bad_reply("update"))?;
+                Ok(Cas::Written { old_expiry, expiry })
+            }
+            Some(0) => items
+                .next()
+                .and_then(|v| v.into_string())
+                .map(Cas::Changed)
+                .ok_or_else(|| bad_reply("update")),
+            Some(-1) => Ok(Cas::NotMember),
+            _ => Err(bad_reply("update")),
+        }
+    }
+
+    /// The compare-and-set loop of `update`, from `current` (the member's JSON as read).
+    async fn update_from(
+        &self,
+        room: &Entity,
+        session_id: &SessionId,
+        patch: &PresencePatch,
+        mut current: String,
+    ) -> EngineResult<Option<Member>> {
+        for _ in 0..UPDATE_ATTEMPTS {
+            let old: Member = from_json(&current)?;
+            let new = patched(&old, patch);
+            match self
+                .compare_and_set(room, session_id, current, &new)
+                .await?
+            {
+                Cas::Written { old_expiry, expiry } => {
+                    self.refocus(
+                        room,
+                        session_id,
+                        Some((&old, old_expiry)),
+                        Some((&new, expiry)),
+                    )
+                    .await;
+                    return Ok(Some(new));
+                }
+                Cas::Changed(now) => current = now,
+                Cas::NotMember => return Ok(None),
+            }
+        }
+        Err(EngineError::Unavailable(format!(
+            "presence update of {session_id} in {room}: too many concurrent writers"
+        )))
     }
 
     async fn focus_del(&self, focus: &Entity, bound: u64, fields: Vec<String>) -> EngineResult<()> {
@@ -442,62 +555,46 @@ impl PresenceStore for RedisPresenceStore {
         let current: Option<String> = call(&self.metrics, "presence_get", get)
             .await
             .map_err(engine_err)?;
-        let Some(mut current) = current else {
+        let Some(current) = current else {
             return Ok(None);
         };
-        for _ in 0..UPDATE_ATTEMPTS {
-            let old: Member = from_json(&current)?;
-            let mut new = old.clone();
-            if let Some(focus) = &patch.focus {
-                new.focus = focus.clone();
+        self.update_from(room, session_id, &patch, current).await
+    }
+
+    /// One round trip when `known` is current (module doc, "A focus change in one round
+    /// trip").
+    async fn update_known(
+        &self,
+        room: &Entity,
+        session_id: &SessionId,
+        patch: PresencePatch,
+        known: Option<&Member>,
+    ) -> EngineResult<Option<Member>> {
+        let Some(known) = known.filter(|m| m.session_id == *session_id) else {
+            return self.update(room, session_id, patch).await;
+        };
+        let new = patched(known, &patch);
+        let old_focus = known
+            .focus
+            .as_ref()
+            .filter(|f| new.focus.as_ref() != Some(*f));
+        let cas = self.compare_and_set(room, session_id, to_json(known)?, &new);
+        let del = async {
+            if let Some(f) = old_focus {
+                self.focus_index("del", f, room, session_id).await;
             }
-            if let Some(state) = &patch.state {
-                new.state = state.clone();
+        };
+        let set = async {
+            if let Some(f) = &new.focus {
+                self.focus_index("set", f, room, session_id).await;
             }
-            let args = vec![
-                session_id.to_string(),
-                current,
-                to_json(&new)?,
-                self.member_ttl_ms.to_string(),
-            ];
-            let reply = self
-                .eval(
-                    "presence_update",
-                    &self.scripts.update,
-                    Self::room_keys(room),
-                    args,
-                )
-                .await?;
-            let mut items = reply.into_array().into_iter();
-            match items.next().and_then(|v| v.as_i64()) {
-                Some(1) => {
-                    let old_expiry = items.next().and_then(|v| v.as_u64());
-                    let expiry = items
-                        .next()
-                        .and_then(|v| v.as_u64())
-                        .ok_or_else(|| bad_reply("update"))?;
-                    self.refocus(
-                        room,
-                        session_id,
-                        Some((&old, old_expiry)),
-                        Some((&new, expiry)),
-                    )
-                    .await;
-                    return Ok(Some(new));
-                }
-                Some(0) => {
-                    current = items
-                        .next()
-                        .and_then(|v| v.into_string())
-                        .ok_or_else(|| bad_reply("update"))?;
-                }
-                Some(-1) => return Ok(None),
-                _ => return Err(bad_reply("update")),
-            }
+        };
+        let (cas, (), ()) = tokio::join!(cas, del, set);
+        match cas? {
+            Cas::Written { .. } => Ok(Some(new)),
+            Cas::NotMember => Ok(None),
+            Cas::Changed(current) => self.update_from(room, session_id, &patch, current).await,
         }
-        Err(EngineError::Unavailable(format!(
-            "presence update of {session_id} in {room}: too many concurrent writers"
-        )))
     }
 
     async fn leave(&self, room: &Entity, session_id: &SessionId) -> EngineResult<Option<Member>> {
@@ -765,6 +862,29 @@ fn parse_focus_field(field: &str) -> Option<(Entity, String)> {
 /// Oldest first; ties broken by session id (as the memory store does).
 fn sort_members(members: &mut [Member]) {
     members.sort_by(|a, b| (a.since, &a.session_id).cmp(&(b.since, &b.session_id)));
+}
+
+/// What one compare-and-set of a member found.
+enum Cas {
+    Written {
+        old_expiry: Option<u64>,
+        expiry: u64,
+    },
+    /// The member's JSON is no longer the expected one: here is the current one.
+    Changed(String),
+    NotMember,
+}
+
+/// `old` with `patch` applied.
+fn patched(old: &Member, patch: &PresencePatch) -> Member {
+    let mut new = old.clone();
+    if let Some(focus) = &patch.focus {
+        new.focus = focus.clone();
+    }
+    if let Some(state) = &patch.state {
+        new.state = state.clone();
+    }
+    new
 }
 
 fn to_json(m: &Member) -> EngineResult<String> {

@@ -6,6 +6,8 @@
 -- ARGV[4]  reason: released | expired | disconnected | forced
 -- ARGV[5]  actor JSON {user_id, session_id?, node_id, via} ('' = the holder itself)
 -- ARGV[6]  withdrawal reason ('' = a release): recorded as lock_withdrawn {reason} instead
+-- ARGV[7]  holder check (absent or '' = none): 's:<session id>' or 'u:<user id>'; the lock
+--          is released only if its holder matches too (a holder's own release, one step)
 -- Returns  one item:
 --   {"t":"released","lock":L,"reason":r,"granted":{"lock":L,"request_id":"n"|absent}|absent}
 --   {"t":"not_held","current":L|absent}
@@ -14,8 +16,19 @@
 local res, token, reason = ARGV[2], ARGV[3], ARGV[4]
 local actor = opt_json(ARGV[5])
 local withdrawn = ARGV[6] ~= nil and ARGV[6] ~= '' and ARGV[6] or nil
+local check = ARGV[7] or ''
+local function holder_ok(l)
+    if check == '' then
+        return true
+    end
+    local kind, who = string.sub(check, 1, 1), string.sub(check, 3)
+    if kind == 's' then
+        return l.session_id == who
+    end
+    return l.user_id == who
+end
 local R = load(res)
-if R.lock and R.lock.token == token then
+if R.lock and R.lock.token == token and holder_ok(R.lock) then
     local out = end_lock(R, reason, actor, withdrawn)
     finish(R)
     return { enc(out) }

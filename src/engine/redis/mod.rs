@@ -37,9 +37,17 @@ use crate::tls::TlsError;
 /// connections (fred's subscriber client), so a slow command never stalls fan-out.
 const POOL_SIZE: usize = 4;
 
-/// Broadcast capacity of fred's event channels (default 32 is far too small for room fan-out;
-/// a lagging receiver is counted and triggers a resync).
+/// Broadcast capacity of the room subscriber's event channels (fred's default of 32 is far too
+/// small for room fan-out; a lagging receiver is counted and triggers a resync).
+///
+/// Only the clients whose events are read get it ([`subscriber_builder`]): tokio's broadcast
+/// channel allocates every slot up front, and fred gives each client about eight channels, so
+/// 16 Ki slots on every pooled client cost a Redis-mode node ~125 MB before its first
+/// connection (136 MB idle against 11 MB embedded).
 pub const EVENT_CAPACITY: usize = 16 * 1024;
+
+/// Event capacity of command clients (pools): nobody reads their events, fred's default.
+const COMMAND_EVENT_CAPACITY: usize = 32;
 
 /// How long fred waits for a command's reply, its re-sends after a reconnect included. Lua
 /// scripts that change state are made safe to re-send ([`script`]).
@@ -119,8 +127,19 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
-/// A fred builder for `target` with the project's reconnect policy and timeouts.
+/// A fred builder for `target` with the project's reconnect policy and timeouts, for command
+/// clients (nobody reads their event channels).
 pub fn builder(target: &RedisTarget) -> Result<Builder, EngineError> {
+    builder_with_events(target, COMMAND_EVENT_CAPACITY)
+}
+
+/// A fred builder for a subscriber whose messages are read: `events` slots per event channel
+/// (see [`EVENT_CAPACITY`]).
+pub fn subscriber_builder(target: &RedisTarget, events: usize) -> Result<Builder, EngineError> {
+    builder_with_events(target, events)
+}
+
+fn builder_with_events(target: &RedisTarget, events: usize) -> Result<Builder, EngineError> {
     // fred is given the plain scheme: with a TLS one it would build its own rustls config from
     // the process-default crypto provider, which [`crate::tls`] avoids.
     let mut config = Config::from_url(&tls::plain_scheme(&target.url))
@@ -129,7 +148,7 @@ pub fn builder(target: &RedisTarget) -> Result<Builder, EngineError> {
     let mut b = Builder::from_config(config);
     b.with_performance_config(|p| {
         p.default_command_timeout = COMMAND_TIMEOUT;
-        p.broadcast_channel_capacity = EVENT_CAPACITY;
+        p.broadcast_channel_capacity = events;
     })
     .with_connection_config(|c| {
         c.connection_timeout = Duration::from_secs(5);

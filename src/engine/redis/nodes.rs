@@ -154,7 +154,9 @@ pub async fn listen_revocations(
     fred::clients::SubscriberClient,
     tokio::sync::broadcast::Receiver<fred::types::Message>,
 )> {
-    let subscriber = super::builder(target)?
+    // Revocations and takeover requests come in bursts (a cluster-wide revoke, every resume
+    // of a fleet roll): a lag would miss one, so this listener gets the rooms' capacity.
+    let subscriber = super::subscriber_builder(target, super::EVENT_CAPACITY)?
         .build_subscriber_client()
         .map_err(|e| crate::engine::EngineError::Internal(format!("redis subscriber: {e}")))?;
     let rx = subscriber.message_rx();

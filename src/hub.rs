@@ -17,8 +17,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use axum::extract::ws::Message;
 use tokio_util::sync::CancellationToken;
+use tungstenite::Message;
 
 use crate::engine::{EventSink, LockKey, RoomEvent, RoomEventKind, SessionId};
 use crate::error::ErrorCode;
@@ -570,8 +570,6 @@ fn fan_out<'a>(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::VecDeque;
-
     use super::*;
     use crate::auth::Principal;
     use crate::engine::{Grant, Holder, LockInfo, ReleaseReason};
@@ -642,7 +640,7 @@ mod tests {
     fn sent(handle: &SessionHandle) -> Vec<String> {
         handle
             .outbound
-            .take(VecDeque::new())
+            .take(crate::session::outbound::Batch::default())
             .messages
             .iter()
             .map(|m| {

@@ -1,8 +1,8 @@
 //! The two subprotocols: `lockstep.v1.json` (text frames) and `lockstep.v1.msgpack` (binary
 //! frames carrying the same objects as MessagePack maps).
 
-use axum::extract::ws::{Message, Utf8Bytes};
 use serde::Deserialize;
+use tungstenite::{Message, Utf8Bytes};
 
 use crate::error::ErrorCode;
 

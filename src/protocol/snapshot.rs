@@ -5,8 +5,8 @@
 //! own codec, so no snapshot frame can exceed what the socket may write, whatever the room
 //! holds: members are capped in number and state size, not in total.
 
-use axum::extract::ws::Message;
 use serde::Serialize;
+use tungstenite::Message;
 
 use super::Codec;
 use super::server::{LockView, ServerMessage};

@@ -6,10 +6,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use axum::extract::ws::Message;
 use tokio_util::sync::CancellationToken;
+use tungstenite::Message;
 
-use super::outbound::{Outbound, Pushed};
+use super::outbound::{END_KILL, END_REVOKED, END_TAKEOVER, Outbound, Pushed, Signal};
 use crate::auth::Principal;
 use crate::engine::{LockKey, SessionId};
 use crate::names::Entity;
@@ -22,14 +22,14 @@ pub struct SessionHandle {
     pub principal: Arc<Principal>,
     pub codec: Codec,
     pub outbound: Outbound,
-    /// Cancelled when the session must end now (outbound overflow).
-    pub kill: CancellationToken,
-    /// Cancelled when a resuming connection takes this session over.
-    pub takeover: CancellationToken,
+    /// Raised when the session must end now (outbound overflow).
+    pub kill: Signal,
+    /// Raised when a resuming connection takes this session over.
+    pub takeover: Signal,
     /// Cancelled once the node has parked or ended the session.
     pub ended: CancellationToken,
-    /// Cancelled when an admin revoked the session (who: [`HandleState::revoked_by`]).
-    pub revoked: CancellationToken,
+    /// Raised when an admin revoked the session (who: [`HandleState::revoked_by`]).
+    pub revoked: Signal,
     metrics: Metrics,
     state: Mutex<HandleState>,
 }
@@ -65,15 +65,16 @@ impl SessionHandle {
         metrics: Metrics,
         state: HandleState,
     ) -> SessionHandle {
+        let outbound = Outbound::new(max_queue_bytes);
         SessionHandle {
             id,
             principal,
             codec,
-            outbound: Outbound::new(max_queue_bytes),
-            kill: CancellationToken::new(),
-            takeover: CancellationToken::new(),
+            kill: outbound.signal(END_KILL),
+            takeover: outbound.signal(END_TAKEOVER),
+            revoked: outbound.signal(END_REVOKED),
+            outbound,
             ended: CancellationToken::new(),
-            revoked: CancellationToken::new(),
             metrics,
             state: Mutex::new(state),
         }

@@ -9,14 +9,15 @@ pub mod handle;
 pub mod outbound;
 pub mod ratelimit;
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
 use tracing::field::Empty;
+use tungstenite::Message;
+use tungstenite::protocol::frame::CloseFrame;
 
 use crate::auth::Principal;
 use crate::error::{ErrorCode, close};
@@ -25,24 +26,37 @@ use crate::node::sessions::EndReason;
 use crate::protocol::server::ErrorFrame;
 use crate::protocol::{ClientMessage, Codec, Request, ServerMessage};
 use handle::SessionHandle;
+use outbound::{END_KILL, END_REVOKED, END_TAKEOVER};
 use ratelimit::TokenBucket;
 
-type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
-type Stream = futures_util::stream::SplitStream<WebSocket>;
+/// A client's WebSocket, upgraded by [`crate::http`]'s `/v1/ws` handler.
+pub type Socket =
+    tokio_tungstenite::WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
+
+/// Frames larger than this are written straight to the connection, not through
+/// tungstenite's write buffer, which would keep their size as capacity for as long as the
+/// connection lives (a room snapshot of 100 members is ~18 KB). Smaller ones are buffered,
+/// so a batch of cursors still goes out in one write.
+pub const DIRECT_WRITE: usize = 1024;
 
 /// How long the final frames (close, reconnect) may take to reach a client.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Runs a connection from its upgrade to its end, inside its `session` span.
+/// Runs a connection from its upgrade to its end.
+///
+/// One span (one trace) per connection: opened or resumed, closed with a reason. It is
+/// entered where the session does something that logs or traces (opening, each request,
+/// the end), not around the whole connection: the socket loop wakes once per delivered
+/// frame, and entering and leaving a span on every one of those polls was a visible share
+/// of fan-out CPU. Requests are its children, so log lines inside them still carry session,
+/// user and node.
 pub async fn run(
     node: Arc<Node>,
-    socket: WebSocket,
+    mut socket: Socket,
     principal: Principal,
     codec: Codec,
     resume: Option<String>,
 ) {
-    // One span (one trace) per connection: opened or resumed, closed with a reason. Requests
-    // are its children, so log lines inside them carry session, user and node.
     let span = tracing::info_span!(
         "session",
         session_id = Empty,
@@ -55,23 +69,12 @@ pub async fn run(
         kind = Empty,
         reason = Empty,
     );
-    run_session(node, socket, principal, codec, resume)
-        .instrument(span)
-        .await
-}
-
-async fn run_session(
-    node: Arc<Node>,
-    socket: WebSocket,
-    principal: Principal,
-    codec: Codec,
-    resume: Option<String>,
-) {
-    let (mut sink, mut stream) = socket.split();
-    let span = tracing::Span::current();
     // The rarely-run, large futures (lock paths carry Postgres and timeout futures) are boxed,
     // so the state every idle session keeps alive stays small (7 KB → 1.6 KB per task).
-    let handle = match Box::pin(node.open_session(principal, codec, resume.as_deref())).await {
+    let opened = Box::pin(node.open_session(principal, codec, resume.as_deref()))
+        .instrument(span.clone())
+        .await;
+    let handle = match opened {
         Ok((handle, resumed)) => {
             span.record("session_id", &*handle.id);
             span.record("kind", if resumed { "resumed" } else { "new" });
@@ -81,25 +84,25 @@ async fn run_session(
             span.record("reason", "too_many_sessions");
             let message = e.to_string();
             let frame = ErrorFrame::new(None, ErrorCode::TooManySessions, &message);
-            let _ = sink.send(codec.encode(&ServerMessage::Error(frame))).await;
-            close_with(
-                &mut sink,
-                &mut stream,
-                close::TOO_MANY_SESSIONS,
-                "too many sessions",
-            )
-            .await;
+            let _ = socket
+                .send(codec.encode(&ServerMessage::Error(frame)))
+                .await;
+            close_with(&mut socket, close::TOO_MANY_SESSIONS, "too many sessions").await;
             return;
         }
     };
-    let reason = drive(&node, &handle, &mut sink, &mut stream).await;
+    let reason = drive(&node, &handle, &mut socket, &span).await;
     span.record("reason", reason.as_str());
-    let close = Box::pin(last_words(&node, &handle, &mut sink, reason)).await;
+    let close = Box::pin(last_words(&node, &handle, &mut socket, reason))
+        .instrument(span.clone())
+        .await;
     // End (or park) the session before the closing handshake, which may take a while: its
     // locks and presence must not wait on a client that is slow to say goodbye.
-    Box::pin(node.end_session(&handle, reason)).await;
+    Box::pin(node.end_session(&handle, reason))
+        .instrument(span.clone())
+        .await;
     if let Some((code, text)) = close {
-        close_with(&mut sink, &mut stream, code, text).await;
+        close_with(&mut socket, code, text).await;
     }
 }
 
@@ -142,11 +145,28 @@ pub fn record_error(code: ErrorCode) {
     }
 }
 
+/// Why the session must end now, from its raised end signals (most urgent first).
+fn end_reason(ends: u8) -> Option<EndReason> {
+    if ends & END_KILL != 0 {
+        Some(EndReason::SlowConsumer)
+    } else if ends & END_REVOKED != 0 {
+        Some(EndReason::Revoked)
+    } else if ends & END_TAKEOVER != 0 {
+        Some(EndReason::TakenOver)
+    } else {
+        None
+    }
+}
+
+/// The socket loop. One task owns the socket (no `split()`: reads and writes never run at
+/// the same time, so the halves' lock would only cost); it waits on the outbound queue,
+/// which also carries the session's end signals, frames in, the heartbeat, the token timer
+/// and the node's drain. Each of those is one registration per turn of the loop.
 async fn drive(
     node: &Node,
     handle: &Arc<SessionHandle>,
-    sink: &mut Sink,
-    stream: &mut Stream,
+    socket: &mut Socket,
+    span: &tracing::Span,
 ) -> EndReason {
     let cfg = &node.config;
     let mut heartbeat = tokio::time::interval_at(
@@ -165,31 +185,32 @@ async fn drive(
         releasing: TokenBucket::new(cfg.messages_per_second, cfg.message_burst),
         last_error: None,
     };
-    let mut spare = VecDeque::new();
+    let mut spare = outbound::Batch::default();
     let mut expiry = Expiry::new(handle);
     let auth_timer = tokio::time::sleep_until(expiry.next);
     tokio::pin!(auth_timer);
+    // Registered once for the whole connection, not once per turn.
+    let draining = node.draining.cancelled();
+    tokio::pin!(draining);
     loop {
+        if let Some(end) = end_reason(handle.outbound.ends()) {
+            return end;
+        }
         tokio::select! {
             biased;
-            _ = handle.kill.cancelled() => return EndReason::SlowConsumer,
-            _ = handle.revoked.cancelled() => return EndReason::Revoked,
-            _ = &mut auth_timer, if expiry.armed => {
-                if expiry.fire(handle) {
-                    return EndReason::TokenExpired;
-                }
-                auth_timer.as_mut().reset(expiry.next);
-            }
-            _ = handle.takeover.cancelled() => return EndReason::TakenOver,
-            _ = node.draining.cancelled() => return EndReason::Draining,
             _ = handle.outbound.ready() => {
                 let batch = handle.outbound.take(std::mem::take(&mut spare));
+                if batch.is_empty() {
+                    spare = batch;
+                    continue;
+                }
                 // A write into a silent TCP path can block until the window shuts and the
                 // timeout fires; a takeover must not wait for that (the resume waits on it).
                 let written = tokio::select! {
-                    r = tokio::time::timeout(write_timeout, write_batch(sink, batch)) => r,
-                    _ = handle.kill.cancelled() => return EndReason::SlowConsumer,
-                    _ = handle.takeover.cancelled() => return EndReason::TakenOver,
+                    r = tokio::time::timeout(write_timeout, write_batch(socket, batch)) => r,
+                    ends = handle.outbound.end_signalled() => {
+                        return end_reason(ends).unwrap_or(EndReason::SlowConsumer);
+                    }
                 };
                 match written {
                     Err(_) => return EndReason::SlowConsumer,
@@ -197,7 +218,7 @@ async fn drive(
                     Ok(Err(_)) => return EndReason::ConnectionLost,
                 }
             }
-            frame = stream.next() => {
+            frame = socket.next() => {
                 let Some(frame) = frame else { return EndReason::ConnectionLost };
                 let frame = match frame {
                     Ok(f) => f,
@@ -210,26 +231,36 @@ async fn drive(
                     Message::Binary(b) => b,
                     Message::Ping(_) => {
                         // tungstenite queued the pong; flush it now rather than with the next write.
-                        if tokio::time::timeout(write_timeout, sink.flush()).await.is_err() {
+                        if tokio::time::timeout(write_timeout, socket.flush()).await.is_err() {
                             return EndReason::SlowConsumer;
                         }
                         continue;
                     }
-                    Message::Pong(_) => continue,
+                    // Raw frames only exist on the sending side.
+                    Message::Pong(_) | Message::Frame(_) => continue,
                     Message::Close(c) => {
                         // 1000 or no status (a browser's bare `close()`) is a deliberate end;
                         // anything else (1001 on tab close or reload, errors) may come back.
-                        let normal = c.as_ref().is_none_or(|c| c.code == close::NORMAL);
+                        let normal = c.as_ref().is_none_or(|c| u16::from(c.code) == close::NORMAL);
                         return if normal { EndReason::ClientClosed } else { EndReason::ConnectionLost };
                     }
                 };
-                let ty = handle_frame(node, handle, bytes, &mut limits).await;
+                let ty = handle_frame(node, handle, bytes, &mut limits)
+                    .instrument(span.clone())
+                    .await;
                 node.metrics.message_in(ty, bytes.len());
                 if ty == "auth.refresh" {
                     expiry = Expiry::new(handle);
                     auth_timer.as_mut().reset(expiry.next);
                 }
             }
+            _ = &mut auth_timer, if expiry.armed => {
+                if span.in_scope(|| expiry.fire(handle)) {
+                    return EndReason::TokenExpired;
+                }
+                auth_timer.as_mut().reset(expiry.next);
+            }
+            _ = &mut draining => return EndReason::Draining,
             _ = heartbeat.tick() => {
                 if !seen_since_tick {
                     misses += 1;
@@ -241,8 +272,10 @@ async fn drive(
                 }
                 seen_since_tick = false;
                 let ping = tokio::select! {
-                    r = tokio::time::timeout(write_timeout, sink.send(Message::Ping(Default::default()))) => r,
-                    _ = handle.takeover.cancelled() => return EndReason::TakenOver,
+                    r = tokio::time::timeout(write_timeout, socket.send(Message::Ping(Default::default()))) => r,
+                    ends = handle.outbound.end_signalled() => {
+                        return end_reason(ends).unwrap_or(EndReason::SlowConsumer);
+                    }
                 };
                 match ping {
                     Err(_) => return EndReason::SlowConsumer,
@@ -378,31 +411,57 @@ async fn handle_frame(
     }
 }
 
-/// Writes a batch and flushes; returns the emptied message buffer for reuse.
+/// Writes a batch with one flush (tungstenite buffers the frames and writes them together
+/// once past its write buffer, or at the flush); returns the emptied batch for reuse.
 async fn write_batch(
-    sink: &mut Sink,
-    batch: outbound::Batch,
-) -> Result<VecDeque<Message>, axum::Error> {
-    let outbound::Batch {
-        mut messages,
-        cursors,
-        ..
-    } = batch;
-    for m in messages.drain(..) {
-        sink.feed(m).await?;
+    socket: &mut Socket,
+    mut batch: outbound::Batch,
+) -> Result<outbound::Batch, tungstenite::Error> {
+    for m in batch.messages.drain(..) {
+        write_frame(socket, m).await?;
     }
-    for m in cursors {
-        sink.feed(m).await?;
+    for (_, _, m) in batch.cursors.drain(..) {
+        socket.feed(m).await?;
     }
-    sink.flush().await?;
-    Ok(messages)
+    socket.flush().await?;
+    Ok(batch)
+}
+
+/// Feeds one frame to tungstenite, or writes a large one straight to the connection after
+/// what tungstenite holds (see [`DIRECT_WRITE`]).
+async fn write_frame(socket: &mut Socket, m: Message) -> Result<(), tungstenite::Error> {
+    let (opcode, payload): (u8, &[u8]) = match &m {
+        Message::Text(t) if t.len() > DIRECT_WRITE => (0x1, t.as_bytes()),
+        Message::Binary(b) if b.len() > DIRECT_WRITE => (0x2, b),
+        _ => return socket.feed(m).await,
+    };
+    // Everything fed before goes first; then the frame (FIN, unmasked: a server's frame).
+    socket.flush().await?;
+    let mut frame = Vec::with_capacity(payload.len() + 10);
+    frame.push(0x80 | opcode);
+    match payload.len() {
+        n if n < 126 => frame.push(n as u8),
+        n if n <= 0xFFFF => {
+            frame.push(126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(payload);
+    let io = socket.get_mut();
+    io.write_all(&frame).await?;
+    io.flush().await?;
+    Ok(())
 }
 
 /// Last words to the client (bounded in time) and the close code to send, if any.
 async fn last_words(
     node: &Node,
     handle: &SessionHandle,
-    sink: &mut Sink,
+    socket: &mut Socket,
     reason: EndReason,
 ) -> Option<(u16, &'static str)> {
     Some(match reason {
@@ -414,10 +473,10 @@ async fn last_words(
                 reason: "draining",
                 after_ms,
             });
-            let pending = handle.outbound.take(VecDeque::new());
+            let pending = handle.outbound.take(outbound::Batch::default());
             let flush = async {
-                write_batch(sink, pending).await?;
-                sink.send(reconnect).await
+                write_batch(socket, pending).await?;
+                socket.send(reconnect).await
             };
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, flush).await;
             (close::SERVICE_RESTART, "node draining")
@@ -440,16 +499,16 @@ async fn last_words(
 /// Sends a close frame and waits (bounded) for the client's: dropping the socket at once
 /// would make a client that is still sending (an automatic pong) get a reset instead of the
 /// close frame, and it would never learn the close code.
-async fn close_with(sink: &mut Sink, stream: &mut Stream, code: u16, reason: &'static str) {
+async fn close_with(socket: &mut Socket, code: u16, reason: &'static str) {
     let handshake = async {
         let frame = CloseFrame {
-            code,
+            code: code.into(),
             reason: reason.into(),
         };
-        if sink.send(Message::Close(Some(frame))).await.is_err() {
+        if socket.send(Message::Close(Some(frame))).await.is_err() {
             return;
         }
-        while let Some(Ok(m)) = stream.next().await {
+        while let Some(Ok(m)) = socket.next().await {
             if matches!(m, Message::Close(_)) {
                 break;
             }
@@ -458,10 +517,7 @@ async fn close_with(sink: &mut Sink, stream: &mut Stream, code: u16, reason: &'s
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, handshake).await;
 }
 
-/// A frame or message over the size limit (tungstenite's `Capacity` error, wrapped by axum).
-fn is_capacity_error(e: &axum::Error) -> bool {
-    use std::error::Error;
-    e.source()
-        .and_then(|s| s.downcast_ref::<tungstenite::Error>())
-        .is_some_and(|t| matches!(t, tungstenite::Error::Capacity(_)))
+/// A frame or message over the size limit.
+fn is_capacity_error(e: &tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Capacity(_))
 }

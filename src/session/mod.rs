@@ -430,29 +430,21 @@ async fn write_batch(
 /// Feeds one frame to tungstenite, or writes a large one straight to the connection after
 /// what tungstenite holds (see [`DIRECT_WRITE`]).
 async fn write_frame(socket: &mut Socket, m: Message) -> Result<(), tungstenite::Error> {
-    let (opcode, payload): (u8, &[u8]) = match &m {
-        Message::Text(t) if t.len() > DIRECT_WRITE => (0x1, t.as_bytes()),
-        Message::Binary(b) if b.len() > DIRECT_WRITE => (0x2, b),
-        _ => return socket.feed(m).await,
+    use tungstenite::protocol::frame::Frame;
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+    let (opcode, payload) = match m {
+        Message::Text(t) if t.len() > DIRECT_WRITE => (Data::Text, tungstenite::Bytes::from(t)),
+        Message::Binary(b) if b.len() > DIRECT_WRITE => (Data::Binary, b),
+        m => return socket.feed(m).await,
     };
-    // Everything fed before goes first; then the frame (FIN, unmasked: a server's frame).
+    // Everything fed before goes first; then the frame, formatted by tungstenite (one final,
+    // unmasked frame: a server's) into a buffer that is freed once written.
     socket.flush().await?;
-    let mut frame = Vec::with_capacity(payload.len() + 10);
-    frame.push(0x80 | opcode);
-    match payload.len() {
-        n if n < 126 => frame.push(n as u8),
-        n if n <= 0xFFFF => {
-            frame.push(126);
-            frame.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            frame.push(127);
-            frame.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    frame.extend_from_slice(payload);
+    let frame = Frame::message(payload, OpCode::Data(opcode), true);
+    let mut bytes = Vec::with_capacity(frame.len());
+    frame.format(&mut bytes)?;
     let io = socket.get_mut();
-    io.write_all(&frame).await?;
+    io.write_all(&bytes).await?;
     io.flush().await?;
     Ok(())
 }

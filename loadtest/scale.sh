@@ -109,17 +109,7 @@ fi
 WORK="$(mktemp -d -p "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}" lockstep-scale.XXXXXX)"
 ulimit -n "$(ulimit -Hn)"
 
-REDIS_PORT="$(free_port)"
-REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
-"$REDIS_SERVER" --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
-    --dir "$WORK" --logfile "$WORK/redis.log" &
-REDIS_PID=$!
-for _ in $(seq 1 50); do
-    redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break
-    sleep 0.1
-done
-redis-cli -p "$REDIS_PORT" ping >/dev/null || { echo "redis did not start:" >&2; cat "$WORK/redis.log" >&2; exit 1; }
-echo "redis pid $REDIS_PID on $REDIS_URL" >&2
+start_redis "$WORK" || exit 1
 
 SECRET="$(python3 -c 'import secrets; print(secrets.token_hex(32))')"
 URLS=()

@@ -214,7 +214,7 @@ impl RedisBroker {
         metrics: RedisMetrics,
     ) -> Result<Arc<RedisBroker>, EngineError> {
         let pool = super::connect_to(target).await?;
-        let builder = super::subscriber_builder(target, super::EVENT_CAPACITY)?;
+        let builder = super::subscriber_builder(target)?;
         let sharded = builder
             .get_config()
             .is_some_and(|c| c.server.is_clustered());

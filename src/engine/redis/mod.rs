@@ -133,10 +133,10 @@ pub fn builder(target: &RedisTarget) -> Result<Builder, EngineError> {
     builder_with_events(target, COMMAND_EVENT_CAPACITY)
 }
 
-/// A fred builder for a subscriber whose messages are read: `events` slots per event channel
-/// (see [`EVENT_CAPACITY`]).
-pub fn subscriber_builder(target: &RedisTarget, events: usize) -> Result<Builder, EngineError> {
-    builder_with_events(target, events)
+/// A fred builder for a subscriber whose messages are read: [`EVENT_CAPACITY`] slots per
+/// event channel.
+pub fn subscriber_builder(target: &RedisTarget) -> Result<Builder, EngineError> {
+    builder_with_events(target, EVENT_CAPACITY)
 }
 
 fn builder_with_events(target: &RedisTarget, events: usize) -> Result<Builder, EngineError> {

@@ -156,7 +156,7 @@ pub async fn listen_revocations(
 )> {
     // Revocations and takeover requests come in bursts (a cluster-wide revoke, every resume
     // of a fleet roll): a lag would miss one, so this listener gets the rooms' capacity.
-    let subscriber = super::subscriber_builder(target, super::EVENT_CAPACITY)?
+    let subscriber = super::subscriber_builder(target)?
         .build_subscriber_client()
         .map_err(|e| crate::engine::EngineError::Internal(format!("redis subscriber: {e}")))?;
     let rx = subscriber.message_rx();

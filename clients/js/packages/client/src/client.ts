@@ -291,7 +291,8 @@ export class Lockstep<P = Json, B extends Record<string, Json> = Record<string, 
       ws.onmessage = null;
       ws.onclose = null;
       ws.onopen = null;
-      ws.onerror = null;
+      // `ws` emits an error when a socket still connecting is closed; nobody needs it.
+      ws.onerror = () => undefined;
     }
     this.ws = null;
     this.gen++;

@@ -65,8 +65,8 @@ export class Lockstep<P = Json, B extends Record<string, Json> = Record<string, 
   private attempt = 0;
   private token: string | null = null;
   private tokenStale = true;
-  /** The current socket was opened with a token `getToken` just gave: a 4001 for it is final. */
-  private tokenFresh = false;
+  /** A 4001 came since the last welcome and a fresh token was asked for: a second one is final. */
+  private authRetried = false;
   private resumeToken: string | null = null;
   private heartbeatMs = 30_000;
   private lastRx = 0;
@@ -220,7 +220,6 @@ export class Lockstep<P = Json, B extends Record<string, Json> = Record<string, 
         if (typeof t !== "string" || t === "") throw new LockstepError("unauthorized", "getToken() gave no token");
         this.token = t;
         this.tokenStale = false;
-        this.tokenFresh = true;
       }
     } catch (e) {
       if (gen !== this.gen || !this.running) return;
@@ -343,8 +342,10 @@ export class Lockstep<P = Json, B extends Record<string, Json> = Record<string, 
         return after === null ? { kind: "resume" } : { kind: "resume", delayMs: after };
       }
       case 4001:
-        // Refused again at once with a token getToken just gave: asking again would loop.
-        return this.tokenFresh ? { kind: "stop" } : { kind: "refresh", newSession: false };
+        // Refused again at once with the token getToken just gave: asking again would loop.
+        if (this.authRetried) return { kind: "stop" };
+        this.authRetried = true;
+        return { kind: "refresh", newSession: false };
       case 4009:
       case 4011:
       case 4013:
@@ -456,7 +457,7 @@ export class Lockstep<P = Json, B extends Record<string, Json> = Record<string, 
     this.resumeToken = typeof f.resume_token === "string" ? f.resume_token : null;
     this.heartbeatMs = num(f.heartbeat_ms) || 30_000;
     this.attempt = 0;
-    this.tokenFresh = false;
+    this.authRetried = false;
     this.reconnectAfterMs = null;
     this.lastRx = Date.now();
     const before = this.status;

@@ -79,13 +79,17 @@ test("4001 asks getToken again and resumes; refused again at once, it gives up",
   await cleanup();
 });
 
-test("a first connection refused with 4001 rejects connect()", async () => {
-  const { server, client, cleanup } = await setup();
+test("a first connection refused with 4001 twice (with a fresh token) rejects connect()", async () => {
+  const { server, client, tokenCalls, cleanup } = await setup();
   const p = client.connect();
   const conn = await server.nextConnection();
   conn.close(4001, "bad token");
+  const c2 = await server.nextConnection();
+  assert.equal(c2.token, "tok2");
+  c2.close(4001, "bad token");
   await assert.rejects(p, (e) => e instanceof LockstepError && e.code === "closed" && e.closeCode === 4001);
   assert.equal(client.status, "disconnected");
+  assert.equal(tokenCalls.length, 2);
   await cleanup();
 });
 

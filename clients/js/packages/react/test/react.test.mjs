@@ -1,0 +1,269 @@
+// @lockstep/react against a real dev-mode lockstep node: React 19 + react-dom/client under
+// happy-dom, two clients over real WebSockets (`ws`).
+import { after, before, test } from "node:test";
+import assert from "node:assert/strict";
+import { StrictMode } from "react";
+import { act, clientOptions, freshRoom, h, newClient, render, startServer, waitFor } from "./harness.mjs";
+import {
+  LockstepProvider,
+  RoomProvider,
+  shallow,
+  useBroadcast,
+  useLock,
+  useLocks,
+  useMembers,
+  useMyPresence,
+  useOthers,
+  useSelf,
+  useStatus,
+} from "../dist/index.js";
+
+let server;
+const clients = [];
+function client(sub, name) {
+  const c = newClient(server.url, sub, name);
+  clients.push(c);
+  return c;
+}
+
+before(async () => {
+  server = await startServer();
+});
+after(async () => {
+  for (const c of clients) c.close();
+  await server?.stop();
+});
+
+/** `<LockstepProvider client><RoomProvider room>{child}</RoomProvider></LockstepProvider>` */
+function inRoom(c, room, child, extra = {}) {
+  return h(LockstepProvider, { client: c }, h(RoomProvider, { room, ...extra }, child));
+}
+
+test("two providers see each other in useMembers, useOthers and useSelf", async () => {
+  const room = freshRoom();
+  const probes = { alice: {}, bob: {} };
+  function Roster({ probe }) {
+    probe.status = useStatus();
+    probe.names = useMembers((ms) => ms.map((m) => m.name).sort().join(","));
+    probe.others = useOthers((os) => os.map((m) => m.userId), shallow);
+    probe.self = useSelf((s) => s?.userId ?? null);
+    return h("p", null, probe.names);
+  }
+  const a = await render(inRoom(client("alice", "Alice"), room, h(Roster, { probe: probes.alice })));
+  const b = await render(inRoom(client("bob", "Bob"), room, h(Roster, { probe: probes.bob })));
+
+  await waitFor(() => probes.alice.names === "Alice,Bob" && probes.bob.names === "Alice,Bob", "both see both");
+  assert.equal(probes.alice.status, "connected");
+  assert.equal(probes.alice.self, "alice");
+  assert.deepEqual(probes.alice.others, ["bob"]);
+  assert.equal(probes.bob.self, "bob");
+  assert.deepEqual(probes.bob.others, ["alice"]);
+  assert.equal(a.container.textContent, "Alice,Bob", "the DOM shows what the hook returned");
+
+  await b.unmount();
+  await waitFor(() => probes.alice.names === "Alice", "bob's leave reaches alice");
+  assert.deepEqual(probes.alice.others, []);
+  await a.unmount();
+});
+
+test("useLock acquire shows the holder in the other's useLocks; a queued wait is granted on release", async () => {
+  const room = freshRoom();
+  const resource = "segment:7";
+  const pa = {};
+  const pb = {};
+  function LockPanel({ probe }) {
+    probe.lock = useLock(resource);
+    probe.locks = useLocks();
+    probe.members = useMembers((m) => m.length);
+    const { info } = probe.lock;
+    return h("span", null, info ? `${info.holder.name}:${info.action}` : "free");
+  }
+  const a = await render(inRoom(client("alice", "Alice"), room, h(LockPanel, { probe: pa })));
+  const b = await render(inRoom(client("bob", "Bob"), room, h(LockPanel, { probe: pb })));
+  await waitFor(() => pa.members === 2 && pb.members === 2, "both joined");
+
+  let lock;
+  await act(async () => {
+    lock = await pa.lock.acquire({ action: "approve", ttlMs: 60_000 });
+  });
+  assert.ok(lock.token > 0, "a fencing token");
+  assert.equal(pa.lock.lock, lock, "useLock exposes this session's handle");
+  assert.equal(pa.lock.info.mine, true);
+  assert.equal(pa.lock.pending, false);
+  await waitFor(() => pb.locks.length === 1, "bob sees the lock");
+  assert.equal(pb.locks[0].holder.name, "Alice");
+  assert.equal(pb.locks[0].resource, resource);
+  assert.equal(pb.locks[0].mine, false);
+  assert.equal(pb.lock.lock, null, "bob holds nothing");
+  assert.equal(b.container.textContent, "Alice:approve");
+
+  // Denied without waiting: the error is returned and kept in the hook's state.
+  let denied;
+  await act(async () => {
+    denied = await pb.lock.acquire({ action: "trim" }).catch((e) => e);
+  });
+  assert.equal(denied.code, "lock_held");
+  assert.equal(denied.holder.name, "Alice");
+  assert.equal(pb.lock.error?.code, "lock_held");
+  assert.equal(pb.lock.pending, false);
+
+  // Queued: pending with a queue position until alice releases, then bob holds it.
+  let granted;
+  await act(async () => {
+    granted = pb.lock.acquire({ action: "trim", wait: true, waitTimeoutMs: 30_000 });
+  });
+  await waitFor(() => pb.lock.queued?.queuePosition === 1, "bob queued first in line");
+  assert.equal(pb.lock.pending, true);
+  assert.equal(pb.lock.error, null, "a new call clears the last error");
+
+  await act(async () => {
+    await pa.lock.release();
+  });
+  const bobs = await granted;
+  assert.ok(bobs.token > lock.token, "the next holder's token is higher");
+  await waitFor(() => pb.lock.lock === bobs && pb.lock.pending === false, "bob's hook shows the grant");
+  await waitFor(() => pa.locks.length === 1 && pa.locks[0].holder.name === "Bob", "alice sees bob holding it");
+  assert.equal(pa.lock.lock, null);
+  assert.equal(a.container.textContent, "Bob:trim");
+
+  await act(async () => {
+    await pb.lock.release();
+  });
+  await waitFor(() => pa.locks.length === 0 && pb.locks.length === 0, "release clears it for both");
+  assert.equal(a.container.textContent, "free");
+  await a.unmount();
+  await b.unmount();
+});
+
+test("a selector whose result does not change does not re-render", async () => {
+  const room = freshRoom();
+  const renders = { count: 0, ids: 0, all: 0 };
+  const seen = {};
+  function Count() {
+    renders.count += 1;
+    seen.count = useMembers((ms) => ms.length);
+    return null;
+  }
+  function Ids() {
+    renders.ids += 1;
+    // A new array on every call, made equal by `shallow`.
+    seen.ids = useOthers((os) => os.map((m) => m.userId), shallow);
+    return null;
+  }
+  function All() {
+    renders.all += 1;
+    seen.bobFocus = useOthers().find((m) => m.userId === "bob")?.focus ?? null;
+    return null;
+  }
+  const a = await render(inRoom(client("alice", "Alice"), room, h("div", null, h(Count), h(Ids), h(All))));
+  const bob = client("bob", "Bob");
+  await bob.connect();
+  const bobRoom = bob.room(room);
+  await bobRoom.join();
+  await waitFor(() => seen.count === 2 && seen.ids.length === 1, "alice sees bob");
+
+  const before = { ...renders };
+  for (const focus of ["segment:1", "segment:2", "segment:3"]) {
+    await bobRoom.updatePresence({ focus });
+    await waitFor(() => seen.bobFocus === focus, `alice sees bob's focus ${focus}`);
+  }
+  assert.ok(renders.all >= before.all + 3, `the unselected hook re-rendered (${before.all} → ${renders.all})`);
+  assert.equal(renders.count, before.count, "useMembers(length) did not re-render");
+  assert.equal(renders.ids, before.ids, "useOthers(ids, shallow) did not re-render");
+
+  await bobRoom.leave();
+  await waitFor(() => seen.count === 1, "bob's leave reaches alice");
+  assert.ok(renders.count > before.count, "and a real change does re-render");
+  await a.unmount();
+});
+
+test("StrictMode double mount joins once and unmount leaves once", async () => {
+  const room = freshRoom();
+  // Bob watches with the plain client, counting alice's joins and leaves.
+  const bob = client("bob", "Bob");
+  await bob.connect();
+  const bobRoom = bob.room(room);
+  const events = [];
+  bobRoom.on("presence", (e) => {
+    if (e.member.userId === "alice" && e.type !== "update") events.push(e.type);
+  });
+  await bobRoom.join();
+
+  const probe = {};
+  function Me() {
+    const [presence, update] = useMyPresence();
+    probe.presence = presence;
+    probe.update = update;
+    probe.selfCount = useMembers((ms) => ms.filter((m) => m.userId === "alice").length);
+    return null;
+  }
+  const alice = client("alice", "Alice");
+  const view = await render(
+    h(StrictMode, null, inRoom(alice, room, h(Me), { initialPresence: { focus: "segment:1" } })),
+  );
+  await waitFor(() => probe.selfCount === 1, "alice joined");
+  assert.equal(probe.presence.focus, "segment:1", "initialPresence was sent with the join");
+  await act(async () => {
+    await probe.update({ focus: "segment:2" });
+  });
+  // Events arrive in order: once bob sees the update, any join/leave flapping from the double
+  // mount would already be in `events`.
+  await waitFor(
+    () => bobRoom.members.some((m) => m.userId === "alice" && m.focus === "segment:2"),
+    "bob sees alice's update",
+  );
+  await waitFor(() => probe.presence.focus === "segment:2", "useMyPresence shows the update");
+  assert.deepEqual(events, ["join"], "one join, no leave");
+  assert.equal(bobRoom.members.filter((m) => m.userId === "alice").length, 1);
+
+  await view.unmount();
+  await waitFor(() => events.length === 2, "bob sees alice leave");
+  assert.deepEqual(events, ["join", "leave"]);
+  assert.equal(alice.room(room).joined, false, "the room was left");
+  assert.equal(alice.status, "connected", "an app-owned client stays connected");
+});
+
+test("LockstepProvider with options connects, and closes on unmount, once under StrictMode", async () => {
+  const room = freshRoom();
+  const bob = client("bob", "Bob");
+  await bob.connect();
+  const bobRoom = bob.room(room);
+  await bobRoom.join();
+
+  const probe = {};
+  const heard = [];
+  function Chat() {
+    probe.status = useStatus();
+    probe.others = useOthers((os) => os.length);
+    probe.send = useBroadcast("chat", (e) => heard.push(`${e.from.name}: ${e.data.text}`));
+    return null;
+  }
+  const view = await render(
+    h(
+      StrictMode,
+      null,
+      h(
+        LockstepProvider,
+        { options: clientOptions(server.url, "carol", "Carol") },
+        h(RoomProvider, { room }, h(Chat)),
+      ),
+    ),
+  );
+  await waitFor(() => probe.status === "connected" && probe.others === 1, "carol connected and joined");
+  const sessions = () => bobRoom.members.filter((m) => m.userId === "carol").length;
+  await waitFor(() => sessions() === 1, "bob sees carol");
+
+  await bobRoom.broadcast("chat", { text: "hello" });
+  await waitFor(() => heard.length === 1, "carol's handler hears bob");
+  assert.deepEqual(heard, ["Bob: hello"]);
+  const got = [];
+  bobRoom.on("broadcast", (e) => got.push(e.data.text));
+  await act(async () => {
+    await probe.send({ text: "hi bob" });
+  });
+  await waitFor(() => got.length === 1, "bob hears carol");
+  assert.equal(sessions(), 1, "one session for carol: StrictMode did not open a second client");
+
+  await view.unmount();
+  await waitFor(() => sessions() === 0, "the provider's client closed and its session ended");
+});

@@ -13,6 +13,8 @@ import { Window } from "happy-dom";
 const win = new Window({ url: "http://localhost/" });
 globalThis.window = win;
 globalThis.document = win.document;
+// Node 20 has no global navigator; react-dom sniffs the user agent when it loads.
+if (typeof globalThis.navigator === "undefined") globalThis.navigator = win.navigator;
 globalThis.IS_REACT_ACT_ENVIRONMENT = true;
 
 const { act, createElement } = await import("react");
@@ -121,6 +123,8 @@ export function newClient(url, sub, name = sub) {
   return new Lockstep(clientOptions(url, sub, name));
 }
 
+const mounted = new Set();
+
 /** Renders `element` into a fresh container inside `act`. */
 export async function render(element) {
   const container = document.createElement("div");
@@ -129,13 +133,28 @@ export async function render(element) {
   await act(async () => {
     root.render(element);
   });
-  return {
+  const view = {
     container,
     async unmount() {
+      if (!mounted.delete(view)) return;
       await act(async () => root.unmount());
       container.remove();
     },
   };
+  mounted.add(view);
+  return view;
+}
+
+/**
+ * Unmounts whatever a failed test left mounted, so provider-created clients close and stop
+ * reconnecting (which would keep the test process alive after the server is gone).
+ */
+export async function unmountAll() {
+  for (const view of [...mounted]) await view.unmount();
+  // Deferred leaves and closes run one macrotask after the unmount.
+  await act(async () => {
+    await sleep(10);
+  });
 }
 
 /**

@@ -3,7 +3,7 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { StrictMode } from "react";
-import { act, clientOptions, freshRoom, h, newClient, render, startServer, waitFor } from "./harness.mjs";
+import { act, clientOptions, freshRoom, h, newClient, render, startServer, unmountAll, waitFor } from "./harness.mjs";
 import {
   LockstepProvider,
   RoomProvider,
@@ -30,6 +30,7 @@ before(async () => {
   server = await startServer();
 });
 after(async () => {
+  await unmountAll();
   for (const c of clients) c.close();
   await server?.stop();
 });
@@ -119,7 +120,10 @@ test("useLock acquire shows the holder in the other's useLocks; a queued wait is
   await act(async () => {
     await pa.lock.release();
   });
-  const bobs = await granted;
+  let bobs;
+  await act(async () => {
+    bobs = await granted;
+  });
   assert.ok(bobs.token > lock.token, "the next holder's token is higher");
   await waitFor(() => pb.lock.lock === bobs && pb.lock.pending === false, "bob's hook shows the grant");
   await waitFor(() => pa.locks.length === 1 && pa.locks[0].holder.name === "Bob", "alice sees bob holding it");
@@ -157,21 +161,24 @@ test("a selector whose result does not change does not re-render", async () => {
   }
   const a = await render(inRoom(client("alice", "Alice"), room, h("div", null, h(Count), h(Ids), h(All))));
   const bob = client("bob", "Bob");
-  await bob.connect();
   const bobRoom = bob.room(room);
-  await bobRoom.join();
+  // Awaited inside act: the updates they cause in alice's components are flushed by it.
+  await act(async () => {
+    await bob.connect();
+    await bobRoom.join();
+  });
   await waitFor(() => seen.count === 2 && seen.ids.length === 1, "alice sees bob");
 
   const before = { ...renders };
   for (const focus of ["segment:1", "segment:2", "segment:3"]) {
-    await bobRoom.updatePresence({ focus });
+    await act(() => bobRoom.updatePresence({ focus }));
     await waitFor(() => seen.bobFocus === focus, `alice sees bob's focus ${focus}`);
   }
   assert.ok(renders.all >= before.all + 3, `the unselected hook re-rendered (${before.all} → ${renders.all})`);
   assert.equal(renders.count, before.count, "useMembers(length) did not re-render");
   assert.equal(renders.ids, before.ids, "useOthers(ids, shallow) did not re-render");
 
-  await bobRoom.leave();
+  await act(() => bobRoom.leave());
   await waitFor(() => seen.count === 1, "bob's leave reaches alice");
   assert.ok(renders.count > before.count, "and a real change does re-render");
   await a.unmount();

@@ -46,6 +46,22 @@ test("a dropped socket reconnects with the latest resume token, and a resumed se
   await cleanup();
 });
 
+for (const code of [1001, 1009, 1011, 1012, 4008, 4000, 4999]) {
+  test(`${code} reconnects with resume (backoff)`, async () => {
+    const { server, client, conn, cleanup } = await connected();
+    const closed = nextEvent(client, "closed");
+    conn.close(code, "x");
+    const e = await closed;
+    assert.deepEqual([e.code, e.willReconnect], [code, true]);
+    const c2 = await server.nextConnection();
+    assert.equal(c2.resume, "r1");
+    assert.equal(c2.token, "tok1");
+    c2.welcome({ resumed: true, resume_token: "r2" });
+    await until(() => client.status === "connected");
+    await cleanup();
+  });
+}
+
 test("1012 after `reconnect` waits after_ms, not the backoff", async () => {
   const { server, client, conn, cleanup } = await connected({ reconnectDelayMs: { min: 30_000, max: 60_000 } });
   const t0 = Date.now();
@@ -79,13 +95,17 @@ test("4001 asks getToken again and resumes; refused again at once, it gives up",
   await cleanup();
 });
 
-test("a first connection refused with 4001 rejects connect()", async () => {
-  const { server, client, cleanup } = await setup();
+test("a first connection refused with 4001 twice (with a fresh token) rejects connect()", async () => {
+  const { server, client, tokenCalls, cleanup } = await setup();
   const p = client.connect();
   const conn = await server.nextConnection();
   conn.close(4001, "bad token");
+  const c2 = await server.nextConnection();
+  assert.equal(c2.token, "tok2");
+  c2.close(4001, "bad token");
   await assert.rejects(p, (e) => e instanceof LockstepError && e.code === "closed" && e.closeCode === 4001);
   assert.equal(client.status, "disconnected");
+  assert.equal(tokenCalls.length, 2);
   await cleanup();
 });
 

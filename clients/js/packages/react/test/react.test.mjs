@@ -2,16 +2,18 @@
 // happy-dom, two clients over real WebSockets (`ws`).
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { StrictMode } from "react";
+import { StrictMode, useState } from "react";
 import { act, clientOptions, freshRoom, h, newClient, render, startServer, unmountAll, waitFor } from "./harness.mjs";
 import {
   LockstepProvider,
   RoomProvider,
   shallow,
   useBroadcast,
+  useCursors,
   useLock,
   useLocks,
   useMembers,
+  useMoveCursor,
   useMyPresence,
   useOthers,
   useSelf,
@@ -48,6 +50,8 @@ test("two providers see each other in useMembers, useOthers and useSelf", async 
     probe.names = useMembers((ms) => ms.map((m) => m.name).sort().join(","));
     probe.others = useOthers((os) => os.map((m) => m.userId), shallow);
     probe.self = useSelf((s) => s?.userId ?? null);
+    probe.cursors = useCursors();
+    probe.move = useMoveCursor();
     return h("p", null, probe.names);
   }
   const a = await render(inRoom(client("alice", "Alice"), room, h(Roster, { probe: probes.alice })));
@@ -60,6 +64,12 @@ test("two providers see each other in useMembers, useOthers and useSelf", async 
   assert.equal(probes.bob.self, "bob");
   assert.deepEqual(probes.bob.others, ["alice"]);
   assert.equal(a.container.textContent, "Alice,Bob", "the DOM shows what the hook returned");
+
+  await act(async () => probes.alice.move({ x: 10, y: 20 }));
+  const cursor = await waitFor(() => [...probes.bob.cursors.values()][0], "bob sees alice's cursor");
+  assert.equal(cursor.userId, "alice");
+  assert.deepEqual([cursor.x, cursor.y], [10, 20]);
+  assert.equal(probes.alice.cursors.size, 0, "no cursor of one's own");
 
   await b.unmount();
   await waitFor(() => probes.alice.names === "Alice", "bob's leave reaches alice");
@@ -273,4 +283,56 @@ test("LockstepProvider with options connects, and closes on unmount, once under 
 
   await view.unmount();
   await waitFor(() => sessions() === 0, "the provider's client closed and its session ended");
+});
+
+test("unmounting a useLock with a queued wait cancels the wait", async () => {
+  const room = freshRoom();
+  const resource = "segment:9";
+  const pa = {};
+  const pb = {};
+  function Holder() {
+    pa.lock = useLock(resource);
+    pa.members = useMembers((m) => m.length);
+    return null;
+  }
+  function Waiter() {
+    pb.lock = useLock(resource);
+    return null;
+  }
+  function Bob() {
+    const [show, setShow] = useState(true);
+    pb.hide = () => setShow(false);
+    pb.members = useMembers((m) => m.length);
+    return show ? h(Waiter) : null;
+  }
+  await render(inRoom(client("alice", "Alice"), room, h(Holder)));
+  const bob = client("bob", "Bob");
+  await render(inRoom(bob, room, h(Bob)));
+  await waitFor(() => pa.members === 2 && pb.members === 2, "both joined");
+
+  let first;
+  await act(async () => {
+    first = await pa.lock.acquire({ action: "approve" });
+  });
+  let waiting;
+  await act(async () => {
+    waiting = pb.lock.acquire({ action: "trim", wait: true, waitTimeoutMs: 30_000 });
+    waiting.catch(() => {});
+  });
+  await waitFor(() => pb.lock.queued?.queuePosition === 1, "bob queued");
+
+  await act(async () => pb.hide());
+  // The server handles one session's frames in order: once this reply is back, the
+  // cancel_wait sent on unmount has been processed.
+  await act(() => bob.room(room).updatePresence({ focus: resource }));
+  await act(() => pa.lock.release());
+  // Had bob still been queued, the release would have handed him the lock and this would be
+  // lock_held; bob's session is still in the room, so only the cancel_wait explains success.
+  let second;
+  await act(async () => {
+    second = await pa.lock.acquire({ action: "approve" });
+  });
+  await assert.rejects(waiting, (e) => e.code === "aborted", "the wait ended as aborted");
+  assert.ok(second.token > first.token);
+  assert.equal(pa.lock.info?.holder.name, "Alice");
 });

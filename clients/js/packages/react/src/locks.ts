@@ -46,6 +46,29 @@ function subscribeLocks(room: Room): (cb: () => void) => () => void {
   return (cb) => room.locks.on("change", cb);
 }
 
+// The client announces a grant to the room ("change") before the grant's reply arrives, and
+// adds the new handle to `room.locks.held` on that reply without another event. So after an
+// acquire through a hook resolves, every useLock of the room re-reads `held`: a second
+// component showing the same resource gets the handle too.
+const heldWatchers = new WeakMap<Room, Set<() => void>>();
+
+function subscribeHeld(room: Room): (cb: () => void) => () => void {
+  return (cb) => {
+    let set = heldWatchers.get(room);
+    if (!set) heldWatchers.set(room, (set = new Set()));
+    set.add(cb);
+    const off = room.locks.on("change", cb);
+    return () => {
+      off();
+      set.delete(cb);
+    };
+  };
+}
+
+function heldChanged(room: Room): void {
+  for (const cb of [...(heldWatchers.get(room) ?? [])]) cb();
+}
+
 /**
  * Every lock visible in the room (a new array on every change). Optional `selector` and
  * `isEqual`: `useLocks((l) => l.filter((x) => x.mine).length)`.
@@ -89,8 +112,9 @@ export function useLock(resource: string): UseLockResult {
   const info = useSelected(subscribe, getList, (list) => list.find((l) => l.resource === resource) ?? null, sameInfo);
   // `held` is read through a selector, so it does not matter whether the client caches that
   // array: the Lock handle found in it is the same object for as long as the lock lives.
+  const subscribeToHeld = useCallback(subscribeHeld(room), [room]);
   const getHeld = useCallback(() => room.locks.held, [room]);
-  const lock = useSelected(subscribe, getHeld, (held) => held.find((l) => l.resource === resource) ?? null);
+  const lock = useSelected(subscribeToHeld, getHeld, (held) => held.find((l) => l.resource === resource) ?? null);
 
   const [request, setRequest] = useState<RequestState>(IDLE);
   // Only the latest call may update the request state; an older one finishing late must not
@@ -135,6 +159,7 @@ export function useLock(resource: string): UseLockResult {
         () => {
           done();
           if (gen === generation.current) setRequest(IDLE);
+          heldChanged(room);
         },
         (e: LockstepError) => {
           done();

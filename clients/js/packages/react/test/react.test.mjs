@@ -89,7 +89,13 @@ test("useLock acquire shows the holder in the other's useLocks; a queued wait is
     const { info } = probe.lock;
     return h("span", null, info ? `${info.holder.name}:${info.action}` : "free");
   }
-  const a = await render(inRoom(client("alice", "Alice"), room, h(LockPanel, { probe: pa })));
+  // A second useLock of the same resource in alice's tree, that did not acquire it.
+  const badge = {};
+  function Badge() {
+    badge.lock = useLock(resource).lock;
+    return null;
+  }
+  const a = await render(inRoom(client("alice", "Alice"), room, h("div", null, h(LockPanel, { probe: pa }), h(Badge))));
   const b = await render(inRoom(client("bob", "Bob"), room, h(LockPanel, { probe: pb })));
   await waitFor(() => pa.members === 2 && pb.members === 2, "both joined");
 
@@ -99,6 +105,7 @@ test("useLock acquire shows the holder in the other's useLocks; a queued wait is
   });
   assert.ok(lock.token > 0, "a fencing token");
   assert.equal(pa.lock.lock, lock, "useLock exposes this session's handle");
+  assert.equal(badge.lock, lock, "and so does another useLock of the resource");
   assert.equal(pa.lock.info.mine, true);
   assert.equal(pa.lock.pending, false);
   await waitFor(() => pb.locks.length === 1, "bob sees the lock");
@@ -138,6 +145,7 @@ test("useLock acquire shows the holder in the other's useLocks; a queued wait is
   await waitFor(() => pb.lock.lock === bobs && pb.lock.pending === false, "bob's hook shows the grant");
   await waitFor(() => pa.locks.length === 1 && pa.locks[0].holder.name === "Bob", "alice sees bob holding it");
   assert.equal(pa.lock.lock, null);
+  assert.equal(badge.lock, null);
   assert.equal(a.container.textContent, "Bob:trim");
 
   await act(async () => {

@@ -27,10 +27,8 @@ export interface Presence<P = Json> {
   state?: P | null;
 }
 
-// `any` here is deliberate: the context is untyped at runtime; each hook states its generics.
-// eslint-disable-next-line @typescript-eslint/no-explicit-any
+// `any` is deliberate: a context cannot carry the app's generics; each hook states its own.
 type AnyClient = Lockstep<any, any>;
-// eslint-disable-next-line @typescript-eslint/no-explicit-any
 type AnyRoom = Room<any, any>;
 
 export const ClientContext = createContext<AnyClient | null>(null);
@@ -62,11 +60,11 @@ export type LockstepProviderProps =
 /** Makes a `Lockstep` client available to `useClient` and to every `RoomProvider` below. */
 export function LockstepProvider(props: LockstepProviderProps): ReactNode {
   const { client: given, options, connect = true, children } = props;
+  if (!given && !options) throw new Error("LockstepProvider needs a `client` or an `options` prop");
   // Created during render but inert until connected: a client that StrictMode's discarded
   // render made is never connected and needs no cleanup.
   const [owned] = useState<AnyClient | null>(() => (given ? null : new Lockstep(options!)));
-  const client = given ?? owned;
-  if (!client) throw new Error("LockstepProvider needs a `client` or `options` prop");
+  const client = (given ?? owned)!;
 
   const closeTimer = useRef<ReturnType<typeof setTimeout> | null>(null);
   useEffect(() => {
@@ -174,7 +172,6 @@ export function RoomProvider<P = Json>(props: RoomProviderProps<P>): ReactNode {
 }
 
 /** The `Lockstep` client of the nearest {@link LockstepProvider}. */
-// eslint-disable-next-line @typescript-eslint/no-explicit-any
 export function useClient<P = Json, B extends Record<string, Json> = Record<string, Json>>(): Lockstep<P, B> {
   const client = useContext(ClientContext);
   if (!client) throw new Error("useClient: no <LockstepProvider> above this component");

@@ -344,3 +344,48 @@ test("unmounting a useLock with a queued wait cancels the wait", async () => {
   assert.ok(second.token > first.token);
   assert.equal(pa.lock.info?.holder.name, "Alice");
 });
+
+test("two RoomProviders of one room join once; the room is left when the last one unmounts", async () => {
+  const room = freshRoom();
+  const bob = client("bob", "Bob");
+  await bob.connect();
+  const bobRoom = bob.room(room);
+  const events = [];
+  bobRoom.on("presence", (e) => {
+    if (e.member.userId === "alice" && e.type !== "update") events.push(e.type);
+  });
+  await bobRoom.join();
+
+  const alice = client("alice", "Alice");
+  const probe = {};
+  function Me() {
+    probe.count = useMembers((ms) => ms.length);
+    return null;
+  }
+  function Two() {
+    const [second, setSecond] = useState(true);
+    probe.hideSecond = () => setSecond(false);
+    return h(
+      "div",
+      null,
+      h(RoomProvider, { room }, h(Me)),
+      second ? h(RoomProvider, { room }, h("span", null, "second")) : null,
+    );
+  }
+  const view = await render(h(LockstepProvider, { client: alice }, h(Two)));
+  await waitFor(() => probe.count === 2, "alice joined");
+
+  await act(async () => probe.hideSecond());
+  // Ordered behind any leave the unmount could have sent: alice's next update reaching bob.
+  await act(() => alice.room(room).updatePresence({ focus: "segment:5" }));
+  await waitFor(
+    () => bobRoom.members.some((m) => m.userId === "alice" && m.focus === "segment:5"),
+    "bob sees alice's update",
+  );
+  assert.deepEqual(events, ["join"], "the remaining provider keeps the room joined");
+  assert.equal(alice.room(room).joined, true);
+
+  await view.unmount();
+  await waitFor(() => events.length === 2, "bob sees alice leave");
+  assert.deepEqual(events, ["join", "leave"]);
+});

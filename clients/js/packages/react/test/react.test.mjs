@@ -3,7 +3,7 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { StrictMode, useState } from "react";
-import { act, clientOptions, freshRoom, h, newClient, render, startServer, unmountAll, waitFor } from "./harness.mjs";
+import { act, clientOptions, freshRoom, h, newClient, render, sleep, startServer, unmountAll, waitFor } from "./harness.mjs";
 import {
   LockstepProvider,
   RoomProvider,
@@ -376,7 +376,10 @@ test("two RoomProviders of one room join once; the room is left when the last on
   await waitFor(() => probe.count === 2, "alice joined");
 
   await act(async () => probe.hideSecond());
-  // Ordered behind any leave the unmount could have sent: alice's next update reaching bob.
+  // A leave would be sent by a 0 ms timer set during the unmount; this later timer fires
+  // after it (Node runs due timers in order), so the update below is sent after any leave,
+  // and bob seeing the update means he would have seen that leave first.
+  await act(() => sleep(10));
   await act(() => alice.room(room).updatePresence({ focus: "segment:5" }));
   await waitFor(
     () => bobRoom.members.some((m) => m.userId === "alice" && m.focus === "segment:5"),

@@ -227,7 +227,8 @@ test("StrictMode double mount joins once and unmount leaves once", async () => {
     h(StrictMode, null, inRoom(alice, room, h(Me), { initialPresence: { focus: "segment:1" } })),
   );
   await waitFor(() => probe.selfCount === 1, "alice joined");
-  assert.equal(probe.presence.focus, "segment:1", "initialPresence was sent with the join");
+  // The client sends the focus in a presence message right after the join: wait for its echo.
+  await waitFor(() => probe.presence.focus === "segment:1", "initialPresence's focus reaches the room");
   await act(async () => {
     await probe.update({ focus: "segment:2" });
   });

@@ -199,3 +199,19 @@ test("forceRelease sends lock.release with force", async () => {
   await p;
   await cleanup();
 });
+
+test("close() with a release in flight: the release resolves, a pending extend rejects `disconnected`", async () => {
+  const { client, conn, room, cleanup } = await setupRoom();
+  const lock = await grant(conn, room);
+  const rel = lock.release();
+  await conn.next("lock.release");
+  const other = await grant(conn, room, "segment:2", 12);
+  const ext = other.extend(1_000);
+  await conn.next("lock.extend");
+  client.close();
+  await rel;
+  await assert.rejects(ext, (e) => e.code === "disconnected");
+  assert.equal(lock.state, "released");
+  assert.equal(other.state, "lost");
+  await cleanup();
+});

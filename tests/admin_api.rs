@@ -24,7 +24,12 @@ async fn get(http: &reqwest::Client, url: String, bearer: Option<&str>) -> (Stat
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
-async fn post(http: &reqwest::Client, url: String, bearer: &str, body: Value) -> (StatusCode, Value) {
+async fn post(
+    http: &reqwest::Client,
+    url: String,
+    bearer: &str,
+    body: Value,
+) -> (StatusCode, Value) {
     let resp = http
         .post(url)
         .bearer_auth(bearer)
@@ -56,7 +61,9 @@ async fn all_rooms(
         assert_eq!(status, StatusCode::OK, "{body}");
         assert!(body["server_time"].as_u64().is_some(), "{body}");
         for r in body["rooms"].as_array().expect("rooms") {
-            let e = seen.entry(r["room"].as_str().unwrap().to_owned()).or_default();
+            let e = seen
+                .entry(r["room"].as_str().unwrap().to_owned())
+                .or_default();
             e.0 += 1;
             e.1 = r["members"].as_u64().unwrap();
             e.2 = r["locks"].as_u64().unwrap();
@@ -120,10 +127,15 @@ async fn embedded_listing_authorization_and_audit() {
     .into();
     assert_eq!(rooms, expect);
     // One room per page: still each room once, and the listing ends.
-    assert_eq!(all_rooms(&http, std::slice::from_ref(&base), ADMIN, 1).await, expect);
+    assert_eq!(
+        all_rooms(&http, std::slice::from_ref(&base), ADMIN, 1).await,
+        expect
+    );
 
     // Owners see the rooms they own: by exact pattern (looked up) or by type (scanned).
-    let owner2 = server.token("o2", Some(json!({"scene:2": "owner", "*": "editor"}))).await;
+    let owner2 = server
+        .token("o2", Some(json!({"scene:2": "owner", "*": "editor"})))
+        .await;
     let seen = all_rooms(&http, std::slice::from_ref(&base), &owner2, 50).await;
     assert_eq!(seen.keys().collect::<Vec<_>>(), ["scene:2"]);
     let scenes = server.token("os", Some(json!({"scene:*": "owner"}))).await;
@@ -131,13 +143,28 @@ async fn embedded_listing_authorization_and_audit() {
     assert_eq!(seen.keys().collect::<Vec<_>>(), ["scene:1", "scene:2"]);
     // Anybody else: 403; no token: 401; a made-up cursor or a bad limit: 400.
     let url = format!("{base}/v1/admin/rooms");
-    assert_eq!(get(&http, url.clone(), Some(&editor)).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(
+        get(&http, url.clone(), Some(&editor)).await.0,
+        StatusCode::FORBIDDEN
+    );
     let (s, b) = get(&http, url.clone(), None).await;
-    assert_eq!((s, b["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("unauthorized")));
+    assert_eq!(
+        (s, b["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("unauthorized"))
+    );
     let (s, b) = get(&http, format!("{url}?cursor=x.y"), Some(ADMIN)).await;
-    assert_eq!((s, b["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")));
-    assert_eq!(get(&http, format!("{url}?limit=0"), Some(ADMIN)).await.0, StatusCode::BAD_REQUEST);
-    assert_eq!(get(&http, format!("{url}?limit=501"), Some(ADMIN)).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        (s, b["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("bad_request"))
+    );
+    assert_eq!(
+        get(&http, format!("{url}?limit=0"), Some(ADMIN)).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        get(&http, format!("{url}?limit=501"), Some(ADMIN)).await.0,
+        StatusCode::BAD_REQUEST
+    );
 
     // Nodes: just this one, with alice's session; admin token only.
     let (s, b) = get(&http, format!("{base}/v1/admin/nodes"), Some(ADMIN)).await;
@@ -145,9 +172,17 @@ async fn embedded_listing_authorization_and_audit() {
     let nodes = b["nodes"].as_array().expect("nodes");
     assert_eq!(nodes.len(), 1, "{b}");
     assert_eq!(nodes[0]["node_id"], b["node_id"]);
-    assert_eq!((nodes[0]["attached"].as_u64(), nodes[0]["parked"].as_u64()), (Some(1), Some(0)));
+    assert_eq!(
+        (nodes[0]["attached"].as_u64(), nodes[0]["parked"].as_u64()),
+        (Some(1), Some(0))
+    );
     assert_eq!(nodes[0]["draining"], false);
-    assert_eq!(get(&http, format!("{base}/v1/admin/nodes"), Some(&owner2)).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(
+        get(&http, format!("{base}/v1/admin/nodes"), Some(&owner2))
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
 
     // What the console reads of a room: presence and locks, with the admin token or an owner's.
     for t in [ADMIN, owner2.as_str()] {
@@ -176,17 +211,29 @@ async fn embedded_listing_authorization_and_audit() {
     let (s, b) = get(&http, audit.clone(), Some(&owner2)).await;
     assert_eq!(s, StatusCode::OK, "{b}");
     let rec = &b["records"][0];
-    assert_eq!((rec["actor"]["user_id"].as_str(), rec["user_id"].as_str()), (Some("o2"), Some("alice")));
-    assert_eq!(get(&http, audit.clone(), Some(ADMIN)).await.1["records"][0]["id"], rec["id"]);
+    assert_eq!(
+        (rec["actor"]["user_id"].as_str(), rec["user_id"].as_str()),
+        (Some("o2"), Some("alice"))
+    );
+    assert_eq!(
+        get(&http, audit.clone(), Some(ADMIN)).await.1["records"][0]["id"],
+        rec["id"]
+    );
     let forbidden = [
         format!("{base}/v1/audit"),
         format!("{base}/v1/audit?room=scene:1"),
         format!("{base}/v1/audit?resource=segment:2-1"),
     ];
     for url in forbidden {
-        assert_eq!(get(&http, url, Some(&owner2)).await.0, StatusCode::FORBIDDEN);
+        assert_eq!(
+            get(&http, url, Some(&owner2)).await.0,
+            StatusCode::FORBIDDEN
+        );
     }
-    assert_eq!(get(&http, audit, Some(&editor)).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(
+        get(&http, audit, Some(&editor)).await.0,
+        StatusCode::FORBIDDEN
+    );
 
     // Audit paging from the JSON-lines file: `next` as `before` walks back without overlap.
     let mut ids = Vec::new();
@@ -198,7 +245,13 @@ async fn embedded_listing_authorization_and_audit() {
         }
         let (s, b) = get(&http, url, Some(ADMIN)).await;
         assert_eq!(s, StatusCode::OK, "{b}");
-        ids.extend(b["records"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_owned()));
+        ids.extend(
+            b["records"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["id"].as_str().unwrap().to_owned()),
+        );
         match b["next"].as_str() {
             Some(n) => before = Some(n.to_owned()),
             None => break,
@@ -212,7 +265,10 @@ async fn embedded_listing_authorization_and_audit() {
     // The console page itself: served with a strict content security policy.
     let resp = http.get(format!("{base}/admin")).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    let csp = resp.headers()["content-security-policy"].to_str().unwrap().to_owned();
+    let csp = resp.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     assert!(csp.contains("connect-src 'self'"), "{csp}");
     assert!(resp.text().await.unwrap().contains("/v1/admin/rooms"));
     server.shutdown().await;
@@ -239,12 +295,26 @@ async fn redis_listing_is_cluster_wide_and_pages_every_room_once() {
     expect.insert("scene:1".into(), (1, 2, 0));
     expect.insert("scene:2".into(), (1, 1, 3));
     for i in 0..3 {
-        http_lock(&http, &bases[i % 2], &editor, "scene:2", &format!("segment:{i}")).await;
+        http_lock(
+            &http,
+            &bases[i % 2],
+            &editor,
+            "scene:2",
+            &format!("segment:{i}"),
+        )
+        .await;
     }
     for r in 0..40 {
         let locks = if r % 7 == 0 { 9 } else { 1 };
         for i in 0..locks {
-            http_lock(&http, &bases[r % 2], &editor, &format!("story:{r}"), &format!("beat:{i}")).await;
+            http_lock(
+                &http,
+                &bases[r % 2],
+                &editor,
+                &format!("story:{r}"),
+                &format!("beat:{i}"),
+            )
+            .await;
         }
         expect.insert(format!("story:{r}"), (1, 0, locks as u64));
     }
@@ -259,7 +329,9 @@ async fn redis_listing_is_cluster_wide_and_pages_every_room_once() {
     assert_eq!(seen.keys().collect::<Vec<_>>(), ["scene:1", "scene:2"]);
     let viewer = signed("v", Some(json!({"*": "viewer"})));
     assert_eq!(
-        get(&http, format!("{}/v1/admin/rooms", bases[0]), Some(&viewer)).await.0,
+        get(&http, format!("{}/v1/admin/rooms", bases[0]), Some(&viewer))
+            .await
+            .0,
         StatusCode::FORBIDDEN
     );
 
@@ -273,7 +345,12 @@ async fn redis_listing_is_cluster_wide_and_pages_every_room_once() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|n| (n["node_id"].as_str().unwrap().to_owned(), n["attached"].as_u64().unwrap()))
+            .map(|n| {
+                (
+                    n["node_id"].as_str().unwrap().to_owned(),
+                    n["attached"].as_u64().unwrap(),
+                )
+            })
             .collect();
         last = body;
         if counts == [("node-a".to_owned(), 1), ("node-b".to_owned(), 2)] {
@@ -285,7 +362,9 @@ async fn redis_listing_is_cluster_wide_and_pages_every_room_once() {
     assert!(ok, "node listing never showed both nodes' sessions: {last}");
     assert_eq!(last["node_id"], "node-a");
     assert_eq!(
-        get(&http, format!("{}/v1/admin/nodes", bases[1]), Some(&scenes)).await.0,
+        get(&http, format!("{}/v1/admin/nodes", bases[1]), Some(&scenes))
+            .await
+            .0,
         StatusCode::FORBIDDEN
     );
     drop((on_a, on_b, on_b2));

@@ -46,7 +46,9 @@ where
     let mut cursor = String::new();
     for steps in 0.. {
         assert!(steps < 10_000, "the iteration does not end");
-        let page = step(cursor.clone(), count).await.expect("a cursor the store issued");
+        let page = step(cursor.clone(), count)
+            .await
+            .expect("a cursor the store issued");
         for (r, n) in page.rooms {
             let e = seen.entry(r.to_string()).or_default();
             e.0 += 1;
@@ -87,13 +89,33 @@ async fn check(presence: Arc<dyn PresenceStore>, locks: Arc<dyn LockStore>) {
     fill(&*presence, &*locks).await;
     for count in [1, 10, 1000] {
         let p = presence.clone();
-        let got = walk(|c, n| { let p = p.clone(); async move { p.room_page(&c, n).await.unwrap() } }, count).await;
+        let got = walk(
+            |c, n| {
+                let p = p.clone();
+                async move { p.room_page(&c, n).await.unwrap() }
+            },
+            count,
+        )
+        .await;
         assert_eq!(got, expected(3), "presence, count {count}");
         let l = locks.clone();
-        let got = walk(|c, n| { let l = l.clone(); async move { l.room_page(&c, n).await.unwrap() } }, count).await;
+        let got = walk(
+            |c, n| {
+                let l = l.clone();
+                async move { l.room_page(&c, n).await.unwrap() }
+            },
+            count,
+        )
+        .await;
         assert_eq!(got, expected(5), "locks, count {count}");
     }
-    assert!(presence.room_page("not a cursor", 10).await.unwrap().is_none());
+    assert!(
+        presence
+            .room_page("not a cursor", 10)
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert!(locks.room_page("99.0", 10).await.unwrap().is_none());
     assert!(locks.room_page("not a cursor", 10).await.unwrap().is_none());
 }
@@ -102,13 +124,19 @@ async fn check(presence: Arc<dyn PresenceStore>, locks: Arc<dyn LockStore>) {
 async fn memory_stores_page_every_room_once() {
     let dir = tempfile::tempdir().unwrap();
     let audit = Arc::new(JsonlSink::open(dir.path()).unwrap());
-    check(Arc::new(MemoryPresenceStore::new()), Arc::new(MemoryLockStore::new(audit))).await;
+    check(
+        Arc::new(MemoryPresenceStore::new()),
+        Arc::new(MemoryLockStore::new(audit)),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stores_page_every_room_once() {
     let redis = RedisServer::start();
-    let pool = lockstep::engine::redis::connect(&redis.url()).await.unwrap();
+    let pool = lockstep::engine::redis::connect(&redis.url())
+        .await
+        .unwrap();
     check(
         Arc::new(RedisPresenceStore::new(pool.clone(), 600_000)),
         Arc::new(RedisLockStore::new(pool)),

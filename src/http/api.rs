@@ -279,7 +279,14 @@ pub async fn audit(
                 "the audit log needs the admin token, or room= naming a room you own",
             ));
         };
-        require_role(&node, &caller, &entity(room)?, Role::Owner, "reading the audit log").await?;
+        require_role(
+            &node,
+            &caller,
+            &entity(room)?,
+            Role::Owner,
+            "reading the audit log",
+        )
+        .await?;
     }
     node.audit.query(&q).await.map(Json).map_err(|e| match e {
         crate::audit::AuditError::BadQuery(m) => ApiError::new(ErrorCode::BadRequest, m),

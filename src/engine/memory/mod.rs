@@ -65,7 +65,9 @@ fn page_by_name<'a>(
         found.truncate(count);
     }
     found.sort_by(|a, b| a.0.cmp(b.0));
-    let next = more.then(|| found.last().map(|(r, _)| r.to_string())).flatten();
+    let next = more
+        .then(|| found.last().map(|(r, _)| r.to_string()))
+        .flatten();
     Some(RoomPage {
         rooms: found.into_iter().map(|(r, n)| (r.clone(), n)).collect(),
         next,

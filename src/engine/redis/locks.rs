@@ -123,9 +123,8 @@ use super::replication::{Acked, REPLICATED_OPS, Replication};
 use super::script::LuaScript;
 use super::{call, engine_err, keys};
 use crate::engine::{
-    RoomPage,
     AcquireOutcome, AcquireRequest, Actor, EngineError, EngineResult, HeldBy, LockInfo, LockKey,
-    LockStore, LockTransition, ReleaseReason, SessionId, TokenOutcome,
+    LockStore, LockTransition, ReleaseReason, RoomPage, SessionId, TokenOutcome,
 };
 use crate::names::Entity;
 use crate::telemetry::RedisMetrics;

@@ -162,7 +162,7 @@ async fn embedded_listing_authorization_and_audit() {
         StatusCode::BAD_REQUEST
     );
     assert_eq!(
-        get(&http, format!("{url}?limit=501"), Some(ADMIN)).await.0,
+        get(&http, format!("{url}?limit=201"), Some(ADMIN)).await.0,
         StatusCode::BAD_REQUEST
     );
 
@@ -318,7 +318,7 @@ async fn redis_listing_is_cluster_wide_and_pages_every_room_once() {
         }
         expect.insert(format!("story:{r}"), (1, 0, locks as u64));
     }
-    for limit in [1, 7, 500] {
+    for limit in [1, 7, 200] {
         let seen = all_rooms(&http, &bases, ADMIN, limit).await;
         assert_eq!(seen, expect, "limit {limit}");
     }

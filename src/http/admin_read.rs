@@ -19,7 +19,7 @@ use crate::node::admin::may_list_rooms;
 
 /// Rooms per page unless `limit` says otherwise, and the most it may say.
 const DEFAULT_ROOMS: usize = 50;
-const MAX_ROOMS: usize = 500;
+const MAX_ROOMS: usize = 200;
 /// Longest cursor accepted (ours are a few dozen bytes).
 const MAX_CURSOR_BYTES: usize = 256;
 

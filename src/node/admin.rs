@@ -21,6 +21,10 @@ use crate::names::Entity;
 /// when the steps ran out: the client asks again from `next`. With the 16 Redis lock shards
 /// plus the presence index, a small deployment is listed in one request.
 const MAX_STEPS: usize = 24;
+/// Rooms one request may examine, as a multiple of its `limit`: each costs reads (its members,
+/// its locks — 16 shard reads with Redis), and an owner's filtered walk may examine many rooms
+/// it does not see, so this bounds a request's work whatever the rooms are.
+const EXAMINED_PER_LIMIT: usize = 2;
 /// Nodes listed at most (the node set is small; this only bounds a runaway set).
 pub const MAX_NODES: usize = 1000;
 
@@ -183,12 +187,14 @@ impl Node {
         };
         let mut out = Vec::new();
         let mut next = Some(());
+        let mut examined = 0;
         for _ in 0..MAX_STEPS {
             let want = limit.saturating_sub(out.len()).max(1);
             if !in_locks {
                 let Some(page) = self.presence.room_page(&inner, want).await? else {
                     return Ok(None);
                 };
+                examined += page.rooms.len();
                 for (room, members) in page.rooms {
                     if visible(&room) {
                         let locks = self.locks.list_room(&room).await?.len();
@@ -210,6 +216,7 @@ impl Node {
                 let Some(page) = self.locks.room_page(&inner, want).await? else {
                     return Ok(None);
                 };
+                examined += page.rooms.len();
                 for (room, locks) in page.rooms {
                     // Rooms with members were listed in the first phase.
                     if visible(&room) && self.presence.members(&room).await?.is_empty() {
@@ -228,7 +235,7 @@ impl Node {
                     }
                 }
             }
-            if out.len() >= limit {
+            if out.len() >= limit || examined >= limit * EXAMINED_PER_LIMIT {
                 break;
             }
         }

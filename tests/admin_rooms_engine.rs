@@ -1,4 +1,4 @@
-//! `room_page` of both presence stores and both lock stores, driven directly: with hundreds of
+//! `room_page` of both presence stores and both lock stores (memory, Redis, Redis Cluster), driven directly: with hundreds of
 //! rooms and small steps (so Redis' `ZSCAN` runs over hashtable-encoded sets, many steps, and
 //! lock rooms span shards), a complete iteration lists every room once with its count and
 //! ends; a cursor the store did not issue is refused.
@@ -135,6 +135,21 @@ async fn memory_stores_page_every_room_once() {
 async fn redis_stores_page_every_room_once() {
     let redis = RedisServer::start();
     let pool = lockstep::engine::redis::connect(&redis.url())
+        .await
+        .unwrap();
+    check(
+        Arc::new(RedisPresenceStore::new(pool.clone(), 600_000)),
+        Arc::new(RedisLockStore::new(pool)),
+    )
+    .await;
+}
+
+/// Redis Cluster: each index is one key (one slot), so the `ZSCAN` steps are routed to the
+/// primary that owns it; no per-primary iteration is needed, and every room is still listed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_stores_page_every_room_once() {
+    let cluster = common::redis::RedisCluster::start();
+    let pool = lockstep::engine::redis::connect(&cluster.url())
         .await
         .unwrap();
     check(

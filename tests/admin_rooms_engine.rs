@@ -1,7 +1,7 @@
-//! `room_page` of both presence stores and both lock stores (memory, Redis, Redis Cluster), driven directly: with hundreds of
-//! rooms and small steps (so Redis' `ZSCAN` runs over hashtable-encoded sets, many steps, and
-//! lock rooms span shards), a complete iteration lists every room once with its count and
-//! ends; a cursor the store did not issue is refused.
+//! `room_page` of the presence and lock stores (memory, Redis, Redis Cluster), driven
+//! directly: with hundreds of rooms and small steps (so Redis' `ZSCAN` runs over
+//! hashtable-encoded sets, many steps, and lock rooms span shards), a complete iteration lists
+//! every room once with its count and ends; a cursor the store did not issue is refused.
 mod common;
 
 use std::collections::BTreeMap;

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Browser test of the demo page (GET /): builds the gateway (debug), starts one dev-mode node
-# on a free loopback port with a temp data dir, and drives two users' pages in headless
-# Chromium (tests/browser/demo.test.mjs, playwright-core, Node's test runner).
+# Browser tests of the demo page (GET /) and the operator console (GET /admin): builds the
+# gateway (debug), starts one dev-mode node on a free loopback port with a temp data dir and a
+# random admin token, and drives the pages in headless Chromium (tests/browser/demo.test.mjs,
+# tests/browser/admin.test.mjs; playwright-core, Node's test runner).
 #
-#   scripts/browser-test.sh                 # ~10 s once built (a cold debug build takes ~95 s)
+#   scripts/browser-test.sh                 # both files, ~20 s once built (a cold debug build takes ~95 s)
+#   scripts/browser-test.sh admin.test.mjs  # only the files named (relative to tests/browser)
 #
 # Needs Node >= 20 and npm. Chromium comes from apt (/usr/bin/chromium); no browser is downloaded.
 # Screenshots of the pages land in ${LOCKSTEP_SCREENSHOTS:-/tmp/lockstep-browser}.
@@ -35,8 +37,11 @@ trap cleanup EXIT INT TERM
 # Dev mode needs no JWT key: drop any LOCKSTEP_* settings inherited from the caller's shell.
 for v in $(compgen -e | grep '^LOCKSTEP_' || true); do unset "$v"; done
 
+# The console signs in with this; the tests get it by env (LOCKSTEP_ADMIN_TOKEN).
+ADMIN_TOKEN="browser-test-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+
 PORT=$(node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})')
-LOCKSTEP_LISTEN="127.0.0.1:$PORT" LOCKSTEP_DATA_DIR="$WORK/data" "$BIN" >"$WORK/server.log" 2>&1 &
+LOCKSTEP_LISTEN="127.0.0.1:$PORT" LOCKSTEP_DATA_DIR="$WORK/data" LOCKSTEP_ADMIN_TOKEN="$ADMIN_TOKEN" "$BIN" >"$WORK/server.log" 2>&1 &
 server_pid=$!
 
 URL="http://127.0.0.1:$PORT"
@@ -49,6 +54,8 @@ curl -fsS "$URL/healthz" >/dev/null || { echo "lockstep not healthy on $URL:"; c
 
 cd tests/browser
 status=0
-LOCKSTEP_URL="$URL" CHROMIUM_PATH="$CHROMIUM" node --test demo.test.mjs || status=$?
+FILES=("$@")
+[ ${#FILES[@]} -gt 0 ] || FILES=(demo.test.mjs admin.test.mjs)
+LOCKSTEP_URL="$URL" LOCKSTEP_ADMIN_TOKEN="$ADMIN_TOKEN" CHROMIUM_PATH="$CHROMIUM" node --test "${FILES[@]}" || status=$?
 if [ "$status" -ne 0 ]; then echo "--- server log ---"; tail -n 50 "$WORK/server.log"; fi
 exit "$status"

@@ -272,6 +272,20 @@ pub enum ActorVia {
     AdminToken,
 }
 
+/// One page of a store's rooms, for the operator listing (`GET /v1/admin/rooms`).
+///
+/// Stores iterate with a cursor of their own (a Redis `ZSCAN` cursor, the last room name in
+/// memory), so a listing of a million rooms costs a bounded amount of work per page and never
+/// holds the whole set.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RoomPage {
+    /// Rooms found in this step with how many members (presence) or live locks (locks) each
+    /// has; a room with none is never listed. May be empty while `next` is set.
+    pub rooms: Vec<(Entity, usize)>,
+    /// The cursor of the next step; `None` once the iteration is complete.
+    pub next: Option<String>,
+}
+
 /// Exclusive locks with fencing tokens.
 ///
 /// Who releases a lock in [`LockStore::release_held`]: its holding session (WebSocket), or a
@@ -420,6 +434,11 @@ pub trait LockStore: Send + Sync + 'static {
         let _ = (key, token);
         Ok(())
     }
+    /// A step of the iteration over rooms with live locks, each listed once over a complete
+    /// iteration (while it keeps a lock). `after` is `""` to start or a previous
+    /// [`RoomPage::next`]; about `count` entries are examined per step. `Ok(None)` when `after`
+    /// is not a cursor this store issued.
+    async fn room_page(&self, after: &str, count: usize) -> EngineResult<Option<RoomPage>>;
 }
 
 /// Focus/state change of a member; `None` = unchanged, `Some(None)` = cleared.
@@ -486,6 +505,9 @@ pub trait PresenceStore: Send + Sync + 'static {
         let _ = max;
         Ok(Vec::new())
     }
+    /// A step of the iteration over rooms with members, each listed once over a complete
+    /// iteration (while it keeps members); see [`LockStore::room_page`] for the cursor.
+    async fn room_page(&self, after: &str, count: usize) -> EngineResult<Option<RoomPage>>;
 }
 
 /// What happened in a room, fanned out to every node with local members there.

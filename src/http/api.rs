@@ -99,6 +99,8 @@ pub struct ListQuery {
 pub struct LockList<'a> {
     room: &'a Entity,
     locks: Vec<LockView<'a>>,
+    /// This node's clock (ms), so a client can show time left without trusting its own.
+    server_time: u64,
 }
 
 /// `GET /v1/locks?room=`: the room's live locks (no tokens).
@@ -117,6 +119,7 @@ pub async fn list_locks(
     let body = LockList {
         room: &room,
         locks: locks.iter().map(|l| LockView::of(l, "")).collect(),
+        server_time: crate::engine::now_ms(),
     };
     Ok(Json(serde_json::to_value(body).unwrap_or_default()))
 }
@@ -261,17 +264,29 @@ pub async fn validate(
     Ok(Json(body))
 }
 
-/// `GET /v1/audit?resource=&room=&user_id=&actor=&kind=&since=&until=&before=&limit=` (admin).
+/// `GET /v1/audit?resource=&room=&user_id=&actor=&kind=&since=&until=&before=&limit=`: the
+/// admin token reads everything; an owner of a room reads that room's records (`room=` is
+/// then required), which is what the operator console needs with an owner's token.
 pub async fn audit(
     State(node): State<Arc<Node>>,
     caller: Authed,
     ApiQuery(q): ApiQuery<AuditQuery>,
 ) -> Result<Json<AuditPage>, ApiError> {
     if !caller.0.admin {
-        return Err(ApiError::new(
-            ErrorCode::Forbidden,
-            "the audit log needs the admin token",
-        ));
+        let Some(room) = q.room.as_deref() else {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                "the audit log needs the admin token, or room= naming a room you own",
+            ));
+        };
+        require_role(
+            &node,
+            &caller,
+            &entity(room)?,
+            Role::Owner,
+            "reading the audit log",
+        )
+        .await?;
     }
     node.audit.query(&q).await.map(Json).map_err(|e| match e {
         crate::audit::AuditError::BadQuery(m) => ApiError::new(ErrorCode::BadRequest, m),

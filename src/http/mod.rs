@@ -8,6 +8,7 @@
 //! response is counted in `lockstep_client_errors_total{code}`.
 
 mod admin;
+mod admin_read;
 mod api;
 mod limits;
 mod ops;
@@ -45,6 +46,9 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/audit", get(api::audit))
         .route("/v1/admin/locks/release", post(api::admin_release))
         .route("/v1/admin/sessions/revoke", post(admin::revoke_sessions))
+        .route("/v1/admin/rooms", get(admin_read::rooms))
+        .route("/v1/admin/nodes", get(admin_read::nodes))
+        .route("/admin", get(admin_read::console_page))
         .route("/v1/dev/token", post(ops::dev_token))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))

@@ -233,7 +233,11 @@ async fn sweep_presence(node: &Node) {
 }
 
 async fn liveness(node: &Node, registry: &NodeRegistry) {
-    if let Err(e) = registry.beat(LIVENESS_TTL.as_millis() as u64).await {
+    let status = serde_json::to_string(&node.status()).unwrap_or_else(|_| "1".into());
+    if let Err(e) = registry
+        .beat(LIVENESS_TTL.as_millis() as u64, &status)
+        .await
+    {
         tracing::warn!(error = %e, "liveness refresh failed");
         return;
     }

@@ -15,6 +15,7 @@
 //! [`REAP_INTERVAL`]), lease renewal for this node's sessions (every third of the lease), the
 //! lease watchdog ([`leases::check`]), and the end of parked sessions whose resume grace passed.
 
+pub mod admin;
 mod audit_writer;
 mod cluster;
 mod engines;

@@ -74,7 +74,7 @@ use super::lock_state;
 use crate::audit::{AuditKind, AuditRecord, AuditSink};
 use crate::engine::{
     AcquireOutcome, AcquireRequest, Actor, EngineResult, Grant, Holder, LockInfo, LockKey,
-    LockStore, LockTransition, ReleaseReason, SessionId, TokenOutcome, now_ms,
+    LockStore, LockTransition, ReleaseReason, RoomPage, SessionId, TokenOutcome, now_ms,
 };
 use crate::names::Entity;
 
@@ -811,6 +811,19 @@ impl LockStore for MemoryLockStore {
             .collect();
         locks.sort_by(|a, b| a.resource.cmp(&b.resource));
         Ok(locks)
+    }
+
+    /// Rooms by name from the room index, counting held locks only (not waits).
+    async fn room_page(&self, after: &str, count: usize) -> EngineResult<Option<RoomPage>> {
+        let st = self.state()?;
+        let rooms = st.by_room.iter().map(|(room, keys)| {
+            let held = keys
+                .iter()
+                .filter(|k| st.resources.get(*k).is_some_and(|r| r.lock.is_some()))
+                .count();
+            (room, held)
+        });
+        Ok(super::page_by_name(rooms, after, count))
     }
 
     /// One counter serves every lock here, so raising it raises every lock's next token.

@@ -33,10 +33,43 @@ pub use resume::MemoryResumeStore;
 
 use std::sync::{Mutex, MutexGuard};
 
-use crate::engine::{EngineError, EngineResult};
+use crate::engine::{EngineError, EngineResult, RoomPage};
+use crate::names::Entity;
 
 /// Locks an engine's state, turning poisoning into an engine error instead of a panic.
 fn lock_state<'a, T>(m: &'a Mutex<T>, what: &str) -> EngineResult<MutexGuard<'a, T>> {
     m.lock()
         .map_err(|_| EngineError::Internal(format!("{what} state poisoned by an earlier panic")))
+}
+
+/// One page of rooms in name order, strictly after `after` (`""`: from the start), at most
+/// `count`: the memory stores' [`room_page`](crate::engine::LockStore::room_page). The cursor
+/// is the last room name of the page, so rooms created or removed between pages neither shift
+/// nor repeat the others. Selecting the page is linear in the rooms (no sort of all of them).
+/// `None` when `after` is not a room name.
+fn page_by_name<'a>(
+    rooms: impl Iterator<Item = (&'a Entity, usize)>,
+    after: &str,
+    count: usize,
+) -> Option<RoomPage> {
+    if !after.is_empty() && Entity::parse(after).is_err() {
+        return None;
+    }
+    let count = count.max(1);
+    let mut found: Vec<(&Entity, usize)> = rooms
+        .filter(|(room, n)| *n > 0 && (after.is_empty() || room.as_str() > after))
+        .collect();
+    let more = found.len() > count;
+    if more {
+        found.select_nth_unstable_by(count - 1, |a, b| a.0.cmp(b.0));
+        found.truncate(count);
+    }
+    found.sort_by(|a, b| a.0.cmp(b.0));
+    let next = more
+        .then(|| found.last().map(|(r, _)| r.to_string()))
+        .flatten();
+    Some(RoomPage {
+        rooms: found.into_iter().map(|(r, n)| (r.clone(), n)).collect(),
+        next,
+    })
 }

@@ -13,7 +13,9 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use super::lock_state;
-use crate::engine::{EngineError, EngineResult, Member, PresencePatch, PresenceStore, SessionId};
+use crate::engine::{
+    EngineError, EngineResult, Member, PresencePatch, PresenceStore, RoomPage, SessionId,
+};
 use crate::names::Entity;
 
 /// The in-process [`PresenceStore`].
@@ -183,6 +185,12 @@ impl PresenceStore for MemoryPresenceStore {
             }
         }
         Ok(out)
+    }
+
+    async fn room_page(&self, after: &str, count: usize) -> EngineResult<Option<RoomPage>> {
+        let st = self.state()?;
+        let rooms = st.rooms.iter().map(|(r, room)| (r, room.members.len()));
+        Ok(super::page_by_name(rooms, after, count))
     }
 }
 

@@ -124,7 +124,7 @@ use super::script::LuaScript;
 use super::{call, engine_err, keys};
 use crate::engine::{
     AcquireOutcome, AcquireRequest, Actor, EngineError, EngineResult, HeldBy, LockInfo, LockKey,
-    LockStore, LockTransition, ReleaseReason, SessionId, TokenOutcome,
+    LockStore, LockTransition, ReleaseReason, RoomPage, SessionId, TokenOutcome,
 };
 use crate::names::Entity;
 use crate::telemetry::RedisMetrics;
@@ -724,6 +724,10 @@ impl LockStore for RedisLockStore {
         }
         locks.sort_by(|a, b| a.resource.cmp(&b.resource));
         Ok(locks)
+    }
+
+    async fn room_page(&self, after: &str, count: usize) -> EngineResult<Option<RoomPage>> {
+        super::rooms::lock_page(self, self.pool.next(), &self.metrics, after, count).await
     }
 
     async fn raise_fence(&self, key: &LockKey, at_least: u64) -> EngineResult<()> {

@@ -19,6 +19,7 @@ pub mod nodes;
 pub mod presence;
 pub mod replication;
 pub mod resume;
+mod rooms;
 pub mod script;
 pub mod tls;
 

@@ -32,11 +32,13 @@ impl NodeRegistry {
         self
     }
 
-    /// Marks this node alive for `ttl_ms`.
-    pub async fn beat(&self, ttl_ms: u64) -> EngineResult<()> {
+    /// Marks this node alive for `ttl_ms`. `status` is what the operator's node listing shows
+    /// of it (a small JSON object: session counts, draining); only the key's presence means
+    /// alive.
+    pub async fn beat(&self, ttl_ms: u64, status: &str) -> EngineResult<()> {
         let set = self.pool.set(
             keys::node(&self.id),
-            "1",
+            status,
             Some(Expiration::PX(ttl_ms as i64)),
             None,
             false,
@@ -112,6 +114,36 @@ impl NodeRegistry {
             }
         }
         Ok(alive)
+    }
+
+    /// The live nodes (at most `max`, by id) with the status each wrote with its last beat
+    /// (`"1"` from a node older than the status). One `GET` per listed node, concurrently:
+    /// the keys are in different Cluster slots, so no `MGET`.
+    pub async fn list(&self, max: usize) -> EngineResult<Vec<(String, String)>> {
+        let mut ids: Vec<String> = call(
+            &self.metrics,
+            "node_list",
+            self.pool.smembers(keys::nodes()),
+        )
+        .await
+        .map_err(engine_err)?;
+        ids.sort();
+        ids.truncate(max);
+        let reads = futures_util::future::join_all(ids.iter().map(|id| {
+            call(
+                &self.metrics,
+                "node_status",
+                self.pool.get::<Option<String>, _>(keys::node(id)),
+            )
+        }))
+        .await;
+        let mut out = Vec::new();
+        for (id, status) in ids.into_iter().zip(reads) {
+            if let Some(status) = status.map_err(engine_err)? {
+                out.push((id, status));
+            }
+        }
+        Ok(out)
     }
 
     /// Removes this node's liveness key (clean shutdown).

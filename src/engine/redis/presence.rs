@@ -73,7 +73,9 @@ use futures_util::StreamExt;
 
 use super::script::LuaScript;
 use super::{call, engine_err, keys};
-use crate::engine::{EngineError, EngineResult, Member, PresencePatch, PresenceStore, SessionId};
+use crate::engine::{
+    EngineError, EngineResult, Member, PresencePatch, PresenceStore, RoomPage, SessionId,
+};
 use crate::names::Entity;
 use crate::telemetry::RedisMetrics;
 
@@ -717,6 +719,10 @@ impl PresenceStore for RedisPresenceStore {
             missing.extend(r?);
         }
         Ok(missing)
+    }
+
+    async fn room_page(&self, after: &str, count: usize) -> EngineResult<Option<RoomPage>> {
+        super::rooms::presence_page(self, self.client(), &self.metrics, after, count).await
     }
 
     /// Removes up to `max` members whose expiry has passed, from the rooms due in `ps:rooms`,

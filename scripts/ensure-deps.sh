@@ -9,9 +9,9 @@
 # everything is already there, so a developer's machine is left alone. Fails with a message
 # saying what to install by hand on a machine without apt-get.
 
-# Node.js 20 is the oldest the JS suites run on: node:test's mock timers (used by the SDK's unit
-# tests) came in 20.4, and tests/browser and clients/js declare engines >= 20.
-LOCKSTEP_MIN_NODE_MAJOR=${LOCKSTEP_MIN_NODE_MAJOR:-20}
+# Node.js 20.11 is the oldest the JS suites run on: the SDK's unit tests use node:test's mock
+# timers (20.4) and run with --test-timeout (20.11).
+LOCKSTEP_MIN_NODE=${LOCKSTEP_MIN_NODE:-20.11}
 
 _ensure_deps_apt() {
     local sudo=""
@@ -26,11 +26,11 @@ _ensure_deps_apt() {
 }
 
 _ensure_deps_node_ok() {
-    local major
-    major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null) || return 1
-    if [ "$major" -lt "$LOCKSTEP_MIN_NODE_MAJOR" ]; then
-        echo "ensure-deps: Node.js $(node --version) is too old; the JS tests need Node >= $LOCKSTEP_MIN_NODE_MAJOR" >&2
-        echo "  (Debian 12's own nodejs is 18.x: install Node $LOCKSTEP_MIN_NODE_MAJOR+ from nodejs.org or NodeSource, or use Debian 13+)" >&2
+    if ! node -e '
+        const [a, b] = process.versions.node.split(".").map(Number), [x, y] = process.argv[1].split(".").map(Number);
+        process.exit(a > x || (a === x && b >= y) ? 0 : 1)' "$LOCKSTEP_MIN_NODE"; then
+        echo "ensure-deps: Node.js $(node --version 2>/dev/null || echo '(not runnable)') is too old; the JS tests need Node >= $LOCKSTEP_MIN_NODE" >&2
+        echo "  (Debian 12's own nodejs is 18.x: install Node 20 or newer from nodejs.org or NodeSource, or use Debian 13+)" >&2
         return 1
     fi
 }

@@ -267,9 +267,13 @@ describe("demo page on @lockstep/client: two users in one room", { timeout: 120_
     const status = Alice.page.getByTestId("status");
     await until(Alice.page, () => document.querySelector("[data-testid=status]").dataset.status === "reconnecting");
     assert.match(await status.innerText(), /reconnecting/);
-    await Alice.page.screenshot({ path: join(SHOTS, "alice-offline.png") });
     // Bob still sees Alice and her lock while she is away.
     assert.equal(await Bob.page.locator(`[data-testid=member][data-session="${Alice.sessionId}"]`).count(), 1);
+    // A focus change made while offline waits in the SDK's queue and is sent after the resume.
+    const SEG5 = SEG(5);
+    await card(Alice.page, SEG5).locator(".thumb").click(); // pins segment 5
+    await until(Alice.page, (r) => window.lockstep.state.focus === r, SEG5);
+    await Alice.page.screenshot({ path: join(SHOTS, "alice-offline.png") });
 
     await Alice.ctx.setOffline(false);
     await until(Alice.page, () => document.querySelector("[data-testid=status]").dataset.status === "connected");
@@ -287,6 +291,9 @@ describe("demo page on @lockstep/client: two users in one room", { timeout: 120_
     const seen = await Bob.page.evaluate((n) => window.lockstep.state.presenceLog.slice(n), presenceMark);
     assert.deepEqual(seen.filter((e) => e.sessionId === Alice.sessionId && e.type !== "update"), [], `Bob saw ${JSON.stringify(seen)}`);
     assert.deepEqual(await lockOf(Bob.page, SEG2), { holder: "Alice", sessionId: Alice.sessionId, action: "approve", mine: false });
+    // The focus set while offline reached Bob, and both pages agree on it.
+    await until(Bob.page, ([s, r]) => (window.lockstep.room.members.find((m) => m.sessionId === s) || {}).focus === r, [Alice.sessionId, SEG5]);
+    await until(Alice.page, (r) => window.lockstep.room.self.focus === r, SEG5);
     // And the resumed socket works: Alice's cursor reaches Bob again.
     const t = await Bob.page.evaluate(() => Date.now());
     await Alice.page.mouse.move(300, 300);
@@ -296,6 +303,19 @@ describe("demo page on @lockstep/client: two users in one room", { timeout: 120_
     await Bob.page.screenshot({ path: join(SHOTS, "bob-after-resume.png") });
     await inCard(Alice.page, SEG2, "my-lock").locator("button[data-act=release]").click();
     await inCard(Bob.page, SEG2, "lock-badge").waitFor({ state: "hidden" });
+  });
+
+  it("Simulate drop closes Bob's socket (4000), and the SDK resumes his session", async () => {
+    const { Alice, Bob } = users;
+    const statusMark = await Bob.page.evaluate(() => window.lockstep.state.statusLog.length);
+    const presenceMark = await Alice.page.evaluate(() => window.lockstep.state.presenceLog.length);
+    await Bob.page.locator("#drop").click();
+    await Bob.page.getByTestId("log").getByText(`resumed session ${Bob.sessionId}`).waitFor();
+    await until(Bob.page, () => window.lockstep.client.status === "connected");
+    const tiers = await Bob.page.evaluate((n) => window.lockstep.state.statusLog.slice(n).map((s) => s.status), statusMark);
+    assert.deepEqual(tiers, ["reconnecting", "connected"]);
+    const seen = await Alice.page.evaluate((n) => window.lockstep.state.presenceLog.slice(n), presenceMark);
+    assert.deepEqual(seen.filter((e) => e.sessionId === Bob.sessionId && e.type !== "update"), [], `Alice saw ${JSON.stringify(seen)}`);
   });
 
   it("no page errors or console errors", () => {

@@ -27,7 +27,7 @@ if [ ! -f clients/js/package.json ]; then
 fi
 (
   cd clients/js
-  npm ci --no-audit --no-fund --loglevel=error
+  npm ci --no-audit --no-fund --loglevel=error >/dev/null
   npm run --silent build -w @lockstep/client >/dev/null
 )
 [ -f "$BUILT" ] || { echo "check-demo-bundle: the SDK build did not produce $BUILT" >&2; exit 1; }

@@ -5,7 +5,8 @@ import { gzipSync } from "node:zlib";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
-const BUDGET = 9 * 1024;
+// 8.6 KB at the first release; the headroom is for fixes, not for features that belong in another package.
+const BUDGET = 11 * 1024;
 const file = join(dirname(fileURLToPath(import.meta.url)), "..", "dist", "lockstep.browser.js");
 const raw = readFileSync(file);
 const gz = gzipSync(raw, { level: 9 }).length;

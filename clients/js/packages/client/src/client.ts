@@ -39,8 +39,8 @@ export const DEAD_SOCKET_CODE = 4000;
 const LATE_ACQUIRES_MAX = 256;
 
 export class Lockstep<P = Json, B extends Record<string, Json> = Record<string, Json>> extends Emitter<ClientEvents> {
-  status: Status = "disconnected";
-  session: Session | null = null;
+  private _status: Status = "disconnected";
+  private _session: Session | null = null;
 
   readonly cursorThrottleMs: number;
   private readonly url: string;
@@ -99,13 +99,23 @@ export class Lockstep<P = Json, B extends Record<string, Json> = Record<string, 
     this.requests = new RequestTable(options.maxPendingRequests ?? 1_000, this.requestTimeoutMs, (p) => this.onRequestTimeout(p));
   }
 
+  /** A new value only on change (the `status` event fires then). */
+  get status(): Status {
+    return this._status;
+  }
+
+  /** This connection's session, from the last `welcome`; null before one and after a stop. */
+  get session(): Session | null {
+    return this._session;
+  }
+
   get sessionId(): string | null {
-    return this.session?.sessionId ?? null;
+    return this._session?.sessionId ?? null;
   }
 
   /** Resolves on the first `welcome`; rejects if the client ends up `disconnected` before that. */
   connect(): Promise<void> {
-    if (this.status === "connected") return Promise.resolve();
+    if (this._status === "connected") return Promise.resolve();
     const p = new Promise<void>((resolve, reject) => this.connectWaiters.push({ resolve, reject }));
     if (!this.running) {
       this.running = true;
@@ -145,7 +155,7 @@ export class Lockstep<P = Json, B extends Record<string, Json> = Record<string, 
 
   /** @internal */
   _online(): boolean {
-    return this.status === "connected" && this.ws !== null;
+    return this._status === "connected" && this.ws !== null;
   }
 
   /** @internal */
@@ -378,7 +388,7 @@ export class Lockstep<P = Json, B extends Record<string, Json> = Record<string, 
     this.requests.rejectAll(
       (p) => new LockstepError(requestError.code, requestError.message, { closeCode: requestError.closeCode, requestId: p.id }),
     );
-    this.session = null;
+    this._session = null;
     this.resumeToken = null;
     this.tokenStale = true;
     this.setStatus("disconnected");
@@ -389,8 +399,8 @@ export class Lockstep<P = Json, B extends Record<string, Json> = Record<string, 
   }
 
   private setStatus(s: Status): void {
-    if (this.status === s) return;
-    this.status = s;
+    if (this._status === s) return;
+    this._status = s;
     this.emit("status", s);
   }
 
@@ -447,23 +457,23 @@ export class Lockstep<P = Json, B extends Record<string, Json> = Record<string, 
   private onWelcome(f: Frame): void {
     if (this.welcomeTimer) clearTimeout(this.welcomeTimer);
     this.welcomeTimer = null;
-    const prev = this.session?.sessionId ?? null;
+    const prev = this._session?.sessionId ?? null;
     const sessionId = String(f.session_id);
     const resumed = f.resumed === true && prev === sessionId;
     const u = (f.user ?? {}) as { id?: string; name?: string; color?: string; avatar?: string | null };
     const user: User = { id: String(u.id), name: String(u.name ?? u.id), color: String(u.color ?? "") };
     if (u.avatar != null) user.avatar = u.avatar;
-    this.session = { sessionId, nodeId: String(f.node_id), user };
+    this._session = { sessionId, nodeId: String(f.node_id), user };
     this.resumeToken = typeof f.resume_token === "string" ? f.resume_token : null;
     this.heartbeatMs = num(f.heartbeat_ms) || 30_000;
     this.attempt = 0;
     this.authRetried = false;
     this.reconnectAfterMs = null;
     this.lastRx = Date.now();
-    const before = this.status;
+    const before = this._status;
     // Online from here, but the status event waits until rooms and requests are re-sent, so a
     // listener that sends something is ordered after the rejoins.
-    this.status = "connected";
+    this._status = "connected";
     if (!resumed && prev !== null) {
       for (const p of this.requests.all()) {
         if (p.opts.session && p.opts.session !== sessionId) {

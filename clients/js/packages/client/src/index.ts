@@ -4,7 +4,7 @@
  */
 export { Lockstep, DEAD_SOCKET_CODE, type ClientEvents, type Session } from "./client.js";
 export { LockstepError, type LockstepErrorFields } from "./errors.js";
-export { Room, type RoomEvents, type PresenceEvent } from "./room.js";
+export { Room, type RoomEvents, type RoomBroadcast, type PresenceEvent } from "./room.js";
 export { RoomLocks } from "./locks.js";
 export { backoffDelay } from "./backoff.js";
 export type {

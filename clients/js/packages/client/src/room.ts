@@ -16,12 +16,15 @@ export interface PresenceEvent<P> {
   member: Member<P>;
 }
 
-export interface RoomEvents<P> {
+/** A broadcast typed by the room's event map `B`: a union discriminated by `event`. */
+export type RoomBroadcast<B extends Record<string, Json>> = { [K in keyof B & string]: BroadcastEvent<K, B[K]> }[keyof B & string];
+
+export interface RoomEvents<P, B extends Record<string, Json> = Record<string, Json>> {
   members: (m: readonly Member<P>[]) => void;
   presence: (e: PresenceEvent<P>) => void;
   cursor: (c: Cursor) => void;
   cursors: (m: ReadonlyMap<string, Cursor>) => void;
-  broadcast: (e: BroadcastEvent) => void;
+  broadcast: (e: RoomBroadcast<B>) => void;
   joined: () => void;
   left: () => void;
 }
@@ -46,7 +49,7 @@ function sameItems<T>(a: readonly T[], b: readonly T[]): boolean {
   return true;
 }
 
-export class Room<P = Json, B extends Record<string, Json> = Record<string, Json>> extends Emitter<RoomEvents<P>> {
+export class Room<P = Json, B extends Record<string, Json> = Record<string, Json>> extends Emitter<RoomEvents<P, B>> {
   readonly name: string;
   joined = false;
   members: readonly Member<P>[] = [];
@@ -275,9 +278,9 @@ export class Room<P = Json, B extends Record<string, Json> = Record<string, Json
         const from = (f.from ?? {}) as { user_id?: string; session_id?: string; name?: string };
         this.emit("broadcast", {
           event: String(f.event),
-          data: f.data as Json,
+          data: f.data,
           from: { userId: String(from.user_id), sessionId: String(from.session_id), name: String(from.name ?? from.user_id) },
-        });
+        } as RoomBroadcast<B>);
         return;
       }
       default:

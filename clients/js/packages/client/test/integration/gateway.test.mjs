@@ -252,3 +252,20 @@ test("a SIGTERM drain moves a client to a second node with its locks", async () 
     await redis.stop();
   }
 });
+
+test("the browser bundle is self-contained and works (here with ws)", async () => {
+  const bundle = await import("../../dist/lockstep.browser.js");
+  const { default: WebSocket } = await import("ws");
+  const c = new bundle.Lockstep({ url: gw.url, getToken: () => devToken(gw.url, "bea"), WebSocket });
+  clients.push(c);
+  await c.connect();
+  const room = c.room("scene:bundle");
+  await room.join({ state: { ok: true } });
+  assert.equal(room.self.userId, "bea");
+  const lock = await room.locks.acquire("segment:1", { action: "trim" });
+  await lock.release();
+  c.close();
+  // No bare import in the bundle: MessagePack needs the `msgpack` option there.
+  const m = new bundle.Lockstep({ url: gw.url, getToken: () => devToken(gw.url, "bea"), WebSocket, encoding: "msgpack" });
+  await assert.rejects(m.connect(), (e) => e instanceof bundle.LockstepError && e.code === "bad_options");
+});

@@ -46,6 +46,22 @@ test("a dropped socket reconnects with the latest resume token, and a resumed se
   await cleanup();
 });
 
+for (const code of [1001, 1009, 1011, 1012, 4008, 4000, 4999]) {
+  test(`${code} reconnects with resume (backoff)`, async () => {
+    const { server, client, conn, cleanup } = await connected();
+    const closed = nextEvent(client, "closed");
+    conn.close(code, "x");
+    const e = await closed;
+    assert.deepEqual([e.code, e.willReconnect], [code, true]);
+    const c2 = await server.nextConnection();
+    assert.equal(c2.resume, "r1");
+    assert.equal(c2.token, "tok1");
+    c2.welcome({ resumed: true, resume_token: "r2" });
+    await until(() => client.status === "connected");
+    await cleanup();
+  });
+}
+
 test("1012 after `reconnect` waits after_ms, not the backoff", async () => {
   const { server, client, conn, cleanup } = await connected({ reconnectDelayMs: { min: 30_000, max: 60_000 } });
   const t0 = Date.now();

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The JavaScript SDK's tests (clients/js), from a fresh clone:
+#   npm ci → build (tsc + the esbuild browser bundle) → typecheck → unit tests (node:test,
+#   in-process fake server) → integration tests against the real gateway binary (dev mode,
+#   a token-refresh node, and a two-node drain on a private redis-server) → publint and
+#   attw on the packed package → the browser bundle's gzip size budget → the copy embedded
+#   in the demo (src/http/demo/lockstep-client.js) matches a fresh build.
+# Needs Node.js >= 18 with npm, cargo and redis-server (scripts/test.sh installs them).
+# LOCKSTEP_BIN: use that gateway binary instead of building target/debug/lockstep.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+need() { command -v "$1" >/dev/null || { echo "js-test: $1 not found ($2)" >&2; exit 1; }; }
+need node "Node.js >= 18"
+need npm "npm comes with Node.js"
+need redis-server "the drain test starts a private one"
+node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 18 ? 0 : 1)' \
+  || { echo "js-test: Node.js >= 18 required, found $(node --version)" >&2; exit 1; }
+
+if [ -z "${LOCKSTEP_BIN:-}" ]; then
+  cargo build --quiet --bin lockstep
+  LOCKSTEP_BIN="${CARGO_TARGET_DIR:-$root/target}/debug/lockstep"
+fi
+export LOCKSTEP_BIN
+
+cd clients/js
+npm ci --no-audit --no-fund --loglevel=error
+# Workspaces run in path order, so packages/client is built before packages that use it.
+npm run build --workspaces --if-present
+npm run typecheck --workspaces --if-present
+npm test --workspaces --if-present
+npm run test:integration --workspaces --if-present
+(cd packages/client && npx --no-install publint --strict && npx --no-install attw --pack . --profile esm-only)
+npm run size -w @lockstep/client
+
+embedded="$root/src/http/demo/lockstep-client.js"
+if [ -f "$embedded" ]; then
+  if ! cmp -s "$embedded" packages/client/dist/lockstep.browser.js; then
+    echo "js-test: $embedded is stale; copy clients/js/packages/client/dist/lockstep.browser.js over it" >&2
+    exit 1
+  fi
+  echo "js-test: the demo's embedded bundle matches the build"
+fi
+echo "js-test: all passed"

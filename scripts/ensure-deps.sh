@@ -9,8 +9,8 @@
 # everything is already there, so a developer's machine is left alone. Fails with a message
 # saying what to install by hand on a machine without apt-get.
 
-# Node.js 20.11 is the oldest the JS suites run on: the SDK's unit tests use node:test's mock
-# timers (20.4) and run with --test-timeout (20.11).
+# Node.js 20.11 is the oldest the JS suites run on: clients/js runs node:test with
+# --test-concurrency (20.10) and --test-timeout (20.11); older versions stop at "bad option".
 LOCKSTEP_MIN_NODE=${LOCKSTEP_MIN_NODE:-20.11}
 
 _ensure_deps_apt() {

@@ -86,6 +86,9 @@ describe("demo page on @lockstep/client: two users in one room", { timeout: 120_
   });
 
   after(async () => {
+    // Closing a context fires pagehide, where the page ends its session (1000) instead of
+    // leaving it parked for the resume grace.
+    for (const u of Object.values(users)) await u.ctx.close().catch(() => {});
     await browser?.close();
   });
 

@@ -239,6 +239,30 @@ describe("demo page on @lockstep/client: two users in one room", { timeout: 120_
     await Bob.page.getByTestId("queue").uncheck();
   });
 
+  it("Bob extends his lock, Alice stops waiting for it, and chat reaches the other page", async () => {
+    const { Alice, Bob } = users;
+    const mine = inCard(Bob.page, SEG3, "my-lock");
+    const before = (await Bob.page.evaluate((r) => window.lockstep.room.locks.held.find((l) => l.resource === r).expiresAt, SEG3));
+    await mine.locator("button[data-act=extend]").click();
+    await until(Bob.page, ([r, t]) => window.lockstep.room.locks.held.find((l) => l.resource === r).expiresAt >= t + 25_000, [SEG3, before]);
+    await until(Alice.page, ([r, t]) => (window.lockstep.room.locks.get(r) || {}).expiresAt >= t + 25_000, [SEG3, before]);
+    // Alice queues behind Bob, then gives up: the wait is cancelled on the server (lock.cancel_wait).
+    await Alice.page.getByTestId("queue").check();
+    await approve(Alice.page, SEG3);
+    const denial = inCard(Alice.page, SEG3, "denial");
+    await denial.getByText(/Bob is approving this segment, about \d+ s left — you are #1 in line/).waitFor();
+    await denial.locator("button[data-act=cancel]").click();
+    await inCard(Alice.page, SEG3, "notice").getByText("Stopped waiting").waitFor();
+    await denial.waitFor({ state: "hidden" });
+    await Alice.page.getByTestId("queue").uncheck();
+    // Chat: typing shows on the other page, then the message.
+    await Alice.page.getByTestId("chat-input").fill("trim segment 3 after Bob");
+    await Bob.page.getByTestId("typing").getByText("Alice is typing…").waitFor();
+    await Alice.page.getByTestId("chat-input").press("Enter");
+    await Bob.page.getByTestId("log").getByText("💬 Alice: trim segment 3 after Bob").waitFor();
+    await Alice.page.getByTestId("log").getByText("💬 you: trim segment 3 after Bob").waitFor();
+  });
+
   it("an owner force-releases Bob's lock, and Bob's page says his lock ended", async () => {
     const { Alice, Bob } = users;
     const Olivia = await open("Olivia", "owner");

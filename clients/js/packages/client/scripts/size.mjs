@@ -5,7 +5,7 @@ import { gzipSync } from "node:zlib";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
-// 8.6 KB at the first release; the headroom is for fixes, not for features that belong in another package.
+// 8.7 KB at the first release; the headroom is for fixes, not for features that belong in another package.
 const BUDGET = 11 * 1024;
 const file = join(dirname(fileURLToPath(import.meta.url)), "..", "dist", "lockstep.browser.js");
 const raw = readFileSync(file);

@@ -385,6 +385,8 @@ export class Lockstep<P = Json, B extends Record<string, Json> = Record<string, 
     this.running = false;
     this.stopped = true;
     for (const r of this.rooms.values()) r._onSessionEnded(lost);
+    // A release whose session ended has nothing left to release.
+    for (const p of this.requests.all()) if (p.opts.onSessionEnd === "resolve") p.resolve({ type: "reply", id: p.id });
     this.requests.rejectAll(
       (p) => new LockstepError(requestError.code, requestError.message, { closeCode: requestError.closeCode, requestId: p.id }),
     );

@@ -147,10 +147,8 @@ class LockHandle extends Emitter<LockEvents> implements Lock {
 }
 
 export class RoomLocks extends Emitter<{ change: (list: readonly LockInfo[]) => void }> {
-  /** Every lock visible in the room; a new array on change. */
-  list: readonly LockInfo[] = [];
-  /** This session's live handles in the room. */
-  held: readonly Lock[] = [];
+  private _list: readonly LockInfo[] = [];
+  private _held: readonly Lock[] = [];
 
   private infos = new Map<string, LockInfo>();
   private handles = new Map<string, LockHandle>();
@@ -163,6 +161,16 @@ export class RoomLocks extends Emitter<{ change: (list: readonly LockInfo[]) => 
     private readonly room: string,
   ) {
     super();
+  }
+
+  /** Every lock visible in the room; a new array on change. */
+  get list(): readonly LockInfo[] {
+    return this._list;
+  }
+
+  /** This session's live handles in the room; a new array on change. */
+  get held(): readonly Lock[] {
+    return this._held;
   }
 
   get(resource: string): LockInfo | undefined {
@@ -238,7 +246,7 @@ export class RoomLocks extends Emitter<{ change: (list: readonly LockInfo[]) => 
   _forget(h: LockHandle): void {
     if (this.handles.get(h.resource) !== h) return;
     this.handles.delete(h.resource);
-    this.held = [...this.handles.values()];
+    this._held = [...this.handles.values()];
   }
 
   /** @internal */
@@ -326,15 +334,14 @@ export class RoomLocks extends Emitter<{ change: (list: readonly LockInfo[]) => 
     h?._lose("lost");
     const lock = new LockHandle(this, this.core, this.room, resource, action, token, expiresAt, this.core.sessionId);
     this.handles.set(resource, lock);
-    this.held = [...this.handles.values()];
+    this._held = [...this.handles.values()];
     return lock;
   }
 
   private publish(next: Map<string, LockInfo>): void {
     this.infos = next;
-    this.list = [...next.values()];
-    this.emit("change", this.list);
+    this._list = [...next.values()];
+    this.emit("change", this._list);
   }
 }
 
-export type { LockHandle };

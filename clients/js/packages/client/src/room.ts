@@ -51,12 +51,12 @@ function sameItems<T>(a: readonly T[], b: readonly T[]): boolean {
 
 export class Room<P = Json, B extends Record<string, Json> = Record<string, Json>> extends Emitter<RoomEvents<P, B>> {
   readonly name: string;
-  joined = false;
-  members: readonly Member<P>[] = [];
-  self: Member<P> | null = null;
-  others: readonly Member<P>[] = [];
-  cursors: ReadonlyMap<string, Cursor> = new Map();
   readonly locks: RoomLocks;
+  private _joined = false;
+  private _members: readonly Member<P>[] = [];
+  private _self: Member<P> | null = null;
+  private _others: readonly Member<P>[] = [];
+  private _cursors: ReadonlyMap<string, Cursor> = new Map();
 
   private readonly core: Core;
   private bySession = new Map<string, Member<P>>();
@@ -79,6 +79,31 @@ export class Room<P = Json, B extends Record<string, Json> = Record<string, Json
     this.locks = new RoomLocks(core, name);
   }
 
+  /** Joined (the join was answered) and not left since. */
+  get joined(): boolean {
+    return this._joined;
+  }
+
+  /** Includes self; a new array on every change, the same array otherwise. */
+  get members(): readonly Member<P>[] {
+    return this._members;
+  }
+
+  /** This session's member entry. */
+  get self(): Member<P> | null {
+    return this._self;
+  }
+
+  /** Members minus self; a new array only when its content changed. */
+  get others(): readonly Member<P>[] {
+    return this._others;
+  }
+
+  /** Other sessions' cursors by session id; a new Map on change. */
+  get cursors(): ReadonlyMap<string, Cursor> {
+    return this._cursors;
+  }
+
   /** Resolves once the room's snapshot is applied and the server replied. */
   async join(opts: { state?: P; focus?: string | null } = {}): Promise<void> {
     if (opts.state !== undefined) this.state = opts.state;
@@ -88,7 +113,7 @@ export class Room<P = Json, B extends Record<string, Json> = Record<string, Json
       await this.core._request(compact({ type: "join", room: this.name, state: this.state }));
       if (opts.focus !== undefined) await this.core._request({ type: "presence", room: this.name, focus: opts.focus });
     } catch (e) {
-      if (!this.joined) this.wanted = false;
+      if (!this._joined) this.wanted = false;
       throw e;
     }
     this.markJoined();
@@ -114,7 +139,7 @@ export class Room<P = Json, B extends Record<string, Json> = Record<string, Json
 
   /** Throttled to one frame per `cursorThrottleMs`, latest wins; dropped while offline or not joined. */
   moveCursor(c: { x: number; y: number; selection?: Json }): void {
-    if (!this.joined || !this.core._online()) {
+    if (!this._joined || !this.core._online()) {
       this.cursorLatest = null;
       return;
     }
@@ -159,7 +184,7 @@ export class Room<P = Json, B extends Record<string, Json> = Record<string, Json
 
   /** @internal On a new session: join again with the last presence. */
   _rejoin(): void {
-    if (!this.wanted || !this.joined) return;
+    if (!this.wanted || !this._joined) return;
     const focus = this.focus;
     this.core
       ._request(compact({ type: "join", room: this.name, state: this.state }))
@@ -192,14 +217,14 @@ export class Room<P = Json, B extends Record<string, Json> = Record<string, Json
   // ---- internals ----
 
   private markJoined(): void {
-    if (this.joined || !this.wanted) return;
-    this.joined = true;
+    if (this._joined || !this.wanted) return;
+    this._joined = true;
     this.emit("joined", undefined);
   }
 
   private clear(lost: LostReason | null): void {
-    const was = this.joined;
-    this.joined = false;
+    const was = this._joined;
+    this._joined = false;
     if (this.cursorTimer) clearTimeout(this.cursorTimer);
     this.cursorTimer = null;
     this.cursorLatest = null;
@@ -209,9 +234,9 @@ export class Room<P = Json, B extends Record<string, Json> = Record<string, Json
       this.bySession = new Map();
       this.publish();
     }
-    if (this.cursors.size) {
-      this.cursors = new Map();
-      this.emit("cursors", this.cursors);
+    if (this._cursors.size) {
+      this._cursors = new Map();
+      this.emit("cursors", this._cursors);
     }
     if (was) this.emit("left", undefined);
   }
@@ -219,7 +244,7 @@ export class Room<P = Json, B extends Record<string, Json> = Record<string, Json
   private flushCursor(): void {
     const c = this.cursorLatest;
     this.cursorLatest = null;
-    if (!c || !this.joined) return;
+    if (!c || !this._joined) return;
     if (this.core._send(compact({ type: "cursor", room: this.name, x: c.x, y: c.y, selection: c.selection }))) this.cursorSentAt = Date.now();
   }
 
@@ -255,7 +280,7 @@ export class Room<P = Json, B extends Record<string, Json> = Record<string, Json
       }
     }
     for (const [id, old] of this.bySession) if (!next.has(id)) events.push({ type: "leave", member: old });
-    const selfChanged = (this.self?.sessionId ?? null) !== this.core.sessionId;
+    const selfChanged = (this._self?.sessionId ?? null) !== this.core.sessionId;
     this.bySession = next;
     this.locks._applySnapshot(locks);
     if (events.length || selfChanged) {
@@ -318,23 +343,23 @@ export class Room<P = Json, B extends Record<string, Json> = Record<string, Json
     if (sessionId === this.core.sessionId) return;
     const c: Cursor = { userId: String(f.user_id), sessionId, x: num(f.x), y: num(f.y), at: Date.now() };
     if (f.selection !== undefined && f.selection !== null) c.selection = f.selection as Json;
-    const next = new Map(this.cursors);
+    const next = new Map(this._cursors);
     next.set(sessionId, c);
-    this.cursors = next;
+    this._cursors = next;
     this.emit("cursor", c);
     this.emit("cursors", next);
   }
 
   private pruneCursors(): void {
     let next: Map<string, Cursor> | null = null;
-    for (const id of this.cursors.keys()) {
+    for (const id of this._cursors.keys()) {
       if (!this.bySession.has(id)) {
-        next ??= new Map(this.cursors);
+        next ??= new Map(this._cursors);
         next.delete(id);
       }
     }
     if (next) {
-      this.cursors = next;
+      this._cursors = next;
       this.emit("cursors", next);
     }
   }
@@ -342,10 +367,10 @@ export class Room<P = Json, B extends Record<string, Json> = Record<string, Json
   /** New `members` (and `others` only when its content changed), then the `members` event. */
   private publish(): void {
     const me = this.core.sessionId;
-    this.members = [...this.bySession.values()];
-    this.self = (me && this.bySession.get(me)) || null;
-    const others = this.members.filter((m) => m.sessionId !== me);
-    if (!sameItems(others, this.others)) this.others = others;
-    this.emit("members", this.members);
+    this._members = [...this.bySession.values()];
+    this._self = (me && this.bySession.get(me)) || null;
+    const others = this._members.filter((m) => m.sessionId !== me);
+    if (!sameItems(others, this._others)) this._others = others;
+    this.emit("members", this._members);
   }
 }

@@ -84,7 +84,12 @@ export interface WebSocketLike {
   onerror: ((ev: any) => void) | null;
 }
 
-export type WebSocketConstructor = new (url: string, protocols?: string | string[]) => WebSocket | WebSocketLike;
+/**
+ * A WHATWG-style WebSocket constructor: the browser's, or `ws` 8's in Node. The instance type
+ * is left open because `ws`'s event types differ from the DOM's; the SDK only uses what
+ * `WebSocketLike` lists.
+ */
+export type WebSocketConstructor = new (url: string, protocols?: string | string[]) => object;
 
 export interface LockstepOptions {
   /** http(s):// or ws(s):// base of a node or load balancer; the SDK appends `/v1/ws`. */

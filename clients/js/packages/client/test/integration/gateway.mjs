@@ -137,15 +137,21 @@ export async function startRedis() {
   };
 }
 
-/** A TCP proxy; new connections go to `target` (change it to move traffic, as a load balancer would). */
+/**
+ * A TCP proxy; new connections go to `target` (change it to move traffic, as a load balancer
+ * would). `freeze()` turns the current connections into a silent path (a laptop that changed
+ * network): nothing is forwarded any more and neither side learns that the other went away.
+ */
 export async function tcpProxy(targetPort) {
-  const socks = new Set();
+  const pairs = new Set();
   const state = { target: targetPort };
   const server = net.createServer((inbound) => {
     const outbound = net.connect(state.target, "127.0.0.1");
-    socks.add(inbound).add(outbound);
+    const pair = { inbound, outbound, frozen: false };
+    pairs.add(pair);
     inbound.pipe(outbound).pipe(inbound);
     const end = () => {
+      if (pair.frozen) return;
       inbound.destroy();
       outbound.destroy();
     };
@@ -156,8 +162,20 @@ export async function tcpProxy(targetPort) {
   return {
     url: `http://127.0.0.1:${server.address().port}`,
     state,
+    freeze() {
+      for (const p of pairs) {
+        p.frozen = true;
+        p.inbound.unpipe(p.outbound);
+        p.outbound.unpipe(p.inbound);
+        p.inbound.pause();
+        p.outbound.pause();
+      }
+    },
     async close() {
-      for (const s of socks) s.destroy();
+      for (const p of pairs) {
+        p.inbound.destroy();
+        p.outbound.destroy();
+      }
       await new Promise((r) => server.close(r));
     },
   };

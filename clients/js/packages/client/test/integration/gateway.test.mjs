@@ -141,6 +141,35 @@ test("a dropped socket resumes with its locks, and the peer never sees a leave",
   await lock.release();
 });
 
+test("a silent network path is noticed by the ping and the session taken over by the resume", async () => {
+  const lb = await tcpProxy(gw.port);
+  try {
+    const a = client(lb.url, () => devToken(gw.url, "sid"), { pingIntervalMs: 200, pongTimeoutMs: 400 });
+    const b = devClient("sam");
+    clients.push(a);
+    await Promise.all([a.connect(), b.connect()]);
+    const [ra, rb] = [a.room("scene:silent"), b.room("scene:silent")];
+    await ra.join();
+    await rb.join();
+    const lock = await ra.locks.acquire("segment:2", { action: "trim", ttlMs: 120_000 });
+    await until(() => rb.locks.get("segment:2"), 5_000, "the peer sees the lock");
+    const sessionId = a.session.sessionId;
+    const peer = [];
+    rb.on("presence", (e) => peer.push(`${e.type}:${e.member.userId}`));
+    const closed = nextEvent(a, "closed", 10_000);
+    lb.freeze();
+    assert.equal((await closed).code, 4000, "dead socket detected by the app-level ping");
+    await until(() => a.status === "connected", 10_000, "resumed");
+    assert.equal(a.session.sessionId, sessionId, "the old, silent socket was taken over");
+    assert.equal(lock.state, "held");
+    await lock.extend(60_000);
+    assert.deepEqual(peer, [], "the peer saw no leave or join");
+    await lock.release();
+  } finally {
+    await lb.close();
+  }
+});
+
 test("MessagePack end to end, with a JSON peer", async () => {
   const a = devClient("mia", { encoding: "msgpack" });
   const b = devClient("max", { encoding: "msgpack", msgpack: { encode, decode } });

@@ -54,7 +54,7 @@ test("denied: lock_held with the holder's name and estimated wait", async () => 
 });
 
 test("a queued wait stays pending past the request timeout, is re-asked after reconnect, resolves on lock.granted", async () => {
-  const { server, client, conn, room, cleanup } = await setupRoom({ requestTimeoutMs: 300 });
+  const { server, client, conn, room, cleanup } = await setupRoom({ requestTimeoutMs: 1_000 });
   const queued = [];
   const p = room.locks.acquire("segment:1", { action: "trim", wait: true, onQueued: (q) => queued.push(q) });
   const a = await conn.next("lock.acquire");
@@ -62,7 +62,7 @@ test("a queued wait stays pending past the request timeout, is re-asked after re
   conn.send({ type: "error", id: a.id, code: "lock_held", message: "held", resource: "segment:1", holder: holder("bob", "s2"), estimated_wait_ms: 500, queue_position: 1 });
   await until(() => queued.length === 1);
   assert.equal(queued[0].holder.userId, "bob");
-  await sleep(400); // past requestTimeoutMs: still pending
+  await sleep(1_200); // past requestTimeoutMs: still pending
   conn.terminate();
   const c2 = await server.nextConnection();
   c2.welcome({ resumed: true, resume_token: "r2" });
@@ -197,5 +197,21 @@ test("forceRelease sends lock.release with force", async () => {
   assert.deepEqual([r.room, r.resource, r.force], ["scene:1", "segment:3", true]);
   conn.send({ type: "reply", id: r.id, room: "scene:1", resource: "segment:3" });
   await p;
+  await cleanup();
+});
+
+test("close() with a release in flight: the release resolves, a pending extend rejects `disconnected`", async () => {
+  const { client, conn, room, cleanup } = await setupRoom();
+  const lock = await grant(conn, room);
+  const rel = lock.release();
+  await conn.next("lock.release");
+  const other = await grant(conn, room, "segment:2", 12);
+  const ext = other.extend(1_000);
+  await conn.next("lock.extend");
+  client.close();
+  await rel;
+  await assert.rejects(ext, (e) => e.code === "disconnected");
+  assert.equal(lock.state, "released");
+  assert.equal(other.state, "lost");
   await cleanup();
 });

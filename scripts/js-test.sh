@@ -31,7 +31,9 @@ npm run build --workspaces --if-present
 npm run typecheck --workspaces --if-present
 npm test --workspaces --if-present
 npm run test:integration --workspaces --if-present
-(cd packages/client && npx --no-install publint --strict && npx --no-install attw --pack . --profile esm-only)
+for pkg in packages/client packages/react; do
+  (cd "$pkg" && npx --no-install publint --strict && npx --no-install attw --pack . --profile esm-only)
+done
 npm run size -w @lockstep/client
 
 embedded="$root/src/http/demo/lockstep-client.js"

@@ -186,6 +186,9 @@ export default function () {
   let ticker = null;
 
   const pending = new Map(); // request id -> {kind, resource, sentAt, wait}
+  // Requests sent before a move. Their answers may still arrive on the new connection (a
+  // resumed session keeps its queued frames); the snapshot, not those answers, is the truth.
+  const orphaned = new Set();
   const held = new Map(); // resource -> {token, releaseAt, extended, releasing}
   const waiting = new Map(); // resource -> {id, queuedAt}
   let mustKeep = null; // Map resource -> token, while a resume is being checked
@@ -294,7 +297,9 @@ export default function () {
       pending.delete(w.id);
       waiting.delete(res);
     }
-    // Answers to these will not come on the new connection; the snapshot tells what happened.
+    // Answers to these may or may not come on the new connection (the session keeps what was
+    // queued for it); the snapshot tells what happened, so such answers are only recognised.
+    for (const id of pending.keys()) orphaned.add(id);
     pending.clear();
     nodeIndex = (nodeIndex + 1) % URLS.length;
     setTimeout(connect, afterMs);
@@ -472,6 +477,11 @@ export default function () {
     if (p) pending.delete(m.id);
     if (p && p.kind === 'cancel' && m.code === 'not_found') {
       // The wait was answered first: its lock.granted is on the way and gets released.
+      return;
+    }
+    if (!p && m.id !== undefined && orphaned.delete(m.id)) {
+      // Answer to a request sent before a move (a denial, a wait that timed out, a release
+      // the snapshot already settled): nothing to do.
       return;
     }
     if (p && p.kind === 'verify') {

@@ -246,7 +246,7 @@ export class RoomLocks extends Emitter<{ change: (list: readonly LockInfo[]) => 
   _forget(h: LockHandle): void {
     if (this.handles.get(h.resource) !== h) return;
     this.handles.delete(h.resource);
-    this._held = [...this.handles.values()];
+    this.heldChanged();
   }
 
   /** @internal */
@@ -334,8 +334,14 @@ export class RoomLocks extends Emitter<{ change: (list: readonly LockInfo[]) => 
     h?._lose("lost");
     const lock = new LockHandle(this, this.core, this.room, resource, action, token, expiresAt, this.core.sessionId);
     this.handles.set(resource, lock);
-    this._held = [...this.handles.values()];
+    this.heldChanged();
     return lock;
+  }
+
+  /** `held` is part of what `change` announces: a grant's handle arrives after the room's `lock.acquired`. */
+  private heldChanged(): void {
+    this._held = [...this.handles.values()];
+    this.emit("change", this._list);
   }
 
   private publish(next: Map<string, LockInfo>): void {

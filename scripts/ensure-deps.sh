@@ -30,7 +30,7 @@ _ensure_deps_node_ok() {
         const [a, b] = process.versions.node.split(".").map(Number), [x, y] = process.argv[1].split(".").map(Number);
         process.exit(a > x || (a === x && b >= y) ? 0 : 1)' "$LOCKSTEP_MIN_NODE"; then
         echo "ensure-deps: Node.js $(node --version 2>/dev/null || echo '(not runnable)') is too old; the JS tests need Node >= $LOCKSTEP_MIN_NODE" >&2
-        echo "  (Debian 12's own nodejs is 18.x: install Node 20 or newer from nodejs.org or NodeSource, or use Debian 13+)" >&2
+        echo "  (Debian 12's own nodejs is 18.x: install Node $LOCKSTEP_MIN_NODE or newer from nodejs.org or NodeSource, or use Debian 13+)" >&2
         return 1
     fi
 }

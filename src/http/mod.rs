@@ -36,6 +36,7 @@ pub fn router(node: Arc<Node>) -> Router {
     let body_limit = node.config.max_frame_bytes;
     Router::new()
         .route("/", get(ops::demo_page))
+        .route("/lockstep-client.js", get(ops::client_bundle))
         .route("/v1/ws", get(ws::upgrade))
         .route("/v1/presence/{entity_type}/{entity_id}", get(api::presence))
         .route("/v1/locks", get(api::list_locks))

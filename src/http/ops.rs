@@ -1,11 +1,12 @@
-//! Operational endpoints: health, readiness, metrics, the demo page and dev tokens.
+//! Operational endpoints: health, readiness, metrics, the demo page (with the SDK's browser
+//! bundle it imports) and dev tokens.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 
@@ -42,8 +43,58 @@ pub async fn metrics(State(node): State<Arc<Node>>) -> Response {
         .into_response()
 }
 
-pub async fn demo_page() -> Html<&'static str> {
-    Html(include_str!("demo/index.html"))
+/// Neither the page nor the bundle has a version in its URL, and both change together with the
+/// binary: `no-cache` lets a browser keep them but makes it ask each time, so a page from a new
+/// build never runs against a stale bundle (or the reverse).
+const REVALIDATE: &str = "no-cache";
+
+pub async fn demo_page() -> Response {
+    (
+        [(header::CACHE_CONTROL, REVALIDATE)],
+        Html(include_str!("demo/index.html")),
+    )
+        .into_response()
+}
+
+/// `@lockstep/client`'s browser bundle, embedded so that `cargo run --release` serves a working
+/// demo on a machine without Node. `scripts/check-demo-bundle.sh` fails when this copy is not
+/// what the SDK's source builds; `src/http/demo/README.md` has the command that refreshes it.
+const CLIENT_JS: &str = include_str!("demo/lockstep-client.js");
+/// FNV-1a of the bundle, computed at compile time: the ETag that makes the revalidation a 304.
+const CLIENT_JS_HASH: u64 = fnv1a(CLIENT_JS.as_bytes());
+
+const fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < bytes.len() {
+        h ^= bytes[i] as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    h
+}
+
+/// `GET /lockstep-client.js`: the bundle the demo page imports, `304` when the browser's copy
+/// is current.
+pub async fn client_bundle(headers: HeaderMap) -> Response {
+    let etag = format!("\"{CLIENT_JS_HASH:016x}\"");
+    let cached = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    let common = [
+        (header::CACHE_CONTROL, REVALIDATE.to_owned()),
+        (header::ETAG, etag),
+    ];
+    if cached {
+        return (StatusCode::NOT_MODIFIED, common).into_response();
+    }
+    (
+        common,
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        CLIENT_JS,
+    )
+        .into_response()
 }
 
 #[derive(Deserialize)]

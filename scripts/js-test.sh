@@ -5,18 +5,19 @@
 #   a token-refresh node, and a two-node drain on a private redis-server) → publint and
 #   attw on the packed package → the browser bundle's gzip size budget → the copy embedded
 #   in the demo (src/http/demo/lockstep-client.js) matches a fresh build.
-# Needs Node.js >= 18 with npm, cargo and redis-server (scripts/test.sh installs them).
+# Needs Node.js >= 20.11 with npm (the packages run on Node >= 18; their tests use node:test
+# flags from 20.11), cargo and redis-server (scripts/test.sh installs them).
 # LOCKSTEP_BIN: use that gateway binary instead of building target/debug/lockstep.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
 need() { command -v "$1" >/dev/null || { echo "js-test: $1 not found ($2)" >&2; exit 1; }; }
-need node "Node.js >= 18"
+need node "Node.js >= 20.11"
 need npm "npm comes with Node.js"
 need redis-server "the drain test starts a private one"
-node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 18 ? 0 : 1)' \
-  || { echo "js-test: Node.js >= 18 required, found $(node --version)" >&2; exit 1; }
+node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 11) ? 0 : 1)' \
+  || { echo "js-test: Node.js >= 20.11 required, found $(node --version) (source scripts/ensure-deps.sh installs one)" >&2; exit 1; }
 
 if [ -z "${LOCKSTEP_BIN:-}" ]; then
   cargo build --quiet --bin lockstep
@@ -39,7 +40,7 @@ npm run size -w @lockstep/client
 embedded="$root/src/http/demo/lockstep-client.js"
 if [ -f "$embedded" ]; then
   if ! cmp -s "$embedded" packages/client/dist/lockstep.browser.js; then
-    echo "js-test: $embedded is stale; copy clients/js/packages/client/dist/lockstep.browser.js over it" >&2
+    echo "js-test: $embedded is stale: bash scripts/check-demo-bundle.sh --update, then rebuild the binary" >&2
     exit 1
   fi
   echo "js-test: the demo's embedded bundle matches the build"

@@ -234,7 +234,9 @@ export class Lockstep<P = Json, B extends Record<string, Json> = Record<string, 
     } catch (e) {
       if (gen !== this.gen || !this.running) return;
       const err = e instanceof LockstepError ? e : new LockstepError("get_token_failed", `getToken() failed: ${String(e)}`);
-      if (err.code === "bad_options") {
+      // `unauthorized` is the app's way to say "no token will come" (signed out, dev mode off),
+      // like centrifuge-js's UnauthorizedError: stop instead of retrying forever.
+      if (err.code === "bad_options" || err.code === "unauthorized") {
         this.end("session_ended", err, err);
         return;
       }

@@ -267,3 +267,39 @@ test("an error frame that belongs to no request is emitted as `error`", async ()
   assert.equal(err.code, "rate_limited");
   await cleanup();
 });
+
+test("getToken throwing LockstepError('unauthorized') stops: connect() rejects, no socket, no retry", async () => {
+  let calls = 0;
+  const { server, client, cleanup } = await setup({
+    getToken: async () => {
+      calls++;
+      throw new LockstepError("unauthorized", "signed out");
+    },
+  });
+  const errors = [];
+  client.on("error", (e) => errors.push(e));
+  await assert.rejects(client.connect(), (e) => e instanceof LockstepError && e.code === "unauthorized");
+  assert.equal(client.status, "disconnected");
+  await sleep(150);
+  assert.equal(calls, 1, "not retried");
+  assert.equal(server.conns.length, 0, "no socket opened");
+  assert.equal(errors.length, 1);
+  await cleanup();
+});
+
+test("getToken throwing anything else is retried with backoff", async () => {
+  let calls = 0;
+  const { server, client, cleanup } = await setup({
+    getToken: async () => {
+      if (++calls < 3) throw new Error("token service down");
+      return "tok";
+    },
+  });
+  const p = client.connect();
+  const conn = await server.nextConnection();
+  assert.equal(conn.token, "tok");
+  conn.welcome();
+  await p;
+  assert.equal(calls, 3);
+  await cleanup();
+});

@@ -51,11 +51,18 @@ async fn acquire(g: &Gateway, sub: &str) -> (u16, Value) {
     post(g, "/v1/locks/acquire", sub, body).await
 }
 
-/// An acquire retried while the node answers 503 (its Redis connection follows the failover).
+/// An acquire retried while the node answers 503 (its Redis connection follows the failover),
+/// with a `holder_key`, as a real HTTP client retries: a 503 during the failover can be
+/// ambiguous (the grant made on the new primary, the answer lost with the connection), and
+/// without a key every retry is another holder that the first attempt's grant would block.
 async fn acquire_after_failover(g: &Gateway, sub: &str) -> (u16, Value) {
     let deadline = tokio::time::Instant::now() + FAILOVER;
+    let body = json!({
+        "room": ROOM, "resource": RESOURCE, "action": "approve", "ttl_ms": 600_000,
+        "holder_key": format!("{sub}-after-failover"),
+    });
     loop {
-        let (s, b) = acquire(g, sub).await;
+        let (s, b) = post(g, "/v1/locks/acquire", sub, body.clone()).await;
         if s != 503 || tokio::time::Instant::now() > deadline {
             return (s, b);
         }

@@ -334,8 +334,13 @@ async fn a_redis_cluster_deployment_works() {
     // With replicas: a Cluster URL makes every grant and hand-off wait for one replica
     // (LOCKSTEP_LOCK_REPLICAS=auto), which this exercises across nodes and shards.
     let cluster = common::redis::RedisCluster::start_with_replicas();
-    let a = Gateway::start(&cluster.url(), "node-a", &[]).await;
-    let b = Gateway::start(&cluster.url(), "node-b", &[]).await;
+    // The longest replica timeout: six Redis processes and the other tests share two cores
+    // here, and a replica's ack once took longer than the default 500 ms (the grant was then
+    // withdrawn, correctly, and this test failed). What the timeout does is tested in
+    // redis_failover.rs; this test is about a cluster working across nodes and shards.
+    let slow_replicas = [("LOCKSTEP_LOCK_REPLICA_TIMEOUT", "4s")];
+    let a = Gateway::start(&cluster.url(), "node-a", &slow_replicas).await;
+    let b = Gateway::start(&cluster.url(), "node-b", &slow_replicas).await;
     let mut alice = client(&a, "alice").await;
     let mut bob = client(&b, "bob").await;
     assert_eq!(

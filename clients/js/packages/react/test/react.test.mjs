@@ -202,17 +202,23 @@ test("a selector whose result does not change does not re-render", async () => {
   await a.unmount();
 });
 
-test("StrictMode double mount joins once and unmount leaves once", async () => {
-  const room = freshRoom();
-  // Bob watches with the plain client, counting alice's joins and leaves.
+/** Bob joins `room` with the plain client and records alice's joins and leaves (not updates). */
+async function bobWatchesAlice(room) {
   const bob = client("bob", "Bob");
   await bob.connect();
-  const bobRoom = bob.room(room);
   const events = [];
+  const bobRoom = bob.room(room);
   bobRoom.on("presence", (e) => {
     if (e.member.userId === "alice" && e.type !== "update") events.push(e.type);
   });
   await bobRoom.join();
+  return { bob, bobRoom, events };
+}
+
+test("StrictMode double mount joins once and unmount leaves once", async () => {
+  const room = freshRoom();
+  // Bob watches with the plain client, counting alice's joins and leaves.
+  const { bob, bobRoom, events } = await bobWatchesAlice(room);
 
   const probe = {};
   function Me() {
@@ -348,14 +354,7 @@ test("unmounting a useLock with a queued wait cancels the wait", async () => {
 
 test("two RoomProviders of one room join once; the room is left when the last one unmounts", async () => {
   const room = freshRoom();
-  const bob = client("bob", "Bob");
-  await bob.connect();
-  const bobRoom = bob.room(room);
-  const events = [];
-  bobRoom.on("presence", (e) => {
-    if (e.member.userId === "alice" && e.type !== "update") events.push(e.type);
-  });
-  await bobRoom.join();
+  const { bob, bobRoom, events } = await bobWatchesAlice(room);
 
   const alice = client("alice", "Alice");
   const probe = {};

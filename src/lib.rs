@@ -23,6 +23,7 @@
 //! - [`telemetry`]: OpenTelemetry metrics exported in Prometheus text.
 //! - [`tls`]: rustls client configs (ring) for Redis and Postgres, and TLS failures explained.
 //! - [`logging`]: the `tracing` subscriber: console logs (text or flat JSON) and OTLP traces.
+//! - [`yjs`]: Yjs document sync: update log, snapshots, y-websocket and Hocuspocus endpoints.
 //!
 //! [`start`] is shared by `main` and the tests, which run the same code on `127.0.0.1:0`.
 
@@ -41,6 +42,7 @@ pub mod protocol;
 pub mod session;
 pub mod telemetry;
 pub mod tls;
+pub mod yjs;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

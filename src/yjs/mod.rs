@@ -1,0 +1,7 @@
+//! Yjs document sync (issue 11): y-websocket and Hocuspocus endpoints over documents whose
+//! update log lives in Redis (in process when embedded) and whose compacted snapshots live in
+//! Postgres (a file when embedded). `docs/yjs.md` has the design.
+//!
+//! - [`store`]: the `DocLog` and `SnapshotStore` interfaces every implementation keeps.
+
+pub mod store;

@@ -3,5 +3,9 @@
 //! Postgres (a file when embedded). `docs/yjs.md` has the design.
 //!
 //! - [`store`]: the `DocLog` and `SnapshotStore` interfaces every implementation keeps.
+//! - [`docs`]: the per-node registry of loaded documents (load, stay current, batch, unload).
+//! - [`conn`]: one y-websocket connection.
 
+pub mod conn;
+pub mod docs;
 pub mod store;

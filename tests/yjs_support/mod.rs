@@ -32,6 +32,17 @@ pub struct YClient {
 impl YClient {
     /// Connects to `ws://{addr}/v1/yjs/{room}?token=…` and sends SyncStep1.
     pub async fn connect(addr: std::net::SocketAddr, room: &str, token: &str) -> YClient {
+        YClient::connect_with(addr, room, token, None).await
+    }
+
+    /// [`connect`](Self::connect) with a local document state already in place (a provider
+    /// reconnecting with edits the server may not have: they go out in its SyncStep2).
+    pub async fn connect_with(
+        addr: std::net::SocketAddr,
+        room: &str,
+        token: &str,
+        state: Option<Vec<u8>>,
+    ) -> YClient {
         let url = format!("ws://{addr}/v1/yjs/{room}?token={token}");
         let (socket, _) = tokio_tungstenite::connect_async(url)
             .await
@@ -39,6 +50,10 @@ impl YClient {
         let doc = Doc::new();
         let text = doc.get_or_insert_text("text");
         let map = doc.get_or_insert_map("map");
+        if let Some(state) = state {
+            let u = Update::decode_v1(&state).expect("state decodes");
+            doc.transact_mut().apply_update(u).expect("state applies");
+        }
         let mut c = YClient {
             doc,
             text,

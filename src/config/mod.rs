@@ -575,6 +575,16 @@ impl Config {
         if self.max_members_per_room == 0 {
             return invalid("max_members_per_room", "must be at least 1");
         }
+        for (name, v) in [
+            ("yjs_max_update_bytes", self.yjs_max_update_bytes),
+            ("yjs_max_doc_bytes", self.yjs_max_doc_bytes),
+            ("yjs_max_docs", self.yjs_max_docs),
+            ("yjs_max_clients_per_doc", self.yjs_max_clients_per_doc),
+        ] {
+            if v == 0 {
+                return invalid(name, "must be at least 1");
+            }
+        }
         if self.http_read_timeout < Duration::from_millis(100) {
             return invalid("http_read_timeout", "must be at least 100ms");
         }

@@ -141,3 +141,37 @@ async fn awareness_crosses_nodes_reaches_cold_joiners_and_goes_null_on_close() {
     let left = redis.cli(&["HLEN", "lockstep:yd:{scene:8}:aw"]);
     assert_eq!(left.trim(), "0", "x's field is deleted from the hash");
 }
+
+/// Not a pass/fail test: edit round trips across two nodes (one at a time), printed as
+/// p50/p95/p99. `cargo test --test yjs_redis -- --ignored --nocapture round_trip`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn round_trip_across_two_nodes() {
+    let redis = RedisServer::start();
+    let a = Gateway::start(&redis.url(), "node-a", &[]).await;
+    let b = Gateway::start(&redis.url(), "node-b", &[]).await;
+    let mut x = YClient::connect(a.addr(), "scene:rt", &token("x", None)).await;
+    let mut y = YClient::connect(b.addr(), "scene:rt", &token("y", None)).await;
+    x.until("synced", |c| c.synced).await;
+    y.until("synced", |c| c.synced).await;
+    let mut rtts = Vec::new();
+    for i in 0..300 {
+        let mark = format!("m{i};");
+        let started = std::time::Instant::now();
+        x.insert(&mark).await;
+        y.until("the edit on the other node", |c| c.text().contains(&mark))
+            .await;
+        rtts.push(started.elapsed());
+        x.drain_for(Duration::from_millis(1)).await;
+    }
+    rtts.sort();
+    let p = |q: f64| rtts[((rtts.len() as f64 * q) as usize).min(rtts.len() - 1)];
+    eprintln!(
+        "edit node a -> client on node b, {} edits: p50 {:?} p95 {:?} p99 {:?} max {:?}",
+        rtts.len(),
+        p(0.50),
+        p(0.95),
+        p(0.99),
+        rtts[rtts.len() - 1]
+    );
+}

@@ -251,3 +251,21 @@ async fn a_connection_that_does_not_read_is_dropped_as_a_slow_consumer() {
     assert!(closed.is_ok(), "the slow connection's queue was closed");
     assert!(got <= 8, "at most the queue's capacity was kept: {got}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_sync_step_2_is_not_logged() {
+    let log: Arc<dyn DocLog> = Arc::new(MemoryDocLog::new());
+    let reg = node("one", log.clone(), Limits::default());
+    let a = reg.attach("doc:e").await.unwrap();
+    let empty = Doc::new().transact().encode_diff_v1(&Default::default());
+    let step2 = Message::Sync(SyncMessage::SyncStep2(empty)).encode_v1();
+    a.doc.handle(&reg, a.conn, true, &step2).unwrap();
+    // Nothing was queued: the flusher has nothing to do, the log stays empty.
+    assert_eq!(
+        reg.counters
+            .updates
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert_eq!(log.len("doc:e").await.unwrap(), 0);
+}

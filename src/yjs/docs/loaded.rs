@@ -135,6 +135,11 @@ impl LoadedDoc {
             )));
         }
         let update = decode_update(&u).map_err(Refusal::Malformed)?;
+        if update.is_empty() {
+            // Every provider with nothing new answers the server's SyncStep1 with an empty
+            // SyncStep2: not worth a log entry.
+            return Ok(());
+        }
         let mut s = lock(&self.state);
         if s.size + u.len() > reg.limits.max_doc_bytes {
             return Err(Refusal::DocTooLarge(reg.limits.max_doc_bytes));

@@ -82,10 +82,6 @@ test('two browser contexts on two nodes see each other\'s text and awareness', {
   const alice = await open(n0, 'alice');
   const bob = await open(n1, 'bob');
 
-  // Awareness, both ways, across the two nodes.
-  await alice.page.waitForFunction(() => document.getElementById('peers').textContent === 'bob', null, { timeout: 20000 });
-  await bob.page.waitForFunction(() => document.getElementById('peers').textContent === 'alice', null, { timeout: 20000 });
-
   // Real typing in each context.
   await alice.page.locator('#text').pressSequentially('hello from alice');
   await bob.page.waitForFunction(() => document.getElementById('text').value === 'hello from alice', null, { timeout: 20000 });
@@ -98,9 +94,16 @@ test('two browser contexts on two nodes see each other\'s text and awareness', {
   assert.equal(await alice.page.inputValue('#text'), want);
   assert.equal(await bob.page.inputValue('#text'), want);
 
+  // Awareness, both ways, across the two nodes.
+  const peers = (p, want, what) => p.page
+    .waitForFunction((w) => document.getElementById('peers').textContent === w, want, { timeout: 20000 })
+    .catch(async (e) => { throw new Error(`${what}: peers shown ${JSON.stringify(await p.page.textContent('#peers'))}, want ${JSON.stringify(want)} (${e.message})`); });
+  await peers(alice, 'bob', "alice's page to show bob (awareness from the other node)");
+  await peers(bob, 'alice', "bob's page to show alice (awareness from the other node)");
+
   // Closing bob's context clears him from alice's awareness.
   await bob.page.context().close();
-  await alice.page.waitForFunction(() => document.getElementById('peers').textContent === '', null, { timeout: 20000 });
+  await peers(alice, '', "bob's awareness to be cleared at alice");
   assert.deepEqual(alice.errors, []);
   assert.deepEqual(bob.errors, []);
 });

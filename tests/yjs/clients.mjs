@@ -11,6 +11,9 @@ export { Y, WebSocket };
 
 export const ROOM = 'scene:1';
 
+// Every WebsocketProvider in Node adds a process 'exit' listener; a test holds more than 10.
+process.setMaxListeners(100);
+
 /** Connects a client to `${base}/v1/yjs/${room}?token=…`. `events` records the provider's
  *  connection closes (code, reason) so a test can say what a refused client saw. */
 export function connect(base, token, { room = ROOM, name = 'client', connect: autoConnect = true } = {}) {

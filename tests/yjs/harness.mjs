@@ -233,7 +233,8 @@ export class Node {
     await this.start();
   }
 
-  tail(n = 40) { return this.log.slice(-n).join('\n'); }
+  // eslint-disable-next-line no-control-regex
+  tail(n = 40) { return this.log.slice(-n).join('\n').replace(/\x1b\[[0-9;]*m/g, ''); }
 
   async cleanup() {
     await this.kill('SIGKILL');

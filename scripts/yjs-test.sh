@@ -11,7 +11,8 @@
 # redis-server and redis-cli; PostgreSQL binaries under /usr/lib/postgresql/*/bin (initdb,
 # pg_ctl, psql; as root they run through `runuser -u postgres`); Chromium at /usr/bin/chromium
 # (or CHROMIUM_PATH), installed from apt here as scripts/browser-test.sh does; no browser is
-# downloaded. LOCKSTEP_YJS_SKIP_HOCUSPOCUS=1 skips the Hocuspocus test with that reason.
+# downloaded. The Hocuspocus test is skipped (with its reason) until the endpoint exists;
+# LOCKSTEP_YJS_HOCUSPOCUS=1 runs it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD

@@ -126,8 +126,20 @@ impl ErrorCode {
 pub mod close {
     /// The client closed normally; the session ends at once (no resume grace).
     pub const NORMAL: u16 = 1000;
+    /// `/v1/yjs`: a malformed y-websocket message or Yjs update (never stored). Reconnecting
+    /// resends the same state, so a client that keeps sending it keeps being closed.
+    pub const INVALID_PAYLOAD: u16 = 1007;
     /// A frame exceeded the configured maximum frame size.
     pub const TOO_BIG: u16 = 1009;
+    /// `/v1/yjs`: this node holds its maximum of documents, or the update log is unavailable;
+    /// reconnect later (another node may have room).
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// `/v1/yjs`: the token gives no role in the document's room.
+    pub const FORBIDDEN: u16 = 4003;
+    /// `/v1/yjs`: the document has its maximum of clients on this node.
+    pub const DOC_FULL: u16 = 4014;
+    /// `/v1/yjs`: the update would take the document over its maximum size (not applied).
+    pub const DOC_TOO_LARGE: u16 = 4015;
     /// Server bug; reconnect with the resume token.
     pub const INTERNAL: u16 = 1011;
     /// The node is draining (SIGTERM); reconnect after `after_ms` from the `reconnect` frame.

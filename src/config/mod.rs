@@ -184,6 +184,21 @@ pub struct Settings {
     /// Members one room may have (across all nodes); further joins get `room_full`.
     #[arg(long, env = "LOCKSTEP_MAX_MEMBERS_PER_ROOM")]
     pub max_members_per_room: Option<usize>,
+    /// Largest Yjs update (one y-websocket message) a client may send (bytes; close 1009).
+    #[arg(long, env = "LOCKSTEP_YJS_MAX_UPDATE_BYTES")]
+    pub yjs_max_update_bytes: Option<usize>,
+    /// Largest Yjs document, as the bytes of the updates it holds (close 4015).
+    #[arg(long, env = "LOCKSTEP_YJS_MAX_DOC_BYTES")]
+    pub yjs_max_doc_bytes: Option<usize>,
+    /// Yjs documents loaded on one node at once (close 1013 beyond).
+    #[arg(long, env = "LOCKSTEP_YJS_MAX_DOCS")]
+    pub yjs_max_docs: Option<usize>,
+    /// Connections to one Yjs document on one node (close 4014 beyond).
+    #[arg(long, env = "LOCKSTEP_YJS_MAX_CLIENTS_PER_DOC")]
+    pub yjs_max_clients_per_doc: Option<usize>,
+    /// How long a Yjs document with no local connection stays loaded.
+    #[arg(long, env = "LOCKSTEP_YJS_UNLOAD_GRACE")]
+    pub yjs_unload_grace: Option<HumanDuration>,
     /// How long an HTTP client may take to send a request's headers, and then its body (each);
     /// also closes idle keep-alive connections after this long.
     #[arg(long, env = "LOCKSTEP_HTTP_READ_TIMEOUT")]
@@ -256,6 +271,11 @@ pub struct Config {
     pub max_presence_state_bytes: usize,
     pub max_broadcast_bytes: usize,
     pub max_members_per_room: usize,
+    pub yjs_max_update_bytes: usize,
+    pub yjs_max_doc_bytes: usize,
+    pub yjs_max_docs: usize,
+    pub yjs_max_clients_per_doc: usize,
+    pub yjs_unload_grace: Duration,
     pub http_read_timeout: Duration,
     pub http_requests_per_second_per_ip: u32,
     pub http_requests_per_second_per_user: u32,
@@ -327,6 +347,13 @@ impl Settings {
                 .or(other.max_presence_state_bytes),
             max_broadcast_bytes: self.max_broadcast_bytes.or(other.max_broadcast_bytes),
             max_members_per_room: self.max_members_per_room.or(other.max_members_per_room),
+            yjs_max_update_bytes: self.yjs_max_update_bytes.or(other.yjs_max_update_bytes),
+            yjs_max_doc_bytes: self.yjs_max_doc_bytes.or(other.yjs_max_doc_bytes),
+            yjs_max_docs: self.yjs_max_docs.or(other.yjs_max_docs),
+            yjs_max_clients_per_doc: self
+                .yjs_max_clients_per_doc
+                .or(other.yjs_max_clients_per_doc),
+            yjs_unload_grace: self.yjs_unload_grace.or(other.yjs_unload_grace),
             http_read_timeout: self.http_read_timeout.or(other.http_read_timeout),
             http_requests_per_second_per_ip: self
                 .http_requests_per_second_per_ip
@@ -345,6 +372,18 @@ impl Settings {
 }
 
 impl Config {
+    /// The document layer's limits (`LOCKSTEP_YJS_*`).
+    pub fn yjs_limits(&self) -> crate::yjs::docs::Limits {
+        crate::yjs::docs::Limits {
+            max_update_bytes: self.yjs_max_update_bytes,
+            max_doc_bytes: self.yjs_max_doc_bytes,
+            max_docs: self.yjs_max_docs,
+            max_clients: self.yjs_max_clients_per_doc,
+            unload_grace: self.yjs_unload_grace,
+            ..Default::default()
+        }
+    }
+
     /// Resolves flags and environment (already merged by clap) over the optional config file.
     pub fn load(
         cli_settings: Settings,
@@ -421,6 +460,11 @@ impl Config {
                 .max_broadcast_bytes
                 .unwrap_or((16 * 1024).min(frame_bytes / 2)),
             max_members_per_room: s.max_members_per_room.unwrap_or(500),
+            yjs_max_update_bytes: s.yjs_max_update_bytes.unwrap_or(1024 * 1024),
+            yjs_max_doc_bytes: s.yjs_max_doc_bytes.unwrap_or(32 * 1024 * 1024),
+            yjs_max_docs: s.yjs_max_docs.unwrap_or(2000),
+            yjs_max_clients_per_doc: s.yjs_max_clients_per_doc.unwrap_or(200),
+            yjs_unload_grace: d(s.yjs_unload_grace, Duration::from_secs(30)),
             http_read_timeout: d(s.http_read_timeout, Duration::from_secs(10)),
             http_requests_per_second_per_ip: s.http_requests_per_second_per_ip.unwrap_or(100),
             http_requests_per_second_per_user: s.http_requests_per_second_per_user.unwrap_or(20),
@@ -530,6 +574,16 @@ impl Config {
         }
         if self.max_members_per_room == 0 {
             return invalid("max_members_per_room", "must be at least 1");
+        }
+        for (name, v) in [
+            ("yjs_max_update_bytes", self.yjs_max_update_bytes),
+            ("yjs_max_doc_bytes", self.yjs_max_doc_bytes),
+            ("yjs_max_docs", self.yjs_max_docs),
+            ("yjs_max_clients_per_doc", self.yjs_max_clients_per_doc),
+        ] {
+            if v == 0 {
+                return invalid(name, "must be at least 1");
+            }
         }
         if self.http_read_timeout < Duration::from_millis(100) {
             return invalid("http_read_timeout", "must be at least 100ms");

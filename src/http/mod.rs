@@ -13,6 +13,7 @@ mod api;
 mod limits;
 mod ops;
 mod ws;
+mod yjs;
 
 pub use limits::{ClientIp, flush_auth_failures};
 
@@ -38,6 +39,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/", get(ops::demo_page))
         .route("/lockstep-client.js", get(ops::client_bundle))
         .route("/v1/ws", get(ws::upgrade))
+        .route("/v1/yjs/{room}", get(yjs::upgrade))
         .route("/v1/presence/{entity_type}/{entity_id}", get(api::presence))
         .route("/v1/locks", get(api::list_locks))
         .route("/v1/locks/acquire", post(api::acquire))

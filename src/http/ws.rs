@@ -110,7 +110,7 @@ impl WsUpgrade {
     }
 
     /// Answers 101 and runs `session` on the socket once hyper hands the connection over.
-    fn on_upgrade<F, Fut>(self, config: WebSocketConfig, session: F) -> Response
+    pub(super) fn on_upgrade<F, Fut>(self, config: WebSocketConfig, session: F) -> Response
     where
         F: FnOnce(Socket, Option<&'static str>) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -220,7 +220,7 @@ pub async fn upgrade(
 
 /// Closes an upgraded socket with `code` and waits (bounded) for the client's close, so it
 /// reads the code, not a reset.
-async fn refuse(mut socket: Socket, code: u16, reason: String) {
+pub(super) async fn refuse(mut socket: Socket, code: u16, reason: String) {
     let frame = CloseFrame {
         code: code.into(),
         reason: reason.into(),

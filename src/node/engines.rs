@@ -43,6 +43,8 @@ pub struct Engines {
     pub db: Option<deadpool_postgres::Pool>,
     /// What the node's audit writer drains (or trims).
     pub audit_outbox: AuditOutbox,
+    /// Yjs document update logs.
+    pub doc_log: Arc<dyn crate::yjs::store::DocLog>,
 }
 
 pub struct ClusterParts {
@@ -103,6 +105,7 @@ pub async fn build(
             cluster: None,
             db,
             audit_outbox,
+            doc_log: Arc::new(crate::engine::memory::MemoryDocLog::new()),
         });
     };
     let target = redis::RedisTarget::new(url, &config.redis_tls)?;
@@ -156,7 +159,10 @@ pub async fn build(
         replicas,
         timeout: config.lock_replica_timeout,
     };
+    let doc_log =
+        crate::engine::redis::docs::RedisDocLog::start(&target, pool.clone(), m.clone()).await?;
     Ok(Engines {
+        doc_log,
         locks: Arc::new(
             RedisLockStore::new(lock_pool)
                 .with_metrics(m.clone())

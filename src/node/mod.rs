@@ -83,6 +83,8 @@ pub struct Node {
     subscriptions: tokio::sync::Mutex<()>,
     /// With Redis: the channel admin revocations reach the other nodes by (set at start).
     pub(crate) revocations: std::sync::OnceLock<Arc<crate::engine::redis::nodes::NodeRegistry>>,
+    /// Yjs documents loaded on this node (`GET /v1/yjs/{room}`).
+    pub yjs: Arc<crate::yjs::docs::Registry>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,7 +177,17 @@ impl Node {
         let engines = engines::build(&config, &id, hub.clone(), &metrics).await?;
         let throttle = throttle::Throttle::new(&config);
         let leases = leases::Leases::new(config.lock_lease);
+        // Snapshot stores are wired by the compaction work (issue 11); until then documents
+        // are their log.
+        let yjs = crate::yjs::docs::Registry::new(
+            id.clone(),
+            engines.doc_log.clone(),
+            None,
+            config.yjs_limits(),
+        );
+        observe_yjs(&metrics, &yjs);
         let node = Arc::new(Node {
+            yjs,
             id,
             config: Arc::new(config),
             locks: engines.locks,
@@ -197,6 +209,7 @@ impl Node {
             subscriptions: tokio::sync::Mutex::new(()),
             revocations: std::sync::OnceLock::new(),
         });
+        node.yjs.spawn_listener(node.stop_background.clone());
         spawn_background(&node);
         audit_writer::spawn(&node, engines.audit_outbox);
         fencing::spawn_pruning(&node);
@@ -429,5 +442,47 @@ where
             }
         }
         .instrument(span),
+    );
+}
+
+/// The document layer's metrics, read at every scrape.
+fn observe_yjs(metrics: &Metrics, yjs: &Arc<crate::yjs::docs::Registry>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let y = yjs.clone();
+    metrics.observe_gauge(
+        "lockstep.yjs.documents",
+        "",
+        "Yjs documents loaded on this node",
+        move || y.loaded() as u64,
+    );
+    let y = yjs.clone();
+    metrics.observe_counter(
+        "lockstep.yjs.updates",
+        "Yjs updates applied on this node (from local clients and from other nodes)",
+        move || y.counters.updates.load(Relaxed),
+    );
+    let y = yjs.clone();
+    metrics.observe_counter(
+        "lockstep.yjs.appends",
+        "Merged Yjs updates appended to document logs by this node",
+        move || y.counters.appends.load(Relaxed),
+    );
+    let y = yjs.clone();
+    metrics.observe_counter(
+        "lockstep.yjs.appended_bytes",
+        "Bytes of merged Yjs updates appended to document logs by this node",
+        move || y.counters.appended_bytes.load(Relaxed),
+    );
+    let y = yjs.clone();
+    metrics.observe_counter(
+        "lockstep.yjs.readonly_refused",
+        "Yjs updates dropped because their connection is read-only",
+        move || y.counters.refused_readonly.load(Relaxed),
+    );
+    let y = yjs.clone();
+    metrics.observe_counter(
+        "lockstep.yjs.rereads",
+        "Document log re-reads after a gap or a lagging announcement receiver",
+        move || y.counters.rereads.load(Relaxed),
     );
 }

@@ -3,5 +3,11 @@
 //! Postgres (a file when embedded). `docs/yjs.md` has the design.
 //!
 //! - [`store`]: the `DocLog` and `SnapshotStore` interfaces every implementation keeps.
+//! - [`docs`]: the per-node registry of loaded documents (load, stay current, batch, unload).
+//! - [`conn`]: one y-websocket connection.
+//! - [`log_conformance`]: the suite every `DocLog` passes.
 
+pub mod conn;
+pub mod docs;
+pub mod log_conformance;
 pub mod store;

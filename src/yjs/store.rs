@@ -61,6 +61,11 @@ pub struct LogEntry {
 pub struct Announcement {
     pub doc: String,
     pub entry: LogEntry,
+    /// The id of the entry that was last in the log just before this one (`None`: the log was
+    /// empty). A subscriber whose last applied id is below `prev` missed an entry (pub/sub
+    /// lost it, or it was appended while the subscriber was not yet listening) and re-reads
+    /// the log after its last id.
+    pub prev: Option<EntryId>,
     /// The appending node (it applied the update already and ignores its own echo).
     pub origin_node: String,
 }

@@ -8,6 +8,7 @@
 //! - [`MemoryPresenceStore`] ([`presence`]): room members and a focus index.
 //! - [`MemoryBroker`] ([`broker`]): hands every published event straight back to this node's hub.
 //! - [`MemoryResumeStore`] ([`resume`]): sessions parked for a resume.
+//! - [`MemoryDocLog`] ([`docs`]): Yjs document update logs.
 //!
 //! # Why `std::sync::Mutex`
 //!
@@ -22,11 +23,13 @@
 //! [`EngineError::Internal`] rather than propagated as a panic.
 
 pub mod broker;
+pub mod docs;
 pub mod locks;
 pub mod presence;
 pub mod resume;
 
 pub use broker::MemoryBroker;
+pub use docs::MemoryDocLog;
 pub use locks::MemoryLockStore;
 pub use presence::MemoryPresenceStore;
 pub use resume::MemoryResumeStore;

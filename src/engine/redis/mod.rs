@@ -12,6 +12,7 @@
 
 pub mod audit;
 pub mod broker;
+pub mod docs;
 pub mod keys;
 mod lock_results;
 pub mod locks;

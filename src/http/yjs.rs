@@ -1,0 +1,106 @@
+//! `GET /v1/yjs/{room}`: the y-websocket endpoint. Authenticates like `/v1/ws` (a JWT in
+//! `?token=` or `Authorization: Bearer`), finds the user's role in the room (the last path
+//! segment, an entity such as `scene:42`), and hands the socket to [`crate::yjs::conn`].
+//! Editors and owners write; viewers and commenters read; no role: close 4003. Bad token:
+//! close 4001 (after the upgrade: browsers cannot read an HTTP status on a WebSocket).
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use tungstenite::protocol::WebSocketConfig;
+
+use super::ApiError;
+use super::ws::{WsUpgrade, refuse};
+use crate::auth::{AuthError, Role};
+use crate::error::{ErrorCode, close};
+use crate::names::Entity;
+use crate::node::Node;
+
+const READ_BUFFER: usize = 1024;
+const WRITE_BUFFER: usize = 4 * 1024;
+
+#[derive(Deserialize)]
+pub struct YjsParams {
+    token: Option<String>,
+}
+
+pub async fn upgrade(
+    State(node): State<Arc<Node>>,
+    Path(room): Path<String>,
+    super::ApiQuery(params): super::ApiQuery<YjsParams>,
+    ip: super::ClientIp,
+    headers: HeaderMap,
+    ws: WsUpgrade,
+) -> Response {
+    if !node.is_ready() {
+        return ApiError::new(ErrorCode::Unavailable, "node is draining").into_response();
+    }
+    let entity = match Entity::parse(&room) {
+        Ok(e) => e,
+        Err(e) => {
+            return ApiError::new(ErrorCode::BadRequest, format!("bad room name: {e}"))
+                .into_response();
+        }
+    };
+    let header_token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::auth::parse_bearer)
+        .map(str::to_owned);
+    let verified = match params.token.or(header_token).as_deref() {
+        Some(t) => node.auth.verify(t),
+        None => Err(AuthError::Missing),
+    };
+    let revoked = match verified.as_ref().ok().and_then(|p| p.grants().jti.clone()) {
+        Some(jti) => node.is_revoked(&jti).await,
+        None => false,
+    };
+    // A message is one update; its limit is the update limit (tungstenite closes with 1009).
+    let max = node.yjs.limits.max_update_bytes + 64;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(WRITE_BUFFER + 2 * max.max(node.config.max_frame_bytes))
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
+    let principal = match verified {
+        Ok(p) if !revoked => p,
+        Ok(_) => {
+            super::limits::record_auth_failure(&node, ip, "token revoked").await;
+            return ws.on_upgrade(config, move |socket, _| {
+                refuse(socket, close::REVOKED, "token revoked".into())
+            });
+        }
+        Err(e) => {
+            super::limits::record_auth_failure(&node, ip, &e.to_string()).await;
+            let mut reason = e.to_string();
+            while reason.len() > 120 {
+                reason.pop();
+            }
+            return ws.on_upgrade(config, move |socket, _| {
+                refuse(socket, close::UNAUTHORIZED, reason)
+            });
+        }
+    };
+    let Some(role) = principal.role_in(&entity) else {
+        return ws.on_upgrade(config, move |socket, _| {
+            refuse(socket, close::FORBIDDEN, "no role in this room".into())
+        });
+    };
+    let writable = role >= Role::Editor;
+    let tasks = node.tasks.clone();
+    let registry = node.yjs.clone();
+    let draining = node.draining.clone();
+    ws.on_upgrade(config, move |socket, _| {
+        tasks.track_future(crate::yjs::conn::serve(
+            registry,
+            socket,
+            entity.to_string(),
+            writable,
+            draining,
+        ))
+    })
+}

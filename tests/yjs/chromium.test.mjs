@@ -1,6 +1,6 @@
 // Two headless Chromium contexts edit one Y.Text through y-websocket in the browser (the page
-// in page/, bundled here with esbuild and served by a small http server), one context per
-// node, and each sees the other's text and awareness.
+// in page/, bundled here with esbuild and served by a small http server), both on one node and
+// then one per node, and each sees the other's text and awareness.
 import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
@@ -54,14 +54,24 @@ async function servePage() {
   return `http://127.0.0.1:${server.address().port}/`;
 }
 
-test('two browser contexts on two nodes see each other\'s text and awareness', { skip: SKIP }, async () => {
+let page0;
+async function setup() {
+  if (browser) return;
   // Postgres too: with several nodes the snapshots must be shared (the embedded file store is per node).
   cluster = await Cluster.start({ nodes: 2, postgres: true });
-  const page0 = await servePage();
+  page0 = await servePage();
   browser = await chromium.launch({
     executablePath: CHROMIUM,
     args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking'],
   });
+}
+
+// Both on one node, then one per node: the second needs awareness relayed between nodes.
+for (const [label, room, pick] of [
+  ['one node', 'scene:1', (n) => [n[0], n[0]]],
+  ['two nodes', 'scene:2', (n) => [n[0], n[1]]],
+]) test(`two browser contexts on ${label} see each other's text and awareness`, { skip: SKIP }, async () => {
+  await setup();
   const open = async (node, name) => {
     const ctx = await browser.newContext();
     const page = await ctx.newPage();
@@ -69,7 +79,7 @@ test('two browser contexts on two nodes see each other\'s text and awareness', {
     page.on('pageerror', (e) => errors.push(e.message));
     const hash = new URLSearchParams({
       server: `${node.ws}/v1/yjs`,
-      room: 'scene:1',
+      room,
       token: cluster.token(name, { 'scene:*': 'editor' }),
       name,
     });
@@ -78,7 +88,7 @@ test('two browser contexts on two nodes see each other\'s text and awareness', {
       .catch((e) => { throw new Error(`${name} never synced (${errors.join('; ')}): ${e.message}\n${cluster.logs()}`); });
     return { page, errors };
   };
-  const [n0, n1] = cluster.nodes;
+  const [n0, n1] = pick(cluster.nodes);
   const alice = await open(n0, 'alice');
   const bob = await open(n1, 'bob');
 
@@ -94,16 +104,17 @@ test('two browser contexts on two nodes see each other\'s text and awareness', {
   assert.equal(await alice.page.inputValue('#text'), want);
   assert.equal(await bob.page.inputValue('#text'), want);
 
-  // Awareness, both ways, across the two nodes.
+  // Awareness, both ways.
   const peers = (p, want, what) => p.page
     .waitForFunction((w) => document.getElementById('peers').textContent === w, want, { timeout: 20000 })
     .catch(async (e) => { throw new Error(`${what}: peers shown ${JSON.stringify(await p.page.textContent('#peers'))}, want ${JSON.stringify(want)} (${e.message})`); });
-  await peers(alice, 'bob', "alice's page to show bob (awareness from the other node)");
-  await peers(bob, 'alice', "bob's page to show alice (awareness from the other node)");
+  await peers(alice, 'bob', `alice's page to show bob (${label})`);
+  await peers(bob, 'alice', `bob's page to show alice (${label})`);
 
   // Closing bob's context clears him from alice's awareness.
   await bob.page.context().close();
   await peers(alice, '', "bob's awareness to be cleared at alice");
   assert.deepEqual(alice.errors, []);
   assert.deepEqual(bob.errors, []);
+  await alice.page.context().close();
 });

@@ -105,3 +105,40 @@ async fn kill_9_during_a_burst_loses_no_acknowledged_edit() {
     watcher.until("all edits", every).await;
     assert_eq!(cold.text(), watcher.text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn awareness_crosses_nodes_reaches_cold_joiners_and_goes_null_on_close() {
+    let redis = RedisServer::start();
+    let a = Gateway::start(&redis.url(), "node-a", &[]).await;
+    let b = Gateway::start(&redis.url(), "node-b", &[]).await;
+    let mut x = YClient::connect(a.addr(), "scene:8", &token("x", None)).await;
+    let mut y = YClient::connect(b.addr(), "scene:8", &token("y", None)).await;
+    x.until("x synced", |c| c.synced).await;
+    y.until("y synced", |c| c.synced).await;
+    x.set_awareness(1, r#"{"user":{"name":"x"}}"#).await;
+    let xid = x.doc.client_id().get();
+    y.until("x's state on node b", |c| {
+        c.awareness.get(&xid).is_some_and(|j| j.contains("\"x\""))
+    })
+    .await;
+
+    // A node that never had the document reads the current states from Redis.
+    let c = Gateway::start(&redis.url(), "node-c", &[]).await;
+    let mut z = YClient::connect(c.addr(), "scene:8", &token("z", None)).await;
+    z.until("x's state on a cold node", |c| {
+        c.awareness.get(&xid).is_some_and(|j| j.contains("\"x\""))
+    })
+    .await;
+
+    drop(x);
+    y.until("x's state null on node b", |c| {
+        c.awareness.get(&xid).is_some_and(|j| j == "null")
+    })
+    .await;
+    z.until("x's state null on node c", |c| {
+        c.awareness.get(&xid).is_some_and(|j| j == "null")
+    })
+    .await;
+    let left = redis.cli(&["HLEN", "lockstep:yd:{scene:8}:aw"]);
+    assert_eq!(left.trim(), "0", "x's field is deleted from the hash");
+}

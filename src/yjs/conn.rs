@@ -5,7 +5,8 @@
 //! - on connect: the server's SyncStep1 and the current awareness states; its own SyncStep1 is
 //!   answered with SyncStep2 (after which y-websocket counts as synced);
 //! - the updates of everyone (its own included, after they are in the log) and every awareness
-//!   change (its own included, which keeps its 30 s silence timer quiet);
+//!   change (its own included, which keeps its 30 s silence timer quiet), and after 10 s with
+//!   nothing else an awareness message with no clients (a no-op keep-alive);
 //! - a read-only user's (viewer, commenter) updates are dropped without a reply: the connection
 //!   stays open and keeps receiving the others' edits; its local edits never leave it;
 //! - the close codes in [`crate::error::close`]: 1007 malformed message or update, 1009 frame
@@ -27,6 +28,15 @@ use crate::session::Socket;
 
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// y-websocket closes a connection that received no message for 30 s (WebSocket pings do not
+/// count). Its own awareness renewals (every 15 s) come back to it, but a client without a
+/// local awareness state sends none: after this long without a frame to it, the server sends
+/// an awareness message with no clients, which the client applies as a no-op.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+
+/// `[messageAwareness, varUint8Array([0 clients])]`.
+const EMPTY_AWARENESS: &[u8] = &[1, 1, 0];
+
 /// Serves `room`'s document on `socket` until either side ends or `draining` fires.
 pub async fn serve(
     registry: Arc<Registry>,
@@ -43,8 +53,22 @@ pub async fn serve(
         }
     };
     let (doc, conn, mut rx) = (attached.doc, attached.conn, attached.rx);
+    let mut keepalive = tokio::time::interval(KEEPALIVE);
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    keepalive.reset();
+    let mut sent_since_tick = false;
     let end: Option<(u16, String)> = loop {
         tokio::select! {
+            _ = keepalive.tick() => {
+                if !std::mem::take(&mut sent_since_tick)
+                    && socket
+                        .send(WsMessage::Binary(bytes::Bytes::from_static(EMPTY_AWARENESS)))
+                        .await
+                        .is_err()
+                {
+                    break None;
+                }
+            }
             incoming = socket.next() => match incoming {
                 Some(Ok(WsMessage::Binary(data))) => {
                     if let Err(e) = doc.handle(&registry, conn, writable, &data) {
@@ -61,6 +85,7 @@ pub async fn serve(
             },
             out = rx.recv() => match out {
                 Some(frame) => {
+                    sent_since_tick = true;
                     if socket.send(WsMessage::Binary(frame)).await.is_err() {
                         break None;
                     }
@@ -96,4 +121,18 @@ pub async fn close_with(socket: &mut Socket, code: u16, reason: &str) {
         }
     };
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, handshake).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use yrs::sync::Message;
+    use yrs::updates::decoder::Decode;
+
+    #[test]
+    fn the_keepalive_is_an_awareness_update_with_no_clients() {
+        match Message::decode_v1(super::EMPTY_AWARENESS).unwrap() {
+            Message::Awareness(u) => assert!(u.clients.is_empty()),
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -46,12 +46,18 @@ use yrs::updates::decoder::{Decode, DecoderV1};
 use yrs::updates::encoder::Encode;
 use yrs::{Doc, ReadTxn, StateVector, Transact, Update};
 
-use super::store::{Announcement, DocLog, EntryId, LogEntry, SnapshotStore};
+use super::store::{Announcement, AwarenessState, DocLog, EntryId, LogEntry, SnapshotStore};
 
 /// How long the flusher collects updates before merging and appending them.
 pub const BATCH_WINDOW: Duration = Duration::from_millis(5);
 /// Entries read per `read_after` call while loading or catching up.
 const PAGE: usize = 512;
+/// How long another node keeps showing an awareness state after its last update: the
+/// y-protocols timeout (clients renew every 15 s and drop states older than 30 s).
+pub const AWARENESS_TTL_MS: u64 = 30_000;
+/// Awareness updates waiting to be shared with other nodes; more are dropped (counted): the
+/// clients renew their states, so a lost one is corrected by the next.
+const AWARENESS_QUEUE: usize = 1024;
 /// Backoff between failed appends (the updates stay queued and applied locally meanwhile).
 const APPEND_RETRY: Duration = Duration::from_millis(200);
 
@@ -120,6 +126,7 @@ pub struct Counters {
     pub appends: AtomicU64,
     pub appended_bytes: AtomicU64,
     pub refused_readonly: AtomicU64,
+    pub awareness_dropped: AtomicU64,
     pub rereads: AtomicU64,
 }
 
@@ -135,6 +142,9 @@ pub struct Registry {
     subs: tokio::sync::Mutex<()>,
     next_conn: AtomicU64,
     pub counters: Counters,
+    /// Awareness states to share with other nodes (document, states).
+    aw_queue: mpsc::Sender<(String, Vec<AwarenessState>)>,
+    aw_rx: Mutex<Option<mpsc::Receiver<(String, Vec<AwarenessState>)>>>,
 }
 
 /// One loaded document.
@@ -199,7 +209,10 @@ impl Registry {
         snapshots: Option<Arc<dyn SnapshotStore>>,
         limits: Limits,
     ) -> Arc<Registry> {
+        let (aw_queue, aw_rx) = mpsc::channel(AWARENESS_QUEUE);
         Arc::new(Registry {
+            aw_queue,
+            aw_rx: Mutex::new(Some(aw_rx)),
             node_id,
             log,
             snapshots,
@@ -211,8 +224,72 @@ impl Registry {
         })
     }
 
+    /// Queues awareness states for the other nodes (dropped, counted, when the queue is full).
+    fn share_awareness(&self, doc: &str, states: Vec<AwarenessState>) {
+        if states.is_empty() {
+            return;
+        }
+        if self.aw_queue.try_send((doc.to_owned(), states)).is_err() {
+            self.counters
+                .awareness_dropped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Starts the tasks that share awareness with other nodes and apply theirs here.
+    fn spawn_awareness(self: &Arc<Self>, stop: CancellationToken) {
+        if let Some(mut rx) = lock(&self.aw_rx).take() {
+            let me = self.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                loop {
+                    let (doc, states) = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        got = rx.recv() => match got { Some(x) => x, None => return },
+                    };
+                    let r = me
+                        .log
+                        .publish_awareness(&doc, &states, &me.node_id, AWARENESS_TTL_MS)
+                        .await;
+                    if let Err(e) = r {
+                        tracing::debug!(%doc, error = %e, "yjs: awareness not shared");
+                    }
+                }
+            });
+        }
+        let Some(mut rx) = self.log.awareness_updates() else {
+            return;
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let got = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    got = rx.recv() => got,
+                };
+                let a = match got {
+                    Ok(a) => a,
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if a.origin_node == *me.node_id {
+                    continue;
+                }
+                let Some(doc) = lock(&me.docs).get(&a.doc).cloned() else {
+                    continue;
+                };
+                let mut s = lock(&doc.state);
+                let taken = s.take_awareness(&a.states, None);
+                if let Some(f) = awareness_frame(&taken) {
+                    s.relay(f);
+                }
+            }
+        });
+    }
+
     /// Starts the task that applies announcements to loaded documents; it ends with `stop`.
     pub fn spawn_listener(self: &Arc<Self>, stop: CancellationToken) {
+        self.spawn_awareness(stop.clone());
         let mut rx = self.log.announcements();
         let me = self.clone();
         tokio::spawn(async move {
@@ -358,6 +435,13 @@ impl Registry {
             }
         }
         doc.catch_up(self).await.map_err(|e| unavailable(&e))?;
+        match self.log.awareness_states(&doc.name).await {
+            Ok(states) => {
+                lock(&doc.state).take_awareness(&states, None);
+            }
+            // Awareness is ephemeral: the clients' next renewals bring it back.
+            Err(e) => tracing::debug!(doc = %doc.name, error = %e, "yjs: no awareness states"),
+        }
         tokio::spawn(flusher(self.clone(), doc.clone()));
         Ok(())
     }
@@ -365,6 +449,7 @@ impl Registry {
     /// Drops `conn` from its document: nulls its awareness states for the others, and
     /// schedules the unload when it was the last.
     pub fn detach(self: &Arc<Self>, doc: &Arc<LoadedDoc>, conn: u64) {
+        let mut nulls = Vec::new();
         let empty = {
             let mut s = lock(&doc.state);
             s.conns.remove(&conn);
@@ -378,6 +463,11 @@ impl Registry {
                 let mut clients = HashMap::new();
                 for id in gone {
                     if let Some(a) = s.awareness.remove(&id) {
+                        nulls.push(AwarenessState {
+                            client: id.get(),
+                            clock: a.clock + 1,
+                            json: "null".into(),
+                        });
                         clients.insert(
                             id,
                             AwarenessUpdateEntry {
@@ -391,6 +481,7 @@ impl Registry {
             }
             s.conns.is_empty()
         };
+        self.share_awareness(&doc.name, nulls);
         if empty {
             let me = self.clone();
             let doc = doc.clone();
@@ -423,7 +514,62 @@ impl Registry {
     }
 }
 
+/// An awareness message of `states` (`None` when empty).
+fn awareness_frame(states: &[AwarenessState]) -> Option<Bytes> {
+    if states.is_empty() {
+        return None;
+    }
+    let clients = states
+        .iter()
+        .map(|s| {
+            (
+                ClientID::new(s.client),
+                AwarenessUpdateEntry {
+                    clock: s.clock,
+                    json: Arc::from(s.json.as_str()),
+                },
+            )
+        })
+        .collect();
+    Some(frame(Message::Awareness(AwarenessUpdate { clients })))
+}
+
 impl DocState {
+    /// Applies awareness states newer than the ones known (y-protocols' rule: a higher clock,
+    /// or the same clock going null); returns those taken. `conn`: the local connection they
+    /// came from (its states go null when it closes), `None` for another node's.
+    fn take_awareness(
+        &mut self,
+        states: &[AwarenessState],
+        conn: Option<u64>,
+    ) -> Vec<AwarenessState> {
+        let mut taken = Vec::new();
+        for st in states {
+            let id = ClientID::new(st.client);
+            let newer = match self.awareness.get(&id) {
+                None => st.json != "null",
+                Some(a) => st.clock > a.clock || (st.clock == a.clock && st.json == "null"),
+            };
+            if !newer {
+                continue;
+            }
+            if st.json == "null" {
+                self.awareness.remove(&id);
+            } else {
+                self.awareness.insert(
+                    id,
+                    Aware {
+                        clock: st.clock,
+                        json: Arc::from(st.json.as_str()),
+                        conn,
+                    },
+                );
+            }
+            taken.push(st.clone());
+        }
+        taken
+    }
+
     /// Sends `frame` to every local connection; a full queue drops that connection (its task
     /// sees its queue closed and closes the socket as a slow consumer).
     fn relay(&mut self, frame: Bytes) {
@@ -585,32 +731,23 @@ impl LoadedDoc {
                 self.write(reg, u)?;
             }
             Message::Awareness(update) => {
+                let states: Vec<AwarenessState> = update
+                    .clients
+                    .iter()
+                    .map(|(id, e)| AwarenessState {
+                        client: id.get(),
+                        clock: e.clock,
+                        json: e.json.to_string(),
+                    })
+                    .collect();
                 let mut s = lock(&self.state);
-                for (id, e) in &update.clients {
-                    let newer = match s.awareness.get(id) {
-                        None => true,
-                        Some(a) => e.clock > a.clock || (e.clock == a.clock && &*e.json == "null"),
-                    };
-                    if !newer {
-                        continue;
-                    }
-                    if &*e.json == "null" {
-                        s.awareness.remove(id);
-                    } else {
-                        s.awareness.insert(
-                            *id,
-                            Aware {
-                                clock: e.clock,
-                                json: e.json.clone(),
-                                conn: Some(conn),
-                            },
-                        );
-                    }
-                }
+                let taken = s.take_awareness(&states, Some(conn));
                 // To everyone, the sender included: that echo is also what keeps the
                 // y-websocket client's 30 s silence timer from firing (it renews its own
                 // awareness every 15 s).
                 s.relay(frame(Message::Awareness(update)));
+                drop(s);
+                reg.share_awareness(&self.name, taken);
             }
             Message::AwarenessQuery => {
                 let mut s = lock(&self.state);

@@ -94,6 +94,47 @@ pub trait DocLog: Send + Sync + 'static {
     /// Announcements of subscribed documents, from every node (own echoes included). A slow
     /// receiver lags (`RecvError::Lagged`): it must then re-read the log of its documents.
     fn announcements(&self) -> tokio::sync::broadcast::Receiver<Announcement>;
+
+    /// Shares an awareness update (y-protocols encoding) of `doc` with the other nodes and
+    /// records its states for joiners elsewhere, each kept `ttl_ms` past its last update (a
+    /// dead node's clients go with it). Default: one node, nothing to share.
+    async fn publish_awareness(
+        &self,
+        _doc: &str,
+        _states: &[AwarenessState],
+        _origin_node: &str,
+        _ttl_ms: u64,
+    ) -> EngineResult<()> {
+        Ok(())
+    }
+
+    /// The recorded, unexpired awareness states of `doc` (for a node loading it). Default: none.
+    async fn awareness_states(&self, _doc: &str) -> EngineResult<Vec<AwarenessState>> {
+        Ok(Vec::new())
+    }
+
+    /// Awareness updates published by any node (own echoes included, `None` when the log
+    /// shares nothing between nodes). The receiver may lag: awareness is ephemeral and the
+    /// clients renew their states, so a lost update is corrected by the next.
+    fn awareness_updates(&self) -> Option<tokio::sync::broadcast::Receiver<AwarenessAnnouncement>> {
+        None
+    }
+}
+
+/// One client's awareness state: `json` is `"null"` when the client left.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwarenessState {
+    pub client: u64,
+    pub clock: u32,
+    pub json: String,
+}
+
+/// Awareness states another node received from its clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwarenessAnnouncement {
+    pub doc: String,
+    pub states: Vec<AwarenessState>,
+    pub origin_node: String,
 }
 
 /// A compacted document.

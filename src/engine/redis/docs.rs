@@ -34,15 +34,24 @@ use super::script::LuaScript;
 use super::{call, engine_err};
 use crate::engine::{EngineError, EngineResult};
 use crate::telemetry::RedisMetrics;
-use crate::yjs::store::{Announcement, DocLog, EntryId, LogEntry};
+use crate::yjs::store::{
+    Announcement, AwarenessAnnouncement, AwarenessState, DocLog, EntryId, LogEntry,
+};
 
 /// Announcements buffered for a slow receiver before it lags (and re-reads the log).
 pub const ANNOUNCE_CAPACITY: usize = 4096;
 
 const APPEND: &str = include_str!("scripts/doc_append.lua");
+const AWARENESS: &str = include_str!("scripts/doc_awareness.lua");
+
+/// Awareness announcements start with this (entry ids start with a digit).
+const AWARENESS_TAG: &[u8] = b"aw\n";
 
 pub fn log_key(doc: &str) -> String {
     format!("{PREFIX}yd:{{{doc}}}:log")
+}
+pub fn awareness_key(doc: &str) -> String {
+    format!("{PREFIX}yd:{{{doc}}}:aw")
 }
 pub fn channel(doc: &str) -> String {
     format!("{PREFIX}yd:{{{doc}}}:ann")
@@ -54,6 +63,8 @@ pub struct RedisDocLog {
     subscriber: SubscriberClient,
     sharded: bool,
     append: LuaScript,
+    awareness: LuaScript,
+    aw_tx: broadcast::Sender<AwarenessAnnouncement>,
     subscribed: Arc<Mutex<HashSet<String>>>,
     tx: broadcast::Sender<Announcement>,
     metrics: RedisMetrics,
@@ -80,6 +91,29 @@ fn parse_announcement(doc: String, msg: &[u8]) -> Option<Announcement> {
         entry: LogEntry { id, update },
         prev,
         origin_node: origin,
+    })
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct AwarenessWire {
+    o: String,
+    s: Vec<(u64, u32, String)>,
+}
+
+fn parse_awareness(doc: String, msg: &[u8]) -> Option<AwarenessAnnouncement> {
+    let w: AwarenessWire = serde_json::from_slice(msg).ok()?;
+    Some(AwarenessAnnouncement {
+        doc,
+        origin_node: w.o,
+        states: w
+            .s
+            .into_iter()
+            .map(|(client, clock, json)| AwarenessState {
+                client,
+                clock,
+                json,
+            })
+            .collect(),
     })
 }
 
@@ -152,11 +186,14 @@ impl RedisDocLog {
             subscriber,
             sharded,
             append: LuaScript::once("", APPEND),
+            awareness: LuaScript::plain(AWARENESS),
+            aw_tx: broadcast::channel(ANNOUNCE_CAPACITY).0,
             subscribed: Arc::new(Mutex::new(HashSet::new())),
             tx,
             metrics,
         });
         let reader_tx = log.tx.clone();
+        let aw_tx = log.aw_tx.clone();
         let subscribed = log.subscribed.clone();
         tokio::spawn(async move {
             loop {
@@ -171,6 +208,15 @@ impl RedisDocLog {
                         let Some(bytes) = m.value.as_bytes() else {
                             continue;
                         };
+                        if let Some(rest) = bytes.strip_prefix(AWARENESS_TAG) {
+                            match parse_awareness(doc, rest) {
+                                Some(a) => {
+                                    let _ = aw_tx.send(a);
+                                }
+                                None => tracing::warn!("yjs: undecodable awareness dropped"),
+                            }
+                            continue;
+                        }
                         match parse_announcement(doc, bytes) {
                             Some(a) => {
                                 let _ = reader_tx.send(a);
@@ -354,5 +400,74 @@ impl DocLog for RedisDocLog {
 
     fn announcements(&self) -> broadcast::Receiver<Announcement> {
         self.tx.subscribe()
+    }
+
+    async fn publish_awareness(
+        &self,
+        doc: &str,
+        states: &[AwarenessState],
+        origin_node: &str,
+        ttl_ms: u64,
+    ) -> EngineResult<()> {
+        let wire = AwarenessWire {
+            o: origin_node.to_owned(),
+            s: states
+                .iter()
+                .map(|s| (s.client, s.clock, s.json.clone()))
+                .collect(),
+        };
+        let mut msg = AWARENESS_TAG.to_vec();
+        msg.extend(serde_json::to_vec(&wire).map_err(|e| EngineError::Internal(e.to_string()))?);
+        let mut args: Vec<String> = vec![
+            channel(doc),
+            if self.sharded { "1" } else { "0" }.into(),
+            String::from_utf8(msg).map_err(|e| EngineError::Internal(e.to_string()))?,
+            crate::engine::now_ms().to_string(),
+            ttl_ms.to_string(),
+        ];
+        for s in states {
+            args.push(s.client.to_string());
+            args.push(s.clock.to_string());
+            args.push(s.json.clone());
+        }
+        let client = self.pool.next();
+        call(
+            &self.metrics,
+            "doc_awareness",
+            self.awareness
+                .eval::<Value>(client, vec![awareness_key(doc)], args),
+        )
+        .await
+        .map_err(engine_err)?;
+        Ok(())
+    }
+
+    async fn awareness_states(&self, doc: &str) -> EngineResult<Vec<AwarenessState>> {
+        let all: std::collections::HashMap<String, String> = call(
+            &self.metrics,
+            "doc_awareness_read",
+            self.pool.next().hgetall(awareness_key(doc)),
+        )
+        .await
+        .map_err(engine_err)?;
+        let now = crate::engine::now_ms();
+        Ok(all
+            .into_iter()
+            .filter_map(|(client, v)| {
+                let mut p = v.splitn(3, '\n');
+                let clock = p.next()?.parse().ok()?;
+                let expires: u64 = p.next()?.parse().ok()?;
+                let json = p.next()?.to_owned();
+                (expires > now).then_some(AwarenessState {
+                    client: client.parse().ok()?,
+                    clock,
+                    json,
+                })
+            })
+            .collect())
+    }
+
+    fn awareness_updates(&self) -> Option<broadcast::Receiver<AwarenessAnnouncement>> {
+        Some(self.aw_tx.subscribe())
     }
 }

@@ -4,7 +4,7 @@
 import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Balancer, Cluster, waitFor } from './harness.mjs';
-import { close, connect, synced } from './clients.mjs';
+import { close, connect, peerNames, synced } from './clients.mjs';
 
 const EDITOR = { 'scene:*': 'editor' };
 const ROOM = 'scene:1';
@@ -33,6 +33,7 @@ test('kill -9 of a node mid-burst loses no edit another client had seen', async 
   const w2 = client(lb.ws, 'writer2');
   const o = client(n1.ws, 'observer');
   for (const c of [w1, w2, o]) await synced(c);
+  await waitFor(() => peerNames(o).includes('writer1'), "the observer to see writer1's awareness");
 
   const seenByObserver = new Set();
   o.doc.getArray('burst').observe((ev) => {
@@ -87,5 +88,11 @@ test('kill -9 of a node mid-burst loses no edit another client had seen', async 
   }, 'fresh, observer and w2 to converge', 30000);
   const final = fresh.doc.getArray('burst').toArray();
   assert.equal(new Set(final).size, final.length, 'no edit applied twice');
+
+  // writer1 died with its node, which could send no null awareness for it: its state goes when
+  // it expires (30 s after its last update: the y-protocols timeout), not at once.
+  const t0 = Date.now();
+  await waitFor(() => !peerNames(o).includes('writer1'), "writer1's awareness to expire at the observer", 90000, 200);
+  console.log(`writer1's awareness was gone at the observer ${Date.now() - t0} ms after the check began`);
   console.log(`after: ${final.length} edits in the document (${final.filter((x) => x.startsWith('w1-')).length} of w1's ${w1Written})`);
 });

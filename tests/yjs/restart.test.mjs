@@ -61,8 +61,14 @@ test('the document survives kill -9 of every node and of Redis (AOF, fsync alway
   close(c1);
 });
 
-test('after a compaction, the document survives a restart of Postgres alone', async () => {
+test('after a compaction, the document survives a restart of Postgres alone', async (t) => {
   assert.ok(expected, 'the first test wrote the document');
+  // A binary without the compaction work (yjs-compact) has no document table: say so, instead
+  // of failing. With the table, a compactor that never runs fails this test.
+  if (cluster.postgres.psql("SELECT to_regclass('lockstep.documents') IS NOT NULL") !== 't') {
+    t.skip('this lockstep has no lockstep.documents table (migration V4, branch yjs-compact, not merged)');
+    return;
+  }
   // 2. Wait for a compaction of this document (a row in lockstep.documents and a trimmed log).
   const pg = cluster.postgres;
   // Compactors look at the documents loaded on their node: keep it loaded while waiting.

@@ -172,4 +172,34 @@ describe('y-websocket clients on two nodes', () => {
     await synced(fresh);
     await waitFor(() => fresh.text.toString() === 'before after', 'a fresh client to load the document');
   });
+
+  test('no role in the room: close 4003 and no document; a bad token: close 4001', async () => {
+    const room = 'scene:5';
+    const ed = client(n0, 'editor', EDITOR, { room });
+    await synced(ed);
+    ed.text.insert(0, 'secret');
+    await waitFor(async () => {
+      const probe = client(n1, 'probe', EDITOR, { room });
+      await synced(probe);
+      const ok = probe.text.toString() === 'secret';
+      close(probe);
+      return ok;
+    }, 'the text to be logged');
+
+    const attempt = async (token) => {
+      const raw = new WebSocket(`${n1.ws}/v1/yjs/${room}?token=${token}`);
+      raw.binaryType = 'arraybuffer';
+      const frames = [];
+      raw.on('message', (m) => frames.push(Buffer.from(m)));
+      raw.on('error', () => {});
+      const [code] = await new Promise((r) => raw.once('close', (...a) => r(a)));
+      return { code, frames };
+    };
+    const norole = await attempt(cluster.token('outsider', { 'story:*': 'owner' }));
+    assert.equal(norole.code, 4003);
+    assert.ok(!Buffer.concat(norole.frames).includes(Buffer.from('secret')), 'no document content reached it');
+    const bad = await attempt(`${cluster.token('editor', EDITOR)}x`);
+    assert.equal(bad.code, 4001);
+    assert.equal(bad.frames.length, 0);
+  });
 });

@@ -130,6 +130,9 @@ pub struct Counters {
     pub rereads: AtomicU64,
 }
 
+/// Awareness states of a document, queued for the other nodes.
+type SharedAwareness = (String, Vec<AwarenessState>);
+
 /// Every document loaded on this node.
 pub struct Registry {
     node_id: Arc<str>,
@@ -143,8 +146,8 @@ pub struct Registry {
     next_conn: AtomicU64,
     pub counters: Counters,
     /// Awareness states to share with other nodes (document, states).
-    aw_queue: mpsc::Sender<(String, Vec<AwarenessState>)>,
-    aw_rx: Mutex<Option<mpsc::Receiver<(String, Vec<AwarenessState>)>>>,
+    aw_queue: mpsc::Sender<SharedAwareness>,
+    aw_rx: Mutex<Option<mpsc::Receiver<SharedAwareness>>>,
 }
 
 /// One loaded document.

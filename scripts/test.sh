@@ -8,7 +8,9 @@
 #   2. the JS client packages (clients/js: build, unit tests against a fake server,
 #      integration tests against the real binary, package checks, size budget, and the demo
 #      page's embedded SDK bundle compared with the fresh build);
-#   3. the demo page in headless Chromium (installs chromium and playwright-core when missing);
+#   3. the demo page and /admin in headless Chromium (installs chromium and playwright-core
+#      when missing), then real Yjs clients (yjs + y-websocket in Node and Chromium) against
+#      two nodes sharing a private Redis and Postgres (tests/yjs);
 #   4. the deployment files, validated offline (k8s/, Helm chart, alert rules, dashboard);
 #   5. a k6 smoke of the studio scenario against a private Redis and 3 release-build nodes;
 #   6. a toy-size run of the benchmark harnesses (side by side with Socket.IO and the bare
@@ -25,6 +27,7 @@ export LOCKSTEP_K6
 cargo test --all-targets --locked
 bash scripts/js-test.sh
 bash scripts/browser-test.sh
+bash scripts/yjs-test.sh
 bash scripts/validate-deploy.sh
 # Exit 99 = a latency or safety threshold crossed.
 bash loadtest/k6-local.sh --smoke

@@ -3,5 +3,9 @@
 //! Postgres (a file when embedded). `docs/yjs.md` has the design.
 //!
 //! - [`store`]: the `DocLog` and `SnapshotStore` interfaces every implementation keeps.
+//! - [`snapshots`]: the `SnapshotStore` implementations (memory, file, Postgres).
+//! - [`compact`]: merges a document's log into its snapshot under a fenced lock, then trims.
 
 pub mod store;
+pub mod compact;
+pub mod snapshots;

@@ -23,8 +23,8 @@ use lockstep::yjs::store::{
     Announcement, DocLog, EntryId, LogEntry, Snapshot, SnapshotError, SnapshotStore,
 };
 use tokio::sync::{Notify, broadcast};
-use yrs::updates::decoder::Decode;
 use yrs::types::ToJson;
+use yrs::updates::decoder::Decode;
 use yrs::{Any, Doc, GetString, Map, Text, Transact, Update};
 
 // ---- an in-test update log ------------------------------------------------------------
@@ -43,7 +43,10 @@ impl VecLog {
     fn push(&self, doc: &str, update: &[u8]) -> EntryId {
         let n = self.next.fetch_add(1, Ordering::SeqCst) + 1;
         // Some ids share a millisecond, so (ms, seq) ordering is exercised.
-        let id = EntryId { ms: 1_000 + n / 3, seq: n % 3 };
+        let id = EntryId {
+            ms: 1_000 + n / 3,
+            seq: n % 3,
+        };
         self.docs
             .lock()
             .unwrap()
@@ -212,8 +215,8 @@ async fn with_postgres() -> Fixture {
     let url = pg.url();
     let server = Server::start_with(move |c| c.database_url = Some(url)).await;
     let node = server.running.as_ref().unwrap().node.clone();
-    let snapshots: Arc<dyn SnapshotStore> =
-        Arc::new(PgSnapshots::new(node.db.clone().expect("a database pool")));
+    assert!(node.db.is_some(), "a database pool");
+    let snapshots = lockstep::yjs::snapshots::for_node(&node).unwrap();
     Fixture {
         _pg: Some(pg),
         server,
@@ -287,17 +290,32 @@ async fn compaction_merges_the_log_into_a_snapshot_that_rebuilds_the_document() 
         panic!("expected a compaction");
     };
     assert_eq!((merged, trimmed), (41, 41));
-    assert_eq!(f.log.len(&doc).await.unwrap(), 0, "the whole log is in Postgres");
+    assert_eq!(
+        f.log.len(&doc).await.unwrap(),
+        0,
+        "the whole log is in Postgres"
+    );
     let stored = f.snapshots.load(&doc).await.unwrap().unwrap();
-    assert_eq!((stored.fence, stored.covers, stored.state.len()), (fence, Some(covers), bytes));
-    assert_eq!(rebuild(f.snapshots.as_ref(), f.log.as_ref(), &doc).await, reference);
+    assert_eq!(
+        (stored.fence, stored.covers, stored.state.len()),
+        (fence, Some(covers), bytes)
+    );
+    assert_eq!(
+        rebuild(f.snapshots.as_ref(), f.log.as_ref(), &doc).await,
+        reference
+    );
 
     // A second round merges the new entries into the stored snapshot, under a newer token.
     let more = Editor::new(33);
     more.apply(&stored.state);
     let u = more.type_text("tail");
     f.log.append(&doc, &u, "n").await.unwrap();
-    let Outcome::Compacted { fence: fence2, merged: 1, .. } = c.compact(&doc).await.unwrap() else {
+    let Outcome::Compacted {
+        fence: fence2,
+        merged: 1,
+        ..
+    } = c.compact(&doc).await.unwrap()
+    else {
         panic!("expected a second compaction");
     };
     assert!(fence2 > fence, "every round holds a newer grant");
@@ -305,7 +323,10 @@ async fn compaction_merges_the_log_into_a_snapshot_that_rebuilds_the_document() 
         rebuild(f.snapshots.as_ref(), f.log.as_ref(), &doc).await,
         contents(&more.doc)
     );
-    assert_eq!(c.compact(&doc).await.unwrap(), Outcome::NothingNew { trimmed: 0 });
+    assert_eq!(
+        c.compact(&doc).await.unwrap(),
+        Outcome::NothingNew { trimmed: 0 }
+    );
 
     // The lock was released after each round: another compactor gets it at once.
     assert!(matches!(
@@ -313,25 +334,32 @@ async fn compaction_merges_the_log_into_a_snapshot_that_rebuilds_the_document() 
         Outcome::NothingNew { .. }
     ));
 
-    // Audited in Postgres: one `document_compacted` per round that wrote.
+    // Audited in Postgres: one `document_compacted` per round that wrote, and a load.
+    compact::record_loaded(&f.node, &doc, Some(covers), bytes, 1).await;
     let pool = f.node.db.clone().unwrap();
-    let mut n = 0;
+    let mut counts = (0, 0);
     for _ in 0..200 {
         let client = pool.get().await.unwrap();
         let row = client
             .query_one(
-                "SELECT count(*) FROM lockstep.audit_events WHERE kind = 'document_compacted' AND room = $1",
+                "SELECT count(*) FILTER (WHERE kind = 'document_compacted'),
+                        count(*) FILTER (WHERE kind = 'document_loaded')
+                 FROM lockstep.audit_events WHERE room = $1",
                 &[&doc],
             )
             .await
             .unwrap();
-        n = row.get::<_, i64>(0);
-        if n == 2 {
+        counts = (row.get::<_, i64>(0), row.get::<_, i64>(1));
+        if counts == (2, 1) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(n, 2, "two document_compacted records");
+    assert_eq!(
+        counts,
+        (2, 1),
+        "two document_compacted records, one document_loaded"
+    );
     drop(f.server);
 }
 
@@ -399,9 +427,17 @@ async fn a_stale_writer_is_refused_and_trims_nothing() {
         Outcome::Stale(why) => assert!(why.contains("fencing token"), "{why}"),
         other => panic!("expected Stale, got {other:?}"),
     }
-    assert_eq!(f.snapshots.load(&doc).await.unwrap(), before, "Postgres unchanged");
+    assert_eq!(
+        f.snapshots.load(&doc).await.unwrap(),
+        before,
+        "Postgres unchanged"
+    );
     assert_eq!(f.log.len(&doc).await.unwrap(), log_len, "nothing trimmed");
-    assert_eq!(f.log.trims.lock().unwrap().len(), trims, "no trim was even tried");
+    assert_eq!(
+        f.log.trims.lock().unwrap().len(),
+        trims,
+        "no trim was even tried"
+    );
     // Postgres' own check refuses it too, whatever a caller did before.
     let direct = f
         .snapshots
@@ -409,7 +445,10 @@ async fn a_stale_writer_is_refused_and_trims_nothing() {
             &doc,
             &Snapshot {
                 state: vec![0, 0],
-                covers: Some(EntryId { ms: u64::MAX >> 2, seq: 0 }),
+                covers: Some(EntryId {
+                    ms: u64::MAX >> 2,
+                    seq: 0,
+                }),
                 fence: old_token,
             },
         )
@@ -418,7 +457,11 @@ async fn a_stale_writer_is_refused_and_trims_nothing() {
     // The second burst's editors started from a fresh doc; the rebuilt document still has
     // everything: the first burst (snapshot) and the second (log).
     let (text, _) = rebuild(f.snapshots.as_ref(), f.log.as_ref(), &doc).await;
-    assert!(text.contains(&reference.0), "{text:?} lacks {:?}", reference.0);
+    assert!(
+        text.contains(&reference.0),
+        "{text:?} lacks {:?}",
+        reference.0
+    );
 }
 
 #[tokio::test]
@@ -446,7 +489,10 @@ async fn a_crash_between_store_and_trim_loses_nothing_and_the_next_round_trims()
         .unwrap();
     assert_eq!(f.log.len(&doc).await.unwrap(), entries.len() as u64);
     // Nothing lost: a node loading now gets the snapshot, and no tail after it.
-    assert_eq!(rebuild(f.snapshots.as_ref(), f.log.as_ref(), &doc).await, reference);
+    assert_eq!(
+        rebuild(f.snapshots.as_ref(), f.log.as_ref(), &doc).await,
+        reference
+    );
     // Applying the covered entries again (a node that read the log before the snapshot) is
     // harmless: Yjs updates are idempotent.
     let twice = Editor::new(77);
@@ -465,7 +511,10 @@ async fn a_crash_between_store_and_trim_loses_nothing_and_the_next_round_trims()
         }
     );
     assert_eq!(f.log.len(&doc).await.unwrap(), 0);
-    assert_eq!(rebuild(f.snapshots.as_ref(), f.log.as_ref(), &doc).await, reference);
+    assert_eq!(
+        rebuild(f.snapshots.as_ref(), f.log.as_ref(), &doc).await,
+        reference
+    );
 }
 
 /// A snapshot store that holds `load` until the test opens the gate: a round in flight.
@@ -505,7 +554,11 @@ async fn two_compactors_racing_on_one_document_never_both_write() {
     let mut fences = Vec::new();
     for round in 0..6 {
         edit_burst(&f.log, &doc, 2).await;
-        let (first, second) = if round % 2 == 0 { (&one, &two) } else { (&two, &one) };
+        let (first, second) = if round % 2 == 0 {
+            (&one, &two)
+        } else {
+            (&two, &one)
+        };
         gated.armed.store(true, Ordering::SeqCst);
         let running = {
             let first = first.clone();
@@ -541,15 +594,27 @@ async fn snapshot_and_log_tail_rebuild_the_document_after_a_restart() {
         let node = server.running.as_ref().unwrap().node.clone();
         let snapshots = Arc::new(PgSnapshots::new(node.db.clone().unwrap()));
         for i in 0..30 {
-            log.append(&doc, &editor.type_text(&format!("{i},")), "n").await.unwrap();
+            log.append(&doc, &editor.type_text(&format!("{i},")), "n")
+                .await
+                .unwrap();
         }
-        let c = Compactor::new(node, log.clone(), snapshots, CompactorConfig::for_node("n1"));
-        assert!(matches!(c.compact(&doc).await.unwrap(), Outcome::Compacted { .. }));
+        let c = Compactor::new(
+            node,
+            log.clone(),
+            snapshots,
+            CompactorConfig::for_node("n1"),
+        );
+        assert!(matches!(
+            c.compact(&doc).await.unwrap(),
+            Outcome::Compacted { .. }
+        ));
         server
     };
     // Edits after the compaction stay in the log (the tail).
     for i in 0..5 {
-        log.append(&doc, &editor.type_text(&format!("t{i},")), "n").await.unwrap();
+        log.append(&doc, &editor.type_text(&format!("t{i},")), "n")
+            .await
+            .unwrap();
     }
     let mut first = first;
     first.shutdown().await;
@@ -561,7 +626,10 @@ async fn snapshot_and_log_tail_rebuild_the_document_after_a_restart() {
     let node = server.running.as_ref().unwrap().node.clone();
     let snapshots = PgSnapshots::new(node.db.clone().unwrap());
     assert_eq!(log.len(&doc).await.unwrap(), 5);
-    assert_eq!(rebuild(&snapshots, log.as_ref(), &doc).await, contents(&editor.doc));
+    assert_eq!(
+        rebuild(&snapshots, log.as_ref(), &doc).await,
+        contents(&editor.doc)
+    );
 }
 
 #[tokio::test]
@@ -569,7 +637,7 @@ async fn the_loop_compacts_loaded_documents_that_are_due_in_embedded_mode() {
     // No database: fenced locks from the in-process engine, snapshots in files.
     let server = Server::start().await;
     let node = server.running.as_ref().unwrap().node.clone();
-    let snapshots: Arc<dyn SnapshotStore> = FileSnapshots::open(server.dir.path()).unwrap();
+    let snapshots = lockstep::yjs::snapshots::for_node(&node).unwrap();
     let log = Arc::new(VecLog::default());
     let (busy, quiet, idle) = (unique_doc(), unique_doc(), unique_doc());
     let busy_ref = edit_burst(&log, &busy, 30).await; // 61 entries: over max_entries
@@ -586,7 +654,10 @@ async fn the_loop_compacts_loaded_documents_that_are_due_in_embedded_mode() {
     // Poll for the outcome; the deadline is generous for a loaded machine.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while log.len(&busy).await.unwrap() > 0 || log.len(&quiet).await.unwrap() > 0 {
-        assert!(tokio::time::Instant::now() < deadline, "the loop did not compact");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the loop did not compact"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     cancel.cancel();
@@ -594,9 +665,22 @@ async fn the_loop_compacts_loaded_documents_that_are_due_in_embedded_mode() {
         .await
         .expect("the loop stops when cancelled")
         .unwrap();
-    assert_eq!(rebuild(snapshots.as_ref(), log.as_ref(), &busy).await, busy_ref);
-    assert_eq!(rebuild(snapshots.as_ref(), log.as_ref(), &quiet).await, quiet_ref);
-    assert_eq!(snapshots.load(&idle).await.unwrap(), None, "nothing to compact");
-    let file = FileSnapshots::open(server.dir.path()).unwrap().path_of(&busy).unwrap();
+    assert_eq!(
+        rebuild(snapshots.as_ref(), log.as_ref(), &busy).await,
+        busy_ref
+    );
+    assert_eq!(
+        rebuild(snapshots.as_ref(), log.as_ref(), &quiet).await,
+        quiet_ref
+    );
+    assert_eq!(
+        snapshots.load(&idle).await.unwrap(),
+        None,
+        "nothing to compact"
+    );
+    let file = FileSnapshots::open(server.dir.path())
+        .unwrap()
+        .path_of(&busy)
+        .unwrap();
     assert!(file.exists(), "{}", file.display());
 }

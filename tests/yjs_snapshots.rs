@@ -190,7 +190,10 @@ async fn postgres_store_keeps_null_coverage_and_survives_a_restart() {
         )),
         "t|3"
     );
-    store.store(&doc, &snap(b"full", id(9, 1), 3)).await.unwrap();
+    store
+        .store(&doc, &snap(b"full", id(9, 1), 3))
+        .await
+        .unwrap();
 
     pg.stop();
     pg.start_again();

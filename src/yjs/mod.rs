@@ -6,6 +6,6 @@
 //! - [`snapshots`]: the `SnapshotStore` implementations (memory, file, Postgres).
 //! - [`compact`]: merges a document's log into its snapshot under a fenced lock, then trims.
 
-pub mod store;
 pub mod compact;
 pub mod snapshots;
+pub mod store;

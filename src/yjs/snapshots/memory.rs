@@ -22,7 +22,12 @@ impl MemorySnapshots {
 #[async_trait]
 impl SnapshotStore for MemorySnapshots {
     async fn load(&self, doc: &str) -> Result<Option<Snapshot>, SnapshotError> {
-        Ok(self.docs.lock().unwrap_or_else(|p| p.into_inner()).get(doc).cloned())
+        Ok(self
+            .docs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(doc)
+            .cloned())
     }
 
     async fn store(&self, doc: &str, snapshot: &Snapshot) -> Result<(), SnapshotError> {

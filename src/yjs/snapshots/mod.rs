@@ -17,7 +17,17 @@ pub use file::FileSnapshots;
 pub use memory::MemorySnapshots;
 pub use postgres::PgSnapshots;
 
-use super::store::Snapshot;
+use std::sync::Arc;
+
+use super::store::{Snapshot, SnapshotError, SnapshotStore};
+
+/// The store a node uses: Postgres when it has a database, else files in its data directory.
+pub fn for_node(node: &crate::node::Node) -> Result<Arc<dyn SnapshotStore>, SnapshotError> {
+    match &node.db {
+        Some(pool) => Ok(Arc::new(PgSnapshots::new(pool.clone()))),
+        None => Ok(FileSnapshots::open(&node.config.data_dir)?),
+    }
+}
 
 /// Why `new` may not replace `stored` (`None`: it may).
 pub fn refusal(stored: &Snapshot, new: &Snapshot) -> Option<String> {

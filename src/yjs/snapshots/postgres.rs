@@ -42,7 +42,8 @@ fn unavailable(e: impl std::fmt::Display) -> SnapshotError {
 }
 
 fn to_i64(v: u64, what: &str) -> Result<i64, SnapshotError> {
-    i64::try_from(v).map_err(|_| SnapshotError::Unavailable(format!("{what} {v} does not fit a bigint")))
+    i64::try_from(v)
+        .map_err(|_| SnapshotError::Unavailable(format!("{what} {v} does not fit a bigint")))
 }
 
 fn to_u64(v: i64) -> u64 {
@@ -54,7 +55,11 @@ impl SnapshotStore for PgSnapshots {
     async fn load(&self, doc: &str) -> Result<Option<Snapshot>, SnapshotError> {
         let client = self.pool.get().await.map_err(unavailable)?;
         let stmt = client.prepare_cached(SELECT).await.map_err(unavailable)?;
-        let Some(row) = client.query_opt(&stmt, &[&doc]).await.map_err(unavailable)? else {
+        let Some(row) = client
+            .query_opt(&stmt, &[&doc])
+            .await
+            .map_err(unavailable)?
+        else {
             return Ok(None);
         };
         let ms: Option<i64> = row.try_get(1).map_err(unavailable)?;
@@ -72,7 +77,10 @@ impl SnapshotStore for PgSnapshots {
     async fn store(&self, doc: &str, snapshot: &Snapshot) -> Result<(), SnapshotError> {
         let fence = to_i64(snapshot.fence, "fencing token")?;
         let (ms, seq) = match snapshot.covers {
-            Some(id) => (Some(to_i64(id.ms, "entry id")?), Some(to_i64(id.seq, "entry id")?)),
+            Some(id) => (
+                Some(to_i64(id.ms, "entry id")?),
+                Some(to_i64(id.seq, "entry id")?),
+            ),
             None => (None, None),
         };
         let client = self.pool.get().await.map_err(unavailable)?;

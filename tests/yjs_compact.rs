@@ -683,4 +683,61 @@ async fn the_loop_compacts_loaded_documents_that_are_due_in_embedded_mode() {
         .path_of(&busy)
         .unwrap();
     assert!(file.exists(), "{}", file.display());
+
+    // A clean stop flushes what is not due yet (the in-process log dies with the process).
+    let last_edit = Editor::fresh().type_text("bye");
+    log.append(&quiet, &last_edit, "n").await.unwrap();
+    let docs = [busy.clone(), quiet.clone(), idle.clone()];
+    assert_eq!(
+        c.flush(&docs).await,
+        1,
+        "only the document with entries is written"
+    );
+    assert_eq!(log.len(&quiet).await.unwrap(), 0);
+    let (text, _) = rebuild(snapshots.as_ref(), log.as_ref(), &quiet).await;
+    assert!(
+        text.contains("bye") && text.contains(&quiet_ref.0),
+        "{text:?}"
+    );
+}
+
+/// Compaction throughput for `docs/benchmarks.md` (run in release, it prints its numbers):
+/// `cargo test --release --test yjs_compact -- --ignored --nocapture compaction_throughput`.
+#[tokio::test]
+#[ignore = "a benchmark: run explicitly, in release"]
+async fn compaction_throughput() {
+    let f = with_postgres().await;
+    for (editors, updates) in [(2usize, 10_000usize), (50, 50_000)] {
+        let doc = unique_doc();
+        let eds: Vec<Editor> = (0..editors).map(|_| Editor::fresh()).collect();
+        let mut bytes_in = 0usize;
+        for i in 0..updates {
+            let ed = &eds[i % editors];
+            let u = if i % 10 == 9 {
+                ed.set(&format!("k{}", i % 97), i as i64)
+            } else {
+                ed.type_text("x")
+            };
+            bytes_in += u.len();
+            f.log.push(&doc, &u);
+        }
+        let mut c = CompactorConfig::for_node("bench");
+        c.page = 1_000;
+        c.max_entries_per_round = usize::MAX;
+        let compactor = Compactor::new(f.node.clone(), f.log.clone(), f.snapshots.clone(), c);
+        let started = std::time::Instant::now();
+        let Outcome::Compacted { merged, bytes, .. } = compactor.compact(&doc).await.unwrap()
+        else {
+            panic!("expected a compaction");
+        };
+        let took = started.elapsed();
+        assert_eq!(merged, updates);
+        println!(
+            "compaction: {editors} editors, {updates} updates ({:.1} KiB) -> snapshot {:.1} KiB in {:.0} ms: {:.0} updates/s",
+            bytes_in as f64 / 1024.0,
+            bytes as f64 / 1024.0,
+            took.as_secs_f64() * 1e3,
+            updates as f64 / took.as_secs_f64()
+        );
+    }
 }

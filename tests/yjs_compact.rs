@@ -37,6 +37,8 @@ struct VecLog {
     trims: Mutex<Vec<(String, EntryId)>>,
     /// Appended right before a trim runs: an edit arriving while a round is in flight.
     late: Mutex<Option<Vec<u8>>>,
+    /// When set, the next read of a later page (`after` given) waits here: (entered, gate).
+    pause: Mutex<Option<Arc<(Notify, Notify)>>>,
 }
 
 impl VecLog {
@@ -71,6 +73,13 @@ impl DocLog for VecLog {
         after: Option<EntryId>,
         limit: usize,
     ) -> EngineResult<Vec<LogEntry>> {
+        if after.is_some() {
+            let pause = self.pause.lock().unwrap().take();
+            if let Some(p) = pause {
+                p.0.notify_one();
+                p.1.notified().await;
+            }
+        }
         let docs = self.docs.lock().unwrap();
         Ok(docs
             .get(doc)
@@ -461,6 +470,49 @@ async fn a_stale_writer_is_refused_and_trims_nothing() {
         text.contains(&reference.0),
         "{text:?} lacks {:?}",
         reference.0
+    );
+}
+
+#[tokio::test]
+async fn a_round_whose_pages_raced_a_slow_writers_trim_is_abandoned() {
+    let f = with_postgres().await;
+    let doc = unique_doc();
+    let reference = edit_burst(&f.log, &doc, 10).await; // 21 entries: 4 pages of 7
+    // The slow writer's grant is older than the new holder's: the new one's token is higher.
+    let slow_token = f.token_of_another_holder(&doc, "slow").await;
+    let new_token = f.token_of_another_holder(&doc, "new").await;
+    assert!(new_token > slow_token);
+
+    // The new holder reads its first page, then stalls...
+    let pause = Arc::new((Notify::new(), Notify::new()));
+    *f.log.pause.lock().unwrap() = Some(pause.clone());
+    let new = f.compactor("new");
+    let running = {
+        let doc = doc.clone();
+        tokio::spawn(async move { new.compact_under(&doc, new_token).await })
+    };
+    pause.0.notified().await;
+    // ...while the slow writer (its lock long expired, but its token still above the stored
+    // one: nothing is stored yet) stores everything and trims the log.
+    let slow = f.compactor("slow");
+    assert!(matches!(
+        slow.compact_under(&doc, slow_token).await.unwrap(),
+        Outcome::Compacted { merged: 21, .. }
+    ));
+    assert_eq!(f.log.len(&doc).await.unwrap(), 0);
+    // The new holder's later pages now miss entries: it must not store what it merged.
+    pause.1.notify_one();
+    match running.await.unwrap().unwrap() {
+        Outcome::Stale(why) => assert!(why.contains("during this round"), "{why}"),
+        other => panic!("expected the round to be abandoned, got {other:?}"),
+    }
+    assert_eq!(
+        f.snapshots.load(&doc).await.unwrap().unwrap().fence,
+        slow_token
+    );
+    assert_eq!(
+        rebuild(f.snapshots.as_ref(), f.log.as_ref(), &doc).await,
+        reference
     );
 }
 

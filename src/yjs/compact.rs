@@ -11,6 +11,9 @@
 //!    if a newer holder (higher token) or a snapshot covering more has been written meanwhile;
 //! 5. only after the store succeeded, trim the log through the new `covers`; then release.
 //!
+//! Between 3 and 4 the snapshot is read again: if another writer stored one meanwhile (it
+//! may have trimmed entries this round's later pages then skipped), the round is abandoned.
+//!
 //! Why nothing is lost: the log is trimmed only through an entry that a committed snapshot
 //! covers, and the snapshot store never goes back (token and coverage only rise). A crash
 //! between 4 and 5 leaves entries already in the snapshot in the log; loading applies them
@@ -55,7 +58,9 @@ pub struct CompactorConfig {
     /// Hold limit of the compaction lock: a compactor that dies holding it blocks others at
     /// most this long.
     pub lock_ttl: Duration,
-    /// Names this compactor as the lock holder (`holder_key`); the node id by default.
+    /// Names this compactor as the lock holder (`holder_key`); from the node id by default.
+    /// Must be unique per `Compactor` instance: two instances with one key would share a
+    /// reentrant grant and its token.
     pub holder_key: String,
 }
 
@@ -115,6 +120,9 @@ pub struct Compactor {
     /// The lock holder: the reserved admin identity (no JWT can name it, so no user can
     /// impersonate the compactor's holder key), under a recognisable name.
     principal: Principal,
+    /// One round at a time per compactor (the loop, `flush`, callers): rounds of one holder
+    /// share a reentrant grant, so the fence cannot order them.
+    round: tokio::sync::Mutex<()>,
     /// When this node's loop last finished a round per document (or first saw it).
     last_round: Mutex<HashMap<String, Instant>>,
 }
@@ -171,6 +179,7 @@ impl Compactor {
             snapshots,
             config,
             principal,
+            round: tokio::sync::Mutex::new(()),
             last_round: Mutex::new(HashMap::new()),
         })
     }
@@ -185,6 +194,7 @@ impl Compactor {
     /// One round for `doc` under its compaction lock (see the module doc).
     pub async fn compact(&self, doc: &str) -> Result<Outcome, CompactError> {
         let key = lock_key(doc)?;
+        let _round = self.round.lock().await;
         let params = AcquireParams {
             room: key.room.clone(),
             resource: key.resource.clone(),
@@ -249,6 +259,27 @@ impl Compactor {
             };
             return Ok(Outcome::NothingNew { trimmed });
         };
+        // The log was read in pages, not atomically. If another writer stored a snapshot and
+        // trimmed meanwhile (a slow holder whose lock expired, its token still above the
+        // stored one), a later page may have skipped trimmed entries: merging would lose
+        // them under a higher `covers`. Trims only follow stores, so an unchanged snapshot
+        // now means every page saw an untrimmed log. Cheap (one read), and needed: the lock
+        // alone cannot stop a writer that outlived its lease.
+        let now = self
+            .snapshots
+            .load(doc)
+            .await
+            .map_err(|e| CompactError::Snapshot(e.to_string()))?;
+        let unchanged = match (&now, &base) {
+            (None, None) => true,
+            (Some(n), Some(b)) => n.covers == b.covers && n.fence == b.fence,
+            _ => false,
+        };
+        if !unchanged {
+            let why = "another writer stored a snapshot during this round's read".to_owned();
+            tracing::info!(doc, token, why, "compaction abandoned");
+            return Ok(Outcome::Stale(why));
+        }
         let merged = entries.len();
         // Merging a large document takes a while (y-redis reports ~0.8 s for 20 MB): off the
         // async workers, so sessions on this node are not stalled by it.

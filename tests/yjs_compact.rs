@@ -39,12 +39,18 @@ struct VecLog {
     late: Mutex<Option<Vec<u8>>>,
     /// When set, the next read of a later page (`after` given) waits here: (entered, gate).
     pause: Mutex<Option<Arc<(Notify, Notify)>>>,
+    /// Every update ever appended, trimmed or not: what a lossless store must still hold.
+    history: Mutex<Vec<(String, Vec<u8>)>>,
 }
 
 impl VecLog {
     fn push(&self, doc: &str, update: &[u8]) -> EntryId {
         let n = self.next.fetch_add(1, Ordering::SeqCst) + 1;
         // Some ids share a millisecond, so (ms, seq) ordering is exercised.
+        self.history
+            .lock()
+            .unwrap()
+            .push((doc.to_owned(), update.to_vec()));
         let id = EntryId {
             ms: 1_000 + n / 3,
             seq: n % 3,
@@ -189,6 +195,17 @@ async fn rebuild(snapshots: &dyn SnapshotStore, log: &dyn DocLog, doc: &str) -> 
         rebuilt.apply(&e.update);
     }
     contents(&rebuilt.doc)
+}
+
+/// The contents of every update ever appended to `doc`.
+fn everything(log: &VecLog, doc: &str) -> (String, Any) {
+    let all = Editor::new(999_998);
+    for (d, u) in log.history.lock().unwrap().iter() {
+        if d == doc {
+            all.apply(u);
+        }
+    }
+    contents(&all.doc)
 }
 
 /// Two editors converging through `log`; returns the reference contents.
@@ -500,7 +517,10 @@ async fn a_round_whose_pages_raced_a_slow_writers_trim_is_abandoned() {
         Outcome::Compacted { merged: 21, .. }
     ));
     assert_eq!(f.log.len(&doc).await.unwrap(), 0);
-    // The new holder's later pages now miss entries: it must not store what it merged.
+    // Editing goes on: the new holder's next pages find these, above the trimmed gap.
+    edit_burst(&f.log, &doc, 3).await;
+    // The new holder's later pages skipped trimmed entries: it must not store what it merged
+    // (its token and coverage are both above the stored snapshot's).
     pause.1.notify_one();
     match running.await.unwrap().unwrap() {
         Outcome::Stale(why) => assert!(why.contains("during this round"), "{why}"),
@@ -512,8 +532,16 @@ async fn a_round_whose_pages_raced_a_slow_writers_trim_is_abandoned() {
     );
     assert_eq!(
         rebuild(f.snapshots.as_ref(), f.log.as_ref(), &doc).await,
-        reference
+        everything(&f.log, &doc)
     );
+    // The next round (a fresh grant) folds the new edits in.
+    assert!(matches!(
+        f.compactor("new").compact(&doc).await.unwrap(),
+        Outcome::Compacted { merged: 7, .. }
+    ));
+    let (text, _) = rebuild(f.snapshots.as_ref(), f.log.as_ref(), &doc).await;
+    assert_eq!(text, everything(&f.log, &doc).0);
+    assert!(text.contains(&reference.0));
 }
 
 #[tokio::test]

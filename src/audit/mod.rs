@@ -51,6 +51,11 @@ pub enum AuditKind {
     SessionRevoked,
     AuthFailed,
     Forbidden,
+    /// A node loaded a Yjs document (snapshot plus log tail); `detail` has the sizes.
+    DocumentLoaded,
+    /// A document's update log was merged into its stored snapshot and trimmed; `token` is
+    /// the compaction lock's fencing token, `detail` the entries, coverage and sizes.
+    DocumentCompacted,
 }
 
 impl AuditKind {
@@ -74,6 +79,8 @@ impl AuditKind {
             AuditKind::SessionRevoked => "session_revoked",
             AuditKind::AuthFailed => "auth_failed",
             AuditKind::Forbidden => "forbidden",
+            AuditKind::DocumentLoaded => "document_loaded",
+            AuditKind::DocumentCompacted => "document_compacted",
         }
     }
 

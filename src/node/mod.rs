@@ -83,6 +83,9 @@ pub struct Node {
     subscriptions: tokio::sync::Mutex<()>,
     /// With Redis: the channel admin revocations reach the other nodes by (set at start).
     pub(crate) revocations: std::sync::OnceLock<Arc<crate::engine::redis::nodes::NodeRegistry>>,
+    /// Folds Yjs document logs into snapshots. Its background task owns it (and it holds the
+    /// node): the node keeps a weak handle, for the embedded mode's flush on drain.
+    compactor: std::sync::OnceLock<std::sync::Weak<crate::yjs::compact::Compactor>>,
     /// Yjs documents loaded on this node (`GET /v1/yjs/{room}`).
     pub yjs: Arc<crate::yjs::docs::Registry>,
 }
@@ -101,6 +104,8 @@ pub enum NodeError {
     Db(#[from] crate::db::DbError),
     #[error("redis TLS: {0}")]
     RedisTls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Snapshots(#[from] crate::yjs::store::SnapshotError),
 }
 
 /// Why an operation failed, as the client sees it.
@@ -177,14 +182,15 @@ impl Node {
         let engines = engines::build(&config, &id, hub.clone(), &metrics).await?;
         let throttle = throttle::Throttle::new(&config);
         let leases = leases::Leases::new(config.lock_lease);
-        // Snapshot stores are wired by the compaction work (issue 11); until then documents
-        // are their log.
+        // A document is its snapshot (Postgres, or files when embedded) plus its log's tail.
+        let snapshots = crate::yjs::snapshots::open(engines.db.as_ref(), &config.data_dir)?;
         let yjs = crate::yjs::docs::Registry::new(
             id.clone(),
             engines.doc_log.clone(),
-            None,
+            Some(snapshots.clone()),
             config.yjs_limits(),
         );
+        let doc_log = engines.doc_log.clone();
         observe_yjs(&metrics, &yjs);
         let node = Arc::new(Node {
             yjs,
@@ -208,8 +214,21 @@ impl Node {
             background: TaskTracker::new(),
             subscriptions: tokio::sync::Mutex::new(()),
             revocations: std::sync::OnceLock::new(),
+            compactor: std::sync::OnceLock::new(),
         });
         node.yjs.spawn_listener(node.stop_background.clone());
+        let compactor = crate::yjs::compact::Compactor::new(
+            node.clone(),
+            doc_log,
+            snapshots,
+            crate::yjs::compact::CompactorConfig::for_node(&node.id),
+        );
+        let _ = node.compactor.set(Arc::downgrade(&compactor));
+        let registry = node.yjs.clone();
+        node.background.spawn(compactor.run(
+            move || registry.loaded_docs(),
+            node.stop_background.clone(),
+        ));
         spawn_background(&node);
         audit_writer::spawn(&node, engines.audit_outbox);
         fencing::spawn_pruning(&node);
@@ -244,6 +263,15 @@ impl Node {
                 "drain timeout: {} session tasks still running",
                 self.tasks.len()
             );
+        }
+        // Embedded, a document's log lives in this process: a clean stop folds it into the
+        // snapshot files first (before the background stops: the compactor lives in it).
+        // With Redis the log is durable and outlives the node.
+        if self.config.redis_url.is_none() {
+            if let Some(c) = self.compactor.get().and_then(std::sync::Weak::upgrade) {
+                let flushed = c.flush(&self.yjs.loaded_docs()).await;
+                tracing::info!(flushed, "yjs documents compacted before the exit");
+            }
         }
         self.stop_background.cancel();
         // A renewal still in flight would shorten the leases the hand-over stretches. A duty

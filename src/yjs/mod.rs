@@ -6,8 +6,12 @@
 //! - [`docs`]: the per-node registry of loaded documents (load, stay current, batch, unload).
 //! - [`conn`]: one y-websocket connection.
 //! - [`log_conformance`]: the suite every `DocLog` passes.
+//! - [`snapshots`]: the `SnapshotStore` implementations (memory, file, Postgres).
+//! - [`compact`]: merges a document's log into its snapshot under a fenced lock, then trims.
 
+pub mod compact;
 pub mod conn;
 pub mod docs;
 pub mod log_conformance;
+pub mod snapshots;
 pub mod store;

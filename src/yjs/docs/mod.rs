@@ -260,6 +260,11 @@ impl Registry {
         lock(&self.docs).len()
     }
 
+    /// The names of the documents loaded here (the compactor's round list).
+    pub fn loaded_docs(&self) -> Vec<String> {
+        lock(&self.docs).keys().cloned().collect()
+    }
+
     /// Whether `doc` is loaded here (tests, metrics).
     pub fn is_loaded(&self, doc: &str) -> bool {
         lock(&self.docs).contains_key(doc)

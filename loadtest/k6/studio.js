@@ -43,6 +43,7 @@
 //   studio_cursor_fanout_ms     cursor sent → cursor frame at another member
 //   studio_unexpected_errors    error frames other than lock_held / wait_timeout, closes other
 //                               than a drain's, failed resumes, connections that never opened
+//   studio_stray_denials        lock_held naming no request this VU waits on (logged, not failed)
 //   studio_reconnects           successful resumes after a drain (or an unexpected close)
 //   studio_locks_lost           locks held before a move and not ours after the resume
 //   studio_locks_kept           locks checked after a resume (snapshot token + lock.extend)
@@ -118,6 +119,11 @@ const presenceOwn = new Trend('studio_presence_ms', true);
 const presenceFanout = new Trend('studio_presence_fanout_ms', true);
 const cursorFanout = new Trend('studio_cursor_fanout_ms', true);
 const unexpected = new Counter('studio_unexpected_errors');
+// Denials (`lock_held`) naming a request id this VU is not waiting on. Seen about once in ten
+// k6_roll runs after a move; not yet explained (a duplicate answer to an acquire?). A denial
+// changes no lock, and lost locks and overlaps are checked on their own, so it is counted and
+// logged here, not failed on, until it is understood (issue 10's closing note).
+const strayDenials = new Counter('studio_stray_denials');
 const reconnects = new Counter('studio_reconnects');
 const locksLost = new Counter('studio_locks_lost');
 const locksKept = new Counter('studio_locks_kept');
@@ -482,6 +488,11 @@ export default function () {
     if (!p && m.id !== undefined && orphaned.delete(m.id)) {
       // Answer to a request sent before a move (a denial, a wait that timed out, a release
       // the snapshot already settled): nothing to do.
+      return;
+    }
+    if (!p && m.code === 'lock_held') {
+      strayDenials.add(1);
+      note(`stray lock_held for request ${m.id} on ${m.resource} (not pending, not from before a move)`);
       return;
     }
     if (p && p.kind === 'verify') {

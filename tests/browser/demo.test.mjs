@@ -283,6 +283,9 @@ describe("demo page on @lockstep/client: two users in one room", { timeout: 120_
     const SEG2 = SEG(2);
     await approve(Alice.page, SEG2);
     await inCard(Bob.page, SEG2, "lock-badge").getByText(/🔒 Alice is approving/).waitFor();
+    // Bob's badge comes from the room's lock.acquired, which may reach him before Alice's
+    // page has read her grant reply: wait for her handle.
+    await until(Alice.page, (r) => window.lockstep.room.locks.held.some((l) => l.resource === r), SEG2);
     const before = await heldOf(Alice.page, SEG2);
     assert.equal(before.state, "held");
     const statusMark = await Alice.page.evaluate(() => window.lockstep.state.statusLog.length);

@@ -196,7 +196,10 @@ END_NS=$(date +%s%N)
 declare -A T1 RSS
 for p in "${PIDS[@]}"; do
     T1[$p]="$(ticks "$p" 2>/dev/null || echo 0)"
-    RSS[$p]="$(rss_kb "$p" 2>/dev/null || echo 0)"
+    # A driver may already be a zombie (it stops as soon as the stop file appears): its
+    # status has no VmRSS line, and awk then prints nothing.
+    RSS[$p]="$(rss_kb "$p" 2>/dev/null)"
+    RSS[$p]="${RSS[$p]:-0}"
 done
 LOAD1="$(cut -d' ' -f1 /proc/loadavg)"
 redis-cli -p "$REDIS_PORT" INFO commandstats >"$WORK/commandstats.txt"

@@ -198,7 +198,7 @@ for p in "${PIDS[@]}"; do
     T1[$p]="$(ticks "$p" 2>/dev/null || echo 0)"
     # A driver may already be a zombie (it stops as soon as the stop file appears): its
     # status has no VmRSS line, and awk then prints nothing.
-    RSS[$p]="$(rss_kb "$p" 2>/dev/null)"
+    RSS[$p]="$(rss_kb "$p" 2>/dev/null || true)"
     RSS[$p]="${RSS[$p]:-0}"
 done
 LOAD1="$(cut -d' ' -f1 /proc/loadavg)"

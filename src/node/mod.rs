@@ -225,10 +225,8 @@ impl Node {
         );
         let _ = node.compactor.set(Arc::downgrade(&compactor));
         let registry = node.yjs.clone();
-        node.background.spawn(compactor.run(
-            move || registry.loaded_docs(),
-            node.stop_background.clone(),
-        ));
+        node.background
+            .spawn(compactor.run(move || registry.loaded_docs(), node.stop_background.clone()));
         spawn_background(&node);
         audit_writer::spawn(&node, engines.audit_outbox);
         fencing::spawn_pruning(&node);

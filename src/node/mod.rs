@@ -481,34 +481,36 @@ fn observe_yjs(metrics: &Metrics, yjs: &Arc<crate::yjs::docs::Registry>) {
         "Yjs documents loaded on this node",
         move || y.loaded() as u64,
     );
-    let y = yjs.clone();
-    metrics.observe_counter(
-        "lockstep.yjs.updates",
-        "Yjs updates applied on this node (from local clients and from other nodes)",
-        move || y.counters.updates.load(Relaxed),
-    );
-    let y = yjs.clone();
-    metrics.observe_counter(
-        "lockstep.yjs.appends",
-        "Merged Yjs updates appended to document logs by this node",
-        move || y.counters.appends.load(Relaxed),
-    );
-    let y = yjs.clone();
-    metrics.observe_counter(
-        "lockstep.yjs.appended_bytes",
-        "Bytes of merged Yjs updates appended to document logs by this node",
-        move || y.counters.appended_bytes.load(Relaxed),
-    );
-    let y = yjs.clone();
-    metrics.observe_counter(
-        "lockstep.yjs.readonly_refused",
-        "Yjs updates dropped because their connection is read-only",
-        move || y.counters.refused_readonly.load(Relaxed),
-    );
-    let y = yjs.clone();
-    metrics.observe_counter(
-        "lockstep.yjs.rereads",
-        "Document log re-reads after a gap or a lagging announcement receiver",
-        move || y.counters.rereads.load(Relaxed),
-    );
+    type Pick = fn(&crate::yjs::docs::Counters) -> &std::sync::atomic::AtomicU64;
+    let counters: [(&'static str, &'static str, Pick); 5] = [
+        (
+            "lockstep.yjs.updates",
+            "Yjs updates applied on this node (from local clients and from other nodes)",
+            |c| &c.updates,
+        ),
+        (
+            "lockstep.yjs.appends",
+            "Merged Yjs updates appended to document logs by this node",
+            |c| &c.appends,
+        ),
+        (
+            "lockstep.yjs.appended_bytes",
+            "Bytes of merged Yjs updates appended to document logs by this node",
+            |c| &c.appended_bytes,
+        ),
+        (
+            "lockstep.yjs.readonly_refused",
+            "Yjs updates dropped because their connection is read-only",
+            |c| &c.refused_readonly,
+        ),
+        (
+            "lockstep.yjs.rereads",
+            "Document log re-reads after a gap or a lagging announcement receiver",
+            |c| &c.rereads,
+        ),
+    ];
+    for (name, description, pick) in counters {
+        let y = yjs.clone();
+        metrics.observe_counter(name, description, move || pick(&y.counters).load(Relaxed));
+    }
 }

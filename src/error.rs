@@ -140,6 +140,10 @@ pub mod close {
     pub const DOC_FULL: u16 = 4014;
     /// `/v1/yjs`: the update would take the document over its maximum size (not applied).
     pub const DOC_TOO_LARGE: u16 = 4015;
+    /// `/v1/yjs`: the connection was writable only while its user held a lock (`?lock=`),
+    /// and the lock was lost (released, expired, forced). The provider reconnects, resyncs
+    /// from the server and, with the lock gone, is read-only.
+    pub const LOCK_LOST: u16 = 4016;
     /// Server bug; reconnect with the resume token.
     pub const INTERNAL: u16 = 1011;
     /// The node is draining (SIGTERM); reconnect after `after_ms` from the `reconnect` frame.

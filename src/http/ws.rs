@@ -159,21 +159,7 @@ pub async fn upgrade(
     if !node.is_ready() {
         return ApiError::new(ErrorCode::Unavailable, "node is draining").into_response();
     }
-    let header_token = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(crate::auth::parse_bearer)
-        .map(str::to_owned);
-    let token = params.token.or(header_token);
-    let verified = match token.as_deref() {
-        Some(t) => node.auth.verify(t),
-        None => Err(AuthError::Missing),
-    };
-    // A revoked token id is refused (connect and resume alike) until its `exp`.
-    let revoked = match verified.as_ref().ok().and_then(|p| p.grants().jti.clone()) {
-        Some(jti) => node.is_revoked(&jti).await,
-        None => false,
-    };
+    let verified = authenticate(&node, params.token, &headers, ip).await;
     let max = node.config.max_frame_bytes;
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
@@ -186,13 +172,6 @@ pub async fn upgrade(
         tracing::Span::current().record("user_id", &*p.user_id);
     }
     match verified {
-        Ok(_) if revoked => {
-            // Aggregated like every auth failure: a revoked token in a loop must not flood the audit.
-            super::limits::record_auth_failure(&node, ip, "token revoked").await;
-            ws.on_upgrade(config, move |socket, _| {
-                refuse(socket, close::REVOKED, "token revoked".into())
-            })
-        }
         Ok(principal) => ws.on_upgrade(config, move |socket, protocol| {
             let codec = Codec::from_subprotocol(protocol);
             tasks.track_future(crate::session::run(
@@ -203,16 +182,67 @@ pub async fn upgrade(
                 params.resume,
             ))
         }),
+        // Upgrade, then close: browsers cannot read an HTTP 401 on a WebSocket.
+        Err(refusal) => ws.on_upgrade(config, move |socket, _| {
+            refuse(socket, refusal.code, refusal.reason)
+        }),
+    }
+}
+
+/// Why a WebSocket's token was refused: the close code (4001 bad or missing, 4013 revoked)
+/// and a reason that fits a close frame.
+pub(super) struct AuthRefusal {
+    pub code: u16,
+    pub reason: String,
+}
+
+/// Authenticates a WebSocket upgrade (`/v1/ws`, `/v1/yjs`): the token from `?token=` or
+/// `Authorization: Bearer`, verified, and refused while its id is revoked. Every failure is
+/// counted (aggregated) in the audit. The Hocuspocus endpoint calls it per auth message with
+/// the message's token and no headers.
+pub(super) async fn authenticate(
+    node: &Node,
+    query_token: Option<String>,
+    headers: &HeaderMap,
+    ip: super::ClientIp,
+) -> Result<crate::auth::Principal, AuthRefusal> {
+    let header_token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::auth::parse_bearer)
+        .map(str::to_owned);
+    let verified = match query_token.or(header_token).as_deref() {
+        Some(t) => node.auth.verify(t),
+        None => Err(AuthError::Missing),
+    };
+    match verified {
+        Ok(p) => {
+            // A revoked token id is refused (connect and resume alike) until its `exp`.
+            let revoked = match p.grants().jti.as_deref() {
+                Some(jti) => node.is_revoked(jti).await,
+                None => false,
+            };
+            if !revoked {
+                return Ok(p);
+            }
+            // Aggregated like every auth failure: a revoked token in a loop must not flood
+            // the audit.
+            super::limits::record_auth_failure(node, ip, "token revoked").await;
+            Err(AuthRefusal {
+                code: close::REVOKED,
+                reason: "token revoked".into(),
+            })
+        }
         Err(e) => {
-            super::limits::record_auth_failure(&node, ip, &e.to_string()).await;
-            // Upgrade, then close with 4001: browsers cannot read an HTTP 401 on a WebSocket.
+            super::limits::record_auth_failure(node, ip, &e.to_string()).await;
             let mut reason = e.to_string();
             // A close reason may carry at most 123 bytes.
             while reason.len() > 120 {
                 reason.pop();
             }
-            ws.on_upgrade(config, move |socket, _| {
-                refuse(socket, close::UNAUTHORIZED, reason)
+            Err(AuthRefusal {
+                code: close::UNAUTHORIZED,
+                reason,
             })
         }
     }

@@ -14,7 +14,7 @@ use tungstenite::protocol::WebSocketConfig;
 
 use super::ApiError;
 use super::ws::{WsUpgrade, refuse};
-use crate::auth::{AuthError, Role};
+use crate::auth::Role;
 use crate::error::{ErrorCode, close};
 use crate::names::Entity;
 use crate::node::Node;
@@ -45,19 +45,7 @@ pub async fn upgrade(
                 .into_response();
         }
     };
-    let header_token = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(crate::auth::parse_bearer)
-        .map(str::to_owned);
-    let verified = match params.token.or(header_token).as_deref() {
-        Some(t) => node.auth.verify(t),
-        None => Err(AuthError::Missing),
-    };
-    let revoked = match verified.as_ref().ok().and_then(|p| p.grants().jti.clone()) {
-        Some(jti) => node.is_revoked(&jti).await,
-        None => false,
-    };
+    let verified = super::ws::authenticate(&node, params.token, &headers, ip).await;
     // A message is one update; its limit is the update limit (tungstenite closes with 1009).
     let max = node.yjs.limits.max_update_bytes + 64;
     let config = WebSocketConfig::default()
@@ -67,21 +55,10 @@ pub async fn upgrade(
         .max_message_size(Some(max))
         .max_frame_size(Some(max));
     let principal = match verified {
-        Ok(p) if !revoked => p,
-        Ok(_) => {
-            super::limits::record_auth_failure(&node, ip, "token revoked").await;
+        Ok(p) => p,
+        Err(refusal) => {
             return ws.on_upgrade(config, move |socket, _| {
-                refuse(socket, close::REVOKED, "token revoked".into())
-            });
-        }
-        Err(e) => {
-            super::limits::record_auth_failure(&node, ip, &e.to_string()).await;
-            let mut reason = e.to_string();
-            while reason.len() > 120 {
-                reason.pop();
-            }
-            return ws.on_upgrade(config, move |socket, _| {
-                refuse(socket, close::UNAUTHORIZED, reason)
+                refuse(socket, refusal.code, refusal.reason)
             });
         }
     };

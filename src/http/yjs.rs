@@ -72,12 +72,12 @@ pub async fn upgrade(
     let registry = node.yjs.clone();
     let draining = node.draining.clone();
     ws.on_upgrade(config, move |socket, _| {
-        tasks.track_future(crate::yjs::conn::serve(
-            registry,
-            socket,
-            entity.to_string(),
-            writable,
-            draining,
-        ))
+        // Listed as a member of the room while the connection lasts (never waited for);
+        // the guard's leave runs on every end, a panic unwinding this task included.
+        let member = crate::node::yjs_presence::enter(&node, &principal, &entity, role);
+        tasks.track_future(async move {
+            crate::yjs::conn::serve(registry, socket, entity.to_string(), writable, draining).await;
+            member.leave().await;
+        })
     })
 }

@@ -7,7 +7,8 @@
 //!   lost them), then every local member gets a fresh `room.snapshot`, so no client keeps a
 //!   stale view.
 //! - **Presence.** Entries expire after `LOCKSTEP_PRESENCE_TTL` unless refreshed; the node
-//!   refreshes its sessions' every third of that. Every node sweeps expired entries (those of
+//!   refreshes its sessions' (and its bridged Yjs connections', see
+//!   [`yjs_presence`](super::yjs_presence)) every third of that. Every node sweeps expired entries (those of
 //!   a crashed node) and announces their `presence.leave`; a swept entry of a session that is
 //!   alive here (a refresh came too late) is re-registered at once.
 //! - **Liveness.** `node:<id>` is refreshed every second; nodes whose key expired are logged
@@ -143,6 +144,7 @@ async fn resync_views(node: &Node, r: Resync) {
 /// only the end of its grace tells this node). A parked session whose entry was lost shows
 /// again when it resumes, as an attached session missing from the store.
 async fn reregister_presence(node: &Node) {
+    super::yjs_presence::relist_all(node).await;
     for handle in node.hub.attached() {
         for (room, member) in handle.members() {
             match node.presence.join(&room, member.clone()).await {
@@ -158,6 +160,8 @@ async fn reregister_presence(node: &Node) {
 }
 
 async fn refresh_presence(node: &Node) {
+    let ttl = node.config.presence_ttl.as_millis() as u64;
+    super::yjs_presence::refresh(node, ttl).await;
     let entries: Vec<_> = node
         .hub
         .sessions()
@@ -167,7 +171,6 @@ async fn refresh_presence(node: &Node) {
     if entries.is_empty() {
         return;
     }
-    let ttl = node.config.presence_ttl.as_millis() as u64;
     let missing = match node.presence.refresh(&entries, ttl).await {
         Ok(m) => m,
         Err(e) => {
@@ -209,6 +212,10 @@ async fn sweep_presence(node: &Node) {
         }
     };
     for (room, member) in swept {
+        // A bridged Yjs connection of this node, alive: listed again (as a session is below).
+        if super::yjs_presence::relist_swept(node, &room, &member.session_id).await {
+            continue;
+        }
         let alive_here = node
             .hub
             .attached()

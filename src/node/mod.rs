@@ -10,6 +10,7 @@
 //!   when renewals stop reaching Redis.
 //! - [`throttle`]: HTTP request budgets per IP and per user, the HTTP lock budget and the
 //!   aggregation of `auth_failed` records.
+//! - [`yjs_presence`]: Yjs connections listed as room members (the presence bridge).
 //!
 //! Background loops (one task): the lock reaper (expiries and waiter timeouts, every
 //! [`REAP_INTERVAL`]), lease renewal for this node's sessions (every third of the lease), the
@@ -26,6 +27,7 @@ pub mod locks;
 pub mod rooms;
 pub mod sessions;
 pub mod throttle;
+pub mod yjs_presence;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -88,6 +90,8 @@ pub struct Node {
     compactor: std::sync::OnceLock<std::sync::Weak<crate::yjs::compact::Compactor>>,
     /// Yjs documents loaded on this node (`GET /v1/yjs/{room}`).
     pub yjs: Arc<crate::yjs::docs::Registry>,
+    /// Yjs connections of this node listed as room members ([`yjs_presence`]).
+    pub bridged: Arc<yjs_presence::Bridged>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -192,8 +196,11 @@ impl Node {
         );
         let doc_log = engines.doc_log.clone();
         observe_yjs(&metrics, &yjs);
+        let bridged = yjs_presence::Bridged::new();
+        yjs_presence::observe(&metrics, &bridged);
         let node = Arc::new(Node {
             yjs,
+            bridged,
             id,
             config: Arc::new(config),
             locks: engines.locks,

@@ -44,6 +44,6 @@ export LOCKSTEP_BIN
 cd tests/yjs
 npm ci --no-audit --no-fund --loglevel=error
 FILES=("$@")
-[ ${#FILES[@]} -gt 0 ] || FILES=(sync.test.mjs crash.test.mjs restart.test.mjs hocuspocus.test.mjs chromium.test.mjs)
+[ ${#FILES[@]} -gt 0 ] || FILES=(sync.test.mjs lock.test.mjs crash.test.mjs restart.test.mjs hocuspocus.test.mjs chromium.test.mjs)
 # One file at a time: each starts its own Redis, Postgres and nodes, and the machine is small.
 exec node --test --test-concurrency=1 "${FILES[@]}"

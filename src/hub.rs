@@ -32,6 +32,8 @@ use crate::telemetry::Metrics;
 pub struct Hub {
     state: RwLock<HubState>,
     metrics: Metrics,
+    /// Told every lock event before the sessions: the Yjs lock gate (`crate::yjs::lockgate`).
+    lock_watch: std::sync::OnceLock<Arc<dyn LockWatch>>,
     /// Resumes on this node waiting for the node that holds their session to answer a
     /// takeover request, by resume-token digest; cancelled when the answer comes. An entry
     /// lives only while its resume waits (a few seconds at most): bounded by connections.
@@ -127,6 +129,13 @@ impl RoomLocal {
     }
 }
 
+/// Something besides the sessions that follows this node's lock events (as the hub receives
+/// them: local ones, and with Redis those of every node for the rooms this node subscribed
+/// to). Called synchronously from [`EventSink::deliver`]: must not block.
+pub trait LockWatch: Send + Sync + 'static {
+    fn lock_event(&self, event: &RoomEvent);
+}
+
 /// Refused session: the user is at the session limit (counted cluster-wide by the
 /// [`ResumeStore`](crate::engine::ResumeStore), parked sessions included).
 #[derive(Debug, thiserror::Error)]
@@ -139,7 +148,13 @@ impl Hub {
             state: RwLock::new(HubState::default()),
             metrics,
             takeovers: Mutex::new(HashMap::new()),
+            lock_watch: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sets the one [`LockWatch`] (at node start); a second call is ignored.
+    pub fn watch_locks(&self, watch: Arc<dyn LockWatch>) {
+        let _ = self.lock_watch.set(watch);
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HubState> {
@@ -386,6 +401,14 @@ impl<'a> Encoded<'a> {
 
 impl EventSink for Hub {
     fn deliver(&self, event: Arc<RoomEvent>) {
+        if let Some(w) = self.lock_watch.get()
+            && matches!(
+                event.kind,
+                RoomEventKind::LockAcquired { .. } | RoomEventKind::LockReleased { .. }
+            )
+        {
+            w.lock_event(&event);
+        }
         let s = self.read();
         let room = &event.room;
         let local = s.rooms.get(room);

@@ -3,6 +3,8 @@
 //! segment, an entity such as `scene:42`), and hands the socket to [`crate::yjs::conn`].
 //! Editors and owners write; viewers and commenters read; no role: close 4003. Bad token:
 //! close 4001 (after the upgrade: browsers cannot read an HTTP status on a WebSocket).
+//! `?lock=<resource>` (an entity; a bad name is refused with 400 before the upgrade) ties an
+//! editor's write access to the lock on `<resource>` in the room ([`crate::yjs::lockgate`]).
 
 use std::sync::Arc;
 
@@ -18,6 +20,7 @@ use crate::auth::Role;
 use crate::error::{ErrorCode, close};
 use crate::names::Entity;
 use crate::node::Node;
+use crate::yjs::conn::Access;
 
 const READ_BUFFER: usize = 1024;
 const WRITE_BUFFER: usize = 4 * 1024;
@@ -25,6 +28,8 @@ const WRITE_BUFFER: usize = 4 * 1024;
 #[derive(Deserialize)]
 pub struct YjsParams {
     token: Option<String>,
+    /// A resource in the room: the connection writes only while its user holds its lock.
+    lock: Option<String>,
 }
 
 pub async fn upgrade(
@@ -42,6 +47,13 @@ pub async fn upgrade(
         Ok(e) => e,
         Err(e) => {
             return ApiError::new(ErrorCode::BadRequest, format!("bad room name: {e}"))
+                .into_response();
+        }
+    };
+    let lock = match params.lock.as_deref().map(Entity::parse).transpose() {
+        Ok(l) => l,
+        Err(e) => {
+            return ApiError::new(ErrorCode::BadRequest, format!("bad lock name: {e}"))
                 .into_response();
         }
     };
@@ -67,16 +79,19 @@ pub async fn upgrade(
             refuse(socket, close::FORBIDDEN, "no role in this room".into())
         });
     };
-    let writable = role >= Role::Editor;
+    let access = Access {
+        room: entity,
+        user: principal.user_id.clone(),
+        role_writes: role >= Role::Editor,
+        lock,
+    };
     let tasks = node.tasks.clone();
-    let registry = node.yjs.clone();
-    let draining = node.draining.clone();
     ws.on_upgrade(config, move |socket, _| {
         // Listed as a member of the room while the connection lasts (never waited for);
         // the guard's leave runs on every end, a panic unwinding this task included.
-        let member = crate::node::yjs_presence::enter(&node, &principal, &entity, role);
+        let member = crate::node::yjs_presence::enter(&node, &principal, &access.room, role);
         tasks.track_future(async move {
-            crate::yjs::conn::serve(registry, socket, entity.to_string(), writable, draining).await;
+            crate::yjs::conn::serve(node, socket, access).await;
             member.leave().await;
         })
     })

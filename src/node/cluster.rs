@@ -115,6 +115,8 @@ fn spawn_revocation_listener(node: &Arc<Node>, redis: crate::engine::redis::Redi
 
 async fn resync_views(node: &Node, r: Resync) {
     node.metrics.resync(matches!(r, Resync::All));
+    // Lock events may be among the lost: lock-gated Yjs connections re-read their holders.
+    node.yjs_locks.recheck_soon();
     match r {
         Resync::Room(room) => {
             for handle in node.hub.members_of(&room) {

@@ -92,6 +92,10 @@ pub struct Node {
     pub yjs: Arc<crate::yjs::docs::Registry>,
     /// Yjs connections of this node listed as room members ([`yjs_presence`]).
     pub bridged: Arc<yjs_presence::Bridged>,
+    /// `/v1/yjs` connections writable only while a lock is held (`?lock=`).
+    pub yjs_locks: Arc<crate::yjs::lockgate::LockGate>,
+    /// Message budgets of this node's `/v1/yjs` users.
+    pub yjs_budgets: Arc<crate::yjs::budget::UserBudgets>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -198,8 +202,14 @@ impl Node {
         observe_yjs(&metrics, &yjs);
         let bridged = yjs_presence::Bridged::new();
         yjs_presence::observe(&metrics, &bridged);
+        let yjs_locks = crate::yjs::lockgate::LockGate::new();
+        hub.watch_locks(yjs_locks.clone());
+        let yjs_budgets =
+            crate::yjs::budget::UserBudgets::new(config.messages_per_second, config.message_burst);
         let node = Arc::new(Node {
             yjs,
+            yjs_locks,
+            yjs_budgets,
             bridged,
             id,
             config: Arc::new(config),
@@ -224,6 +234,11 @@ impl Node {
             compactor: std::sync::OnceLock::new(),
         });
         node.yjs.spawn_listener(node.stop_background.clone());
+        node.background.spawn(
+            node.yjs_locks
+                .clone()
+                .run(node.locks.clone(), node.stop_background.clone()),
+        );
         let compactor = crate::yjs::compact::Compactor::new(
             node.clone(),
             doc_log,
@@ -319,10 +334,11 @@ impl Node {
         OpError::Forbidden(format!("your role in {room} does not allow {what}"))
     }
 
-    /// Subscribes this node to `room` if it has local members there, unsubscribes otherwise.
+    /// Subscribes this node to `room` if it has local members or lock-gated Yjs connections
+    /// there, unsubscribes otherwise.
     pub async fn sync_subscription(&self, room: &Entity) -> Result<(), crate::engine::EngineError> {
         let _order = self.subscriptions.lock().await;
-        if self.hub.has_members(room) {
+        if self.hub.has_members(room) || self.yjs_locks.watches(room) {
             self.broker.subscribe(room).await
         } else {
             self.broker.unsubscribe(room).await
@@ -489,7 +505,7 @@ fn observe_yjs(metrics: &Metrics, yjs: &Arc<crate::yjs::docs::Registry>) {
         move || y.loaded() as u64,
     );
     type Pick = fn(&crate::yjs::docs::Counters) -> &std::sync::atomic::AtomicU64;
-    let counters: [(&'static str, &'static str, Pick); 5] = [
+    let counters: [(&'static str, &'static str, Pick); 6] = [
         (
             "lockstep.yjs.updates",
             "Yjs updates applied on this node (from local clients and from other nodes)",
@@ -514,6 +530,11 @@ fn observe_yjs(metrics: &Metrics, yjs: &Arc<crate::yjs::docs::Registry>) {
             "lockstep.yjs.rereads",
             "Document log re-reads after a gap or a lagging announcement receiver",
             |c| &c.rereads,
+        ),
+        (
+            "lockstep.yjs.throttled",
+            "Yjs client messages that waited for their connection's or user's message budget",
+            |c| &c.throttled,
         ),
     ];
     for (name, description, pick) in counters {

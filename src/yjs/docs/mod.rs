@@ -130,6 +130,8 @@ pub struct Counters {
     pub refused_readonly: AtomicU64,
     pub awareness_dropped: AtomicU64,
     pub rereads: AtomicU64,
+    /// Client messages that waited for their connection's (or user's) budget.
+    pub throttled: AtomicU64,
 }
 
 /// Awareness states of a document, queued for the other nodes.

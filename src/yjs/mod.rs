@@ -5,6 +5,7 @@
 //! - [`store`]: the `DocLog` and `SnapshotStore` interfaces every implementation keeps.
 //! - [`docs`]: the per-node registry of loaded documents (load, stay current, batch, unload).
 //! - [`conn`]: one y-websocket connection.
+//! - [`hocuspocus`]: the Hocuspocus provider protocol (many documents per socket).
 //! - [`log_conformance`]: the suite every `DocLog` passes.
 //! - [`snapshots`]: the `SnapshotStore` implementations (memory, file, Postgres).
 //! - [`compact`]: merges a document's log into its snapshot under a fenced lock, then trims.
@@ -12,6 +13,7 @@
 pub mod compact;
 pub mod conn;
 pub mod docs;
+pub mod hocuspocus;
 pub mod log_conformance;
 pub mod snapshots;
 pub mod store;

@@ -12,15 +12,17 @@ import { Cluster, waitFor } from './harness.mjs';
 import { close, connect, synced } from './clients.mjs';
 
 const EDITOR = { 'scene:*': 'editor' };
+/** A map's content with sorted keys: clients may hold the same entries in another order. */
+const mapJson = (d) => JSON.stringify(Object.entries(d.map.toJSON()).sort(([x], [y]) => (x < y ? -1 : 1)));
 const VIEWER = { 'scene:*': 'viewer' };
 
 /** One socket to `node`, carrying one provider per document name. */
-function hocuspocusClient(node, token, names, cleanups) {
+function hocuspocusClient(node, token, names, cleanups, providerOptions = {}) {
   const socket = new HocuspocusProviderWebsocket({ url: `${node.ws}/v1/hocuspocus`, WebSocketPolyfill: WebSocket });
   const docs = {};
   for (const name of names) {
     const document = new Y.Doc();
-    const provider = new HocuspocusProvider({ websocketProvider: socket, name, document, token });
+    const provider = new HocuspocusProvider({ websocketProvider: socket, name, document, token, ...providerOptions });
     const d = { document, provider, scopes: [], failures: [], closes: 0 };
     provider.on('authenticated', ({ scope }) => d.scopes.push(scope));
     provider.on('authenticationFailed', ({ reason }) => d.failures.push(reason));
@@ -79,8 +81,11 @@ describe('Hocuspocus providers on two nodes', () => {
         const t = a.docs[name].text.toString();
         return t === b.docs[name].text.toString() && t === v.docs[name].text.toString() &&
           t.includes('alice') && t.includes('bob') &&
-          JSON.stringify(a.docs[name].map.toJSON()) === JSON.stringify(b.docs[name].map.toJSON());
-      }, `${name} to converge`).catch((e) => { throw new Error(`${e.message}\n${cluster.logs()}`); });
+          mapJson(a.docs[name]) === mapJson(b.docs[name]);
+      }, `${name} to converge`).catch((e) => {
+        const show = (c) => `${c.docs[name].text} ${mapJson(c.docs[name])} unsynced ${c.docs[name].provider.unsyncedChanges}`;
+        throw new Error(`${e.message}\nalice ${show(a)}\nbob   ${show(b)}\nvera  ${show(v)}\n${cluster.logs()}`);
+      });
     }
     // The documents stayed apart although they share sockets.
     assert.ok(!a.docs['scene:10'].text.toString().includes('scene:11'));
@@ -132,7 +137,19 @@ describe('Hocuspocus providers on two nodes', () => {
     assert.deepEqual(m.disconnects, []);
   });
 
-  test('awareness crosses nodes and is cleared when a provider is destroyed', async () => {
+  test('an idle provider without awareness is kept connected by the server\'s Ping', async () => {
+    // Without awareness a provider sends nothing and, against a server that says nothing,
+    // closes its socket after 30 s of silence (`messageReconnectTimeout`).
+    const i = hocuspocusClient(n1, cluster.token('ida', EDITOR), ['scene:40'], cleanups, { awareness: null });
+    await waitFor(() => i.docs['scene:40'].provider.isSynced, 'synced');
+    const since = Date.now();
+    await new Promise((r) => setTimeout(r, 36_000));
+    assert.deepEqual(i.disconnects, [], `no disconnect in ${Date.now() - since} ms`);
+    assert.ok(Date.now() - i.socket.lastMessageReceived < 16_000, 'a message (Ping) within the last 15 s');
+    assert.equal(i.docs['scene:40'].closes, 0);
+  });
+
+  test('awareness crosses nodes and is cleared when a provider detaches', async () => {
     const [name] = ['scene:30'];
     const p = hocuspocusClient(n0, cluster.token('pia', EDITOR), [name], cleanups);
     const q = hocuspocusClient(n1, cluster.token('quin', EDITOR), [name], cleanups);

@@ -19,10 +19,10 @@
 //! - every frame out goes through one bounded queue ([`Limits::queue_frames`]) drained by the
 //!   writer half; a full queue closes with 4008 (slow consumer), and so does a document whose
 //!   registry queue overflowed;
-//! - a message that does not decode closes with 1007 (the Hocuspocus server closes only that
-//!   document, but a provider resends the same state after any close and would keep its
-//!   other documents on a socket with a document it cannot sync: closing the socket surfaces
-//!   the error as the provider's `disconnect` rather than a silently dead document);
+//! - a message that does not decode closes with 1007 (the Hocuspocus server ends only that
+//!   document with a Close message, which the provider takes as final for it: closing the
+//!   socket surfaces the error as the provider's `disconnect` rather than a silently dead
+//!   document, and is what `/v1/yjs` does);
 //! - a frame over the limit closes with 1009, the node draining with 1012;
 //! - keep-alive: after [`KEEPALIVE`] with nothing sent (checked every 5 s), a Ping (`[9]`),
 //!   which 4.x providers answer with Pong; the Ping itself keeps their 30 s silence timer

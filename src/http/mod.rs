@@ -10,6 +10,7 @@
 mod admin;
 mod admin_read;
 mod api;
+mod hocuspocus;
 mod limits;
 mod ops;
 mod ws;
@@ -40,6 +41,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/lockstep-client.js", get(ops::client_bundle))
         .route("/v1/ws", get(ws::upgrade))
         .route("/v1/yjs/{room}", get(yjs::upgrade))
+        .route("/v1/hocuspocus", get(hocuspocus::upgrade))
         .route("/v1/presence/{entity_type}/{entity_id}", get(api::presence))
         .route("/v1/locks", get(api::list_locks))
         .route("/v1/locks/acquire", post(api::acquire))

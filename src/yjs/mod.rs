@@ -7,6 +7,7 @@
 //! - [`conn`]: one y-websocket connection.
 //! - [`lockgate`]: write access tied to a lock (`?lock=`), lost with the lock.
 //! - [`budget`]: message budgets per connection and per user (backpressure on floods).
+//! - [`hocuspocus`]: the Hocuspocus provider protocol (many documents per socket).
 //! - [`log_conformance`]: the suite every `DocLog` passes.
 //! - [`snapshots`]: the `SnapshotStore` implementations (memory, file, Postgres).
 //! - [`compact`]: merges a document's log into its snapshot under a fenced lock, then trims.
@@ -15,6 +16,7 @@ pub mod budget;
 pub mod compact;
 pub mod conn;
 pub mod docs;
+pub mod hocuspocus;
 pub mod lockgate;
 pub mod log_conformance;
 pub mod snapshots;

@@ -93,7 +93,7 @@ impl LoadedDoc {
                         .fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
-                self.write(reg, u)?;
+                self.write(reg, u, None)?;
             }
             Message::Awareness(update) => {
                 let states: Vec<AwarenessState> = update
@@ -126,8 +126,38 @@ impl LoadedDoc {
         Ok(())
     }
 
-    /// Validates and applies an editor's update, then queues it for the log.
-    fn write(&self, reg: &Registry, u: Vec<u8>) -> Result<(), Refusal> {
+    /// Hocuspocus's "update saved" acknowledgement, `[SyncStatus = 8][varUint 1]` as a frame of
+    /// the connection's queue: the Hocuspocus connection prefixes the document name to every
+    /// queued frame, which makes it the provider's SyncStatus message.
+    pub const ACK_FRAME: &'static [u8] = &[8, 1];
+
+    /// [`handle`](Self::handle) for an editor's update (Update or SyncStep2 payload), for a
+    /// connection that wants to know when it is safe: [`Self::ACK_FRAME`] is queued to `conn`
+    /// once the update is in the log (at once when it holds nothing new).
+    pub fn write_acked(&self, reg: &Registry, conn: u64, u: Vec<u8>) -> Result<(), Refusal> {
+        self.write(reg, u, Some(conn))
+    }
+
+    /// Whether `update` holds nothing this document lacks (Yjs's `snapshotContainsUpdate`):
+    /// a read-only client's SyncStep2 is acknowledged as saved when it does.
+    pub fn contains_update(&self, update: &[u8]) -> Result<bool, Refusal> {
+        let update = decode_update(update).map_err(Refusal::Malformed)?;
+        let snapshot = lock(&self.state).doc.transact().snapshot();
+        let inserted = update.insertions(true).iter().all(|(client, ranges)| {
+            let known = snapshot.state_map.get(client);
+            ranges.iter().all(|r| r.end <= known)
+        });
+        Ok(inserted && update.delete_set().diff(&snapshot.delete_set).is_empty())
+    }
+
+    /// The document's state vector (a Hocuspocus SyncStep1 answering the client's).
+    pub fn state_vector(&self) -> StateVector {
+        lock(&self.state).doc.transact().state_vector()
+    }
+
+    /// Validates and applies an editor's update, then queues it for the log; `ack`: the
+    /// connection to send [`Self::ACK_FRAME`] once it is logged.
+    fn write(&self, reg: &Registry, u: Vec<u8>, ack: Option<u64>) -> Result<(), Refusal> {
         if u.len() > reg.limits.max_update_bytes {
             return Err(Refusal::Malformed(format!(
                 "update over {} bytes",
@@ -138,6 +168,9 @@ impl LoadedDoc {
         if update.is_empty() {
             // Every provider with nothing new answers the server's SyncStep1 with an empty
             // SyncStep2: not worth a log entry.
+            if let Some(conn) = ack {
+                lock(&self.state).send_to(conn, Bytes::from_static(Self::ACK_FRAME));
+            }
             return Ok(());
         }
         let mut s = lock(&self.state);
@@ -150,6 +183,7 @@ impl LoadedDoc {
             .map_err(|e| Refusal::Malformed(e.to_string()))?;
         s.size += u.len();
         s.pending.push(u);
+        s.acks.extend(ack);
         reg.counters.updates.fetch_add(1, Ordering::Relaxed);
         drop(s);
         self.flush.notify_one();
@@ -178,10 +212,10 @@ pub(super) async fn flusher(reg: Arc<Registry>, doc: Arc<LoadedDoc>) {
             _ = doc.flush.notified() => {}
         }
         tokio::time::sleep(BATCH_WINDOW).await;
-        let batch = {
+        let (batch, mut acks) = {
             let mut s = lock(&doc.state);
             s.flushing = true;
-            std::mem::take(&mut s.pending)
+            (std::mem::take(&mut s.pending), std::mem::take(&mut s.acks))
         };
         if batch.is_empty() {
             lock(&doc.state).flushing = false;
@@ -196,9 +230,13 @@ pub(super) async fn flusher(reg: Arc<Registry>, doc: Arc<LoadedDoc>) {
                     // Each was decoded on receipt, so this is not expected; append them one
                     // by one rather than lose them.
                     tracing::error!(doc = %doc.name, error = %e, "yjs: merge failed");
+                    let mut s = lock(&doc.state);
                     for u in batch.iter().skip(1) {
-                        lock(&doc.state).pending.push(u.clone());
+                        s.pending.push(u.clone());
                     }
+                    // Acknowledged only once all of them are logged.
+                    s.acks.append(&mut acks);
+                    drop(s);
                     doc.flush.notify_one();
                     batch[0].clone()
                 }
@@ -219,6 +257,9 @@ pub(super) async fn flusher(reg: Arc<Registry>, doc: Arc<LoadedDoc>) {
             .fetch_add(merged.len() as u64, Ordering::Relaxed);
         let mut s = lock(&doc.state);
         s.relay(frame(Message::Sync(SyncMessage::Update(merged))));
+        for conn in acks {
+            s.send_to(conn, Bytes::from_static(LoadedDoc::ACK_FRAME));
+        }
         s.flushing = false;
     }
 }

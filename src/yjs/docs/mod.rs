@@ -172,6 +172,8 @@ struct DocState {
     conns: HashMap<u64, mpsc::Sender<Bytes>>,
     awareness: HashMap<ClientID, Aware>,
     pending: Vec<Vec<u8>>,
+    /// Connections owed [`LoadedDoc::ACK_FRAME`] once `pending` is in the log (Hocuspocus).
+    acks: Vec<u64>,
     flushing: bool,
     /// Bytes of the updates the document was built from (the document size limit's measure).
     size: usize,
@@ -312,6 +314,7 @@ impl Registry {
                                 conns: HashMap::new(),
                                 awareness: HashMap::new(),
                                 pending: Vec::new(),
+                                acks: Vec::new(),
                                 flushing: false,
                                 size: 0,
                                 unloading: false,

@@ -4,7 +4,7 @@
 # lockstep nodes sharing a private redis-server and a private PostgreSQL (all started by the
 # tests on free loopback ports, in temp dirs, and stopped again).
 #
-#   scripts/yjs-test.sh                      # every file (sync, crash, restart, hocuspocus, chromium)
+#   scripts/yjs-test.sh                      # every file (sync, crash, restart, hocuspocus, chromium, demo)
 #   scripts/yjs-test.sh sync.test.mjs        # only the files named (relative to tests/yjs)
 #
 # Needs: Node.js >= 20.11 with npm; cargo (or LOCKSTEP_BIN pointing at a built gateway);
@@ -43,7 +43,9 @@ export LOCKSTEP_BIN
 
 cd tests/yjs
 npm ci --no-audit --no-fund --loglevel=error
+# The Yjs demo's bundle the binary embeds (GET /yjs-demo.js) must be what its source builds.
+bash "$root/scripts/check-demo-bundle.sh" --yjs
 FILES=("$@")
-[ ${#FILES[@]} -gt 0 ] || FILES=(sync.test.mjs lock.test.mjs crash.test.mjs restart.test.mjs hocuspocus.test.mjs chromium.test.mjs)
+[ ${#FILES[@]} -gt 0 ] || FILES=(sync.test.mjs lock.test.mjs crash.test.mjs restart.test.mjs hocuspocus.test.mjs chromium.test.mjs demo.test.mjs)
 # One file at a time: each starts its own Redis, Postgres and nodes, and the machine is small.
 exec node --test --test-concurrency=1 "${FILES[@]}"

@@ -39,6 +39,8 @@ pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/", get(ops::demo_page))
         .route("/lockstep-client.js", get(ops::client_bundle))
+        .route("/yjs", get(ops::yjs_demo_page))
+        .route("/yjs-demo.js", get(ops::yjs_demo_bundle))
         .route("/v1/ws", get(ws::upgrade))
         .route("/v1/yjs/{room}", get(yjs::upgrade))
         .route("/v1/hocuspocus", get(hocuspocus::upgrade))

@@ -1,5 +1,5 @@
-//! Operational endpoints: health, readiness, metrics, the demo page (with the SDK's browser
-//! bundle it imports) and dev tokens.
+//! Operational endpoints: health, readiness, metrics, the demo pages (`/` with the SDK's
+//! browser bundle it imports, `/yjs` with its Yjs bundle) and dev tokens.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -77,7 +77,31 @@ const fn fnv1a(bytes: &[u8]) -> u64 {
 /// `GET /lockstep-client.js`: the bundle the demo page imports, `304` when the browser's copy
 /// is current.
 pub async fn client_bundle(headers: HeaderMap) -> Response {
-    let etag = format!("\"{CLIENT_JS_HASH:016x}\"");
+    embedded_js(&headers, CLIENT_JS, CLIENT_JS_HASH)
+}
+
+/// `GET /yjs`: the Yjs demo page (a shared textarea over `/v1/yjs`, awareness, status).
+pub async fn yjs_demo_page() -> Response {
+    (
+        [(header::CACHE_CONTROL, REVALIDATE)],
+        Html(include_str!("demo/yjs.html")),
+    )
+        .into_response()
+}
+
+/// The Yjs demo's script bundled with `yjs` and `y-websocket` (minified), embedded for the same
+/// reason as [`CLIENT_JS`] and checked against its source by the same script.
+const YJS_DEMO_JS: &str = include_str!("demo/yjs-demo.js");
+const YJS_DEMO_JS_HASH: u64 = fnv1a(YJS_DEMO_JS.as_bytes());
+
+/// `GET /yjs-demo.js`: the script `/yjs` loads, `304` when the browser's copy is current.
+pub async fn yjs_demo_bundle(headers: HeaderMap) -> Response {
+    embedded_js(&headers, YJS_DEMO_JS, YJS_DEMO_JS_HASH)
+}
+
+/// An embedded script with its ETag, or `304` when `If-None-Match` already names it.
+fn embedded_js(headers: &HeaderMap, body: &'static str, hash: u64) -> Response {
+    let etag = format!("\"{hash:016x}\"");
     let cached = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -92,7 +116,7 @@ pub async fn client_bundle(headers: HeaderMap) -> Response {
     (
         common,
         [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
-        CLIENT_JS,
+        body,
     )
         .into_response()
 }

@@ -239,16 +239,25 @@ impl Node {
                 .clone()
                 .run(node.locks.clone(), node.stop_background.clone()),
         );
-        let compactor = crate::yjs::compact::Compactor::new(
-            node.clone(),
-            doc_log,
-            snapshots,
-            crate::yjs::compact::CompactorConfig::for_node(&node.id),
-        );
-        let _ = node.compactor.set(Arc::downgrade(&compactor));
-        let registry = node.yjs.clone();
-        node.background
-            .spawn(compactor.run(move || registry.loaded_docs(), node.stop_background.clone()));
+        // Redis without a database: the log is shared by every node but the snapshot files are
+        // this node's own, so a compaction here would trim entries that other nodes can then
+        // no longer load. The log keeps everything instead (nothing is lost; Redis grows).
+        if node.config.redis_url.is_some() && node.db.is_none() {
+            tracing::warn!(
+                "yjs: Redis without LOCKSTEP_DATABASE_URL: documents are not compacted (their update logs grow in Redis)"
+            );
+        } else {
+            let compactor = crate::yjs::compact::Compactor::new(
+                node.clone(),
+                doc_log,
+                snapshots,
+                crate::yjs::compact::CompactorConfig::for_node(&node.id),
+            );
+            let _ = node.compactor.set(Arc::downgrade(&compactor));
+            let registry = node.yjs.clone();
+            node.background
+                .spawn(compactor.run(move || registry.loaded_docs(), node.stop_background.clone()));
+        }
         spawn_background(&node);
         audit_writer::spawn(&node, engines.audit_outbox);
         fencing::spawn_pruning(&node);

@@ -221,9 +221,11 @@ impl Node {
             node.clone(),
             doc_log,
             snapshots,
-            crate::yjs::compact::CompactorConfig::for_node(&node.id),
+            node.config.yjs_compactor(),
         );
         let _ = node.compactor.set(Arc::downgrade(&compactor));
+        observe_compactor(&node.metrics, &compactor.watch());
+        crate::yjs::compact::audit_loads(&node);
         let registry = node.yjs.clone();
         node.background
             .spawn(compactor.run(move || registry.loaded_docs(), node.stop_background.clone()));
@@ -471,6 +473,32 @@ where
     );
 }
 
+/// The compactor's view of the loaded documents' logs, as of its last checks (each second):
+/// read at scrape time, no Redis call per scrape.
+fn observe_compactor(metrics: &Metrics, watch: &crate::yjs::compact::LogWatch) {
+    let w = watch.clone();
+    metrics.observe_gauge(
+        "lockstep.yjs.log_entries",
+        "",
+        "Update-log entries not compacted yet, summed over the Yjs documents loaded on this node",
+        move || w.stats().entries,
+    );
+    let w = watch.clone();
+    metrics.observe_gauge(
+        "lockstep.yjs.log_entries_max",
+        "",
+        "Update-log entries not compacted yet of the longest log among the documents loaded here",
+        move || w.stats().entries_max,
+    );
+    let w = watch.clone();
+    metrics.observe_gauge_f64(
+        "lockstep.yjs.compaction_lag",
+        "s",
+        "Age of the oldest update-log entry not compacted yet among the documents loaded here (0: none)",
+        move || w.stats().lag_seconds(crate::engine::now_ms()),
+    );
+}
+
 /// The document layer's metrics, read at every scrape.
 fn observe_yjs(metrics: &Metrics, yjs: &Arc<crate::yjs::docs::Registry>) {
     use std::sync::atomic::Ordering::Relaxed;
@@ -480,6 +508,22 @@ fn observe_yjs(metrics: &Metrics, yjs: &Arc<crate::yjs::docs::Registry>) {
         "",
         "Yjs documents loaded on this node",
         move || y.loaded() as u64,
+    );
+    // One pass over the loaded documents per gauge and scrape; no per-document series (a
+    // client can create documents at will).
+    let y = yjs.clone();
+    metrics.observe_gauge(
+        "lockstep.yjs.document",
+        "By",
+        "Size of the Yjs documents loaded on this node, summed (bytes of the snapshot and updates each was built from, the measure of LOCKSTEP_YJS_MAX_DOC_BYTES)",
+        move || y.sizes().0,
+    );
+    let y = yjs.clone();
+    metrics.observe_gauge(
+        "lockstep.yjs.document.bytes_max",
+        "",
+        "Size of the largest Yjs document loaded on this node (same measure)",
+        move || y.sizes().1,
     );
     type Pick = fn(&crate::yjs::docs::Counters) -> &std::sync::atomic::AtomicU64;
     let counters: [(&'static str, &'static str, Pick); 5] = [

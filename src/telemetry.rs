@@ -504,6 +504,52 @@ impl Metrics {
     pub fn fence_failure(&self) {
         self.inner.fence_failures.add(1, &[]);
     }
+
+    /// A counter for a subsystem that records it itself (the Yjs compactor's outcomes). Asking
+    /// twice for one name gives the same series.
+    pub fn counter(&self, name: &'static str, description: &'static str) -> Counter<u64> {
+        self.inner
+            .meter
+            .u64_counter(name)
+            .with_description(description)
+            .build()
+    }
+
+    /// A histogram in seconds for a subsystem that records it itself (Yjs compaction rounds).
+    pub fn seconds_histogram(
+        &self,
+        name: &'static str,
+        description: &'static str,
+        buckets: &[f64],
+    ) -> Histogram<f64> {
+        self.inner
+            .meter
+            .f64_histogram(name)
+            .with_unit("s")
+            .with_description(description)
+            .with_boundaries(buckets.to_vec())
+            .build()
+    }
+
+    /// [`observe_gauge`](Self::observe_gauge) for a fractional value (an age in seconds).
+    pub fn observe_gauge_f64(
+        &self,
+        name: &'static str,
+        unit: &'static str,
+        description: &'static str,
+        read: impl Fn() -> f64 + Send + Sync + 'static,
+    ) {
+        let mut b = self
+            .inner
+            .meter
+            .f64_observable_gauge(name)
+            .with_description(description)
+            .with_callback(move |o| o.observe(read(), &[]));
+        if !unit.is_empty() {
+            b = b.with_unit(unit);
+        }
+        self.keep(b.build());
+    }
 }
 
 /// What the Redis engines record per call: `lockstep_redis_command_duration_seconds{op}` and

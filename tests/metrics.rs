@@ -1,8 +1,9 @@
 //! Metrics over real sockets: `/metrics` is valid Prometheus text, counters move exactly as a
 //! scripted session predicts, a node with Redis and Postgres exposes every name documented in
 //! `docs/operations.md` (and only those), Redis latency and errors are recorded, and the admin
-//! listener serves metrics and probes.
+//! listener serves metrics and probes, and the Yjs document and compaction series move.
 mod common;
+mod yjs_support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -423,6 +424,15 @@ async fn exposition_is_valid_prometheus_text_from_start_up() {
             "lockstep_client_errors_total",
             vec![("code", "unavailable")],
         ),
+        ("lockstep_yjs_document_bytes", vec![]),
+        ("lockstep_yjs_document_bytes_max", vec![]),
+        ("lockstep_yjs_log_entries", vec![]),
+        ("lockstep_yjs_log_entries_max", vec![]),
+        ("lockstep_yjs_compaction_lag_seconds", vec![]),
+        (
+            "lockstep_yjs_compactions_total",
+            vec![("outcome", "skipped_held")],
+        ),
     ] {
         assert!(
             fresh.has(name, &labels),
@@ -681,9 +691,16 @@ async fn with_redis_and_postgres_every_documented_name_is_exposed() {
     let mut server = Server::start_with(|c| {
         c.redis_url = Some(redis_url);
         c.database_url = Some(pg_url);
+        c.yjs_compact_max_age = Duration::from_millis(200);
     })
     .await;
     let url = server.url("/metrics");
+    // An edit of a Yjs document, compacted within a second or so, makes the compaction
+    // histogram appear.
+    let token = server.token("yann", None).await;
+    let mut y = yjs_support::YClient::connect(server.addr, "scene:70", &token).await;
+    y.until("synced", |c| c.synced).await;
+    y.insert("compact me").await;
     // A lock makes the acquire histogram appear; its audit record, drained into Postgres, the
     // batch histogram.
     let mut c = server.client("alice").await;
@@ -734,6 +751,7 @@ async fn with_redis_and_postgres_every_documented_name_is_exposed() {
         );
     }
     assert_eq!(all.sum("lockstep_redis_errors_total", &[]), 0.0);
+    drop(y);
 
     // Redis gone: the node's own duties (reaping, the audit writer, liveness beats) fail and
     // are counted; failed calls are timed too.
@@ -799,4 +817,143 @@ async fn the_admin_listener_serves_metrics_and_probes() {
     let m = scrape(http, &on_admin).await;
     assert_eq!(m.sum("lockstep_draining", &[]), 1.0);
     server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn yjs_document_log_and_compaction_series_move() {
+    // Compacted by length only (5 entries), so the log can be watched growing first.
+    let server = Server::start_with(|c| {
+        c.yjs_compact_entries = 5;
+        c.yjs_compact_max_age = Duration::from_secs(3600);
+        c.yjs_unload_grace = Duration::from_millis(500);
+    })
+    .await;
+    let url = server.url("/metrics");
+    let http = &server.http;
+    let fresh = scrape(http, &url).await;
+    for name in [
+        "lockstep_yjs_documents",
+        "lockstep_yjs_document_bytes",
+        "lockstep_yjs_document_bytes_max",
+        "lockstep_yjs_log_entries",
+        "lockstep_yjs_log_entries_max",
+        "lockstep_yjs_compaction_lag_seconds",
+        "lockstep_yjs_compactions_total",
+    ] {
+        assert_eq!(
+            fresh.families[name],
+            if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            }
+        );
+        assert_eq!(fresh.sum(name, &[]), 0.0, "{name} at start");
+    }
+    for outcome in [
+        "compacted",
+        "nothing_new",
+        "skipped_held",
+        "stale",
+        "failed",
+    ] {
+        assert!(
+            fresh.has("lockstep_yjs_compactions_total", &[("outcome", outcome)]),
+            "{outcome}"
+        );
+    }
+
+    let token = server.token("yann", None).await;
+    let mut a = yjs_support::YClient::connect(server.addr, "scene:71", &token).await;
+    let mut b = yjs_support::YClient::connect(server.addr, "scene:72", &token).await;
+    a.until("synced", |c| c.synced).await;
+    b.until("synced", |c| c.synced).await;
+    // Three entries in one document's log, one in the other's (each edit its own append).
+    for (i, (on_a, s)) in [
+        (true, "one "),
+        (true, "two "),
+        (false, "bee"),
+        (true, "three"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let c = if on_a { &mut a } else { &mut b };
+        c.insert(s).await;
+        scrape_until(http, &url, common::WAIT, |e| {
+            e.sum("lockstep_yjs_appends_total", &[]) == (i + 1) as f64
+        })
+        .await;
+    }
+    let growing = scrape_until(http, &url, common::WAIT, |e| {
+        e.sum("lockstep_yjs_log_entries", &[]) == 4.0
+            && e.sum("lockstep_yjs_compaction_lag_seconds", &[]) > 0.0
+    })
+    .await;
+    assert_eq!(growing.sum("lockstep_yjs_documents", &[]), 2.0);
+    assert_eq!(growing.sum("lockstep_yjs_log_entries_max", &[]), 3.0);
+    let bytes = growing.sum("lockstep_yjs_document_bytes", &[]);
+    let bytes_max = growing.sum("lockstep_yjs_document_bytes_max", &[]);
+    assert!(bytes > bytes_max && bytes_max > 0.0, "{bytes} {bytes_max}");
+    assert_eq!(
+        bytes,
+        growing.sum("lockstep_yjs_appended_bytes_total", &[]),
+        "a fresh document is the updates it was built from"
+    );
+    assert_eq!(growing.sum("lockstep_yjs_compactions_total", &[]), 0.0);
+    // The lag is the age of the first entry: it grows while nothing is compacted.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let older = scrape(http, &url).await;
+    let lag = |e: &Exposition| e.sum("lockstep_yjs_compaction_lag_seconds", &[]);
+    assert!(
+        lag(&older) >= lag(&growing) + 1.0,
+        "{} then {}",
+        lag(&growing),
+        lag(&older)
+    );
+
+    // Two more entries take scene:71 to 5: compacted; scene:72 (1 entry) is not due.
+    a.insert(" four").await;
+    scrape_until(http, &url, common::WAIT, |e| {
+        e.sum("lockstep_yjs_appends_total", &[]) == 5.0
+    })
+    .await;
+    a.insert(" five").await;
+    let compacted = scrape_until(http, &url, common::WAIT, |e| {
+        e.sum(
+            "lockstep_yjs_compactions_total",
+            &[("outcome", "compacted")],
+        ) == 1.0
+            && e.sum("lockstep_yjs_log_entries", &[]) == 1.0
+    })
+    .await;
+    assert_eq!(compacted.sum("lockstep_yjs_log_entries_max", &[]), 1.0);
+    assert_eq!(
+        compacted.sum("lockstep_yjs_compaction_seconds_count", &[]),
+        1.0
+    );
+    assert_eq!(
+        compacted.families["lockstep_yjs_compaction_seconds"],
+        "histogram"
+    );
+    assert!(
+        lag(&compacted) > 0.0 && lag(&compacted) < lag(&older) + 10.0,
+        "scene:72's entry is still waiting: {}",
+        lag(&compacted)
+    );
+    // Still loaded: the size measure does not shrink with the log.
+    assert!(compacted.sum("lockstep_yjs_document_bytes", &[]) >= bytes);
+
+    // The other document's last client leaves: once unloaded, its entry no longer counts.
+    drop(b);
+    let settled = scrape_until(http, &url, Duration::from_secs(60), |e| {
+        e.sum("lockstep_yjs_documents", &[]) == 1.0 && e.sum("lockstep_yjs_log_entries", &[]) == 0.0
+    })
+    .await;
+    assert_eq!(lag(&settled), 0.0);
+    assert_eq!(
+        settled.sum("lockstep_yjs_compactions_total", &[("outcome", "failed")]),
+        0.0
+    );
+    drop(a);
 }

@@ -1,11 +1,17 @@
 //! Compaction under a fenced lockstep lock, against a real node (its lock engine and strict
-//! fencing) and a private Postgres holding the snapshots. The update log is a small in-test
-//! `DocLog` (the memory/Redis engines are another branch's), driven with real Yjs updates
-//! made by `yrs`, and every check rebuilds the document from what is stored.
+//! fencing) and a private Postgres holding the snapshots. The update log is the engine's
+//! memory log behind test hooks (`support.rs`), driven with real Yjs updates made by `yrs`,
+//! and every check rebuilds the document from what is stored. `loads.rs`: the
+//! `document_loaded` audit of real y-websocket clients; `bench.rs`: compaction throughput.
 
+#[path = "yjs_compact/bench.rs"]
+mod bench;
 mod common;
+#[path = "yjs_compact/loads.rs"]
+mod loads;
 #[path = "yjs_compact/support.rs"]
 mod support;
+mod yjs_support;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -157,31 +163,11 @@ async fn compaction_merges_the_log_into_a_snapshot_that_rebuilds_the_document() 
         Outcome::NothingNew { .. }
     ));
 
-    // Audited in Postgres: one `document_compacted` per round that wrote, and a load.
-    compact::record_loaded(&f.node, &doc, Some(covers), bytes, 1).await;
-    let pool = f.node.db.clone().unwrap();
-    let mut counts = (0, 0);
-    for _ in 0..200 {
-        let client = pool.get().await.unwrap();
-        let row = client
-            .query_one(
-                "SELECT count(*) FILTER (WHERE kind = 'document_compacted'),
-                        count(*) FILTER (WHERE kind = 'document_loaded')
-                 FROM lockstep.audit_events WHERE room = $1",
-                &[&doc],
-            )
-            .await
-            .unwrap();
-        counts = (row.get::<_, i64>(0), row.get::<_, i64>(1));
-        if counts == (2, 1) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(
-        counts,
-        (2, 1),
-        "two document_compacted records, one document_loaded"
+    // Audited in Postgres: one `document_compacted` per round that wrote.
+    let compacted = loads::audited(&f.node, &doc, "document_compacted", 2).await;
+    assert!(
+        compacted.iter().any(|d| d["covers"] == covers.to_string()),
+        "{compacted:?}"
     );
     drop(f.server);
 }
@@ -576,73 +562,6 @@ async fn the_loop_compacts_loaded_documents_that_are_due_in_embedded_mode() {
         text.contains("bye") && text.contains(&quiet_ref.0),
         "{text:?}"
     );
-}
-
-/// Compaction throughput for `docs/benchmarks.md` (run in release, it prints its numbers):
-/// `cargo test --release --test yjs_compact -- --ignored --nocapture compaction_throughput`.
-#[tokio::test]
-#[ignore = "a benchmark: run explicitly, in release"]
-async fn compaction_throughput() {
-    let f = with_postgres().await;
-    for (editors, updates) in [(2usize, 10_000usize), (50, 50_000)] {
-        let doc = unique_doc();
-        let eds: Vec<Editor> = (0..editors).map(|_| Editor::fresh()).collect();
-        let mut bytes_in = 0usize;
-        for i in 0..updates {
-            let ed = &eds[i % editors];
-            let u = if i % 10 == 9 {
-                ed.set(&format!("k{}", i % 97), i as i64)
-            } else {
-                ed.type_text("x")
-            };
-            bytes_in += u.len();
-            f.log.push(&doc, &u);
-        }
-        // The alternative merge, for comparison: apply everything to a Doc and encode it.
-        let all: Vec<Vec<u8>> = f
-            .log
-            .read_after(&doc, None, usize::MAX)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|e| e.update)
-            .collect();
-        let t = std::time::Instant::now();
-        let via_doc = {
-            use yrs::updates::decoder::Decode;
-            use yrs::{ReadTxn, Transact};
-            let d = yrs::Doc::new();
-            let mut txn = d.transact_mut();
-            for u in &all {
-                txn.apply_update(yrs::Update::decode_v1(u).unwrap())
-                    .unwrap();
-            }
-            txn.encode_state_as_update_v1(&yrs::StateVector::default())
-        };
-        println!(
-            "  (Doc apply + encode of the same updates: {:.0} ms, {:.1} KiB)",
-            t.elapsed().as_secs_f64() * 1e3,
-            via_doc.len() as f64 / 1024.0
-        );
-        let mut c = CompactorConfig::for_node("bench");
-        c.page = 1_000;
-        c.max_entries_per_round = usize::MAX;
-        let compactor = Compactor::new(f.node.clone(), f.log.clone(), f.snapshots.clone(), c);
-        let started = std::time::Instant::now();
-        let Outcome::Compacted { merged, bytes, .. } = compactor.compact(&doc).await.unwrap()
-        else {
-            panic!("expected a compaction");
-        };
-        let took = started.elapsed();
-        assert_eq!(merged, updates);
-        println!(
-            "compaction: {editors} editors, {updates} updates ({:.1} KiB) -> snapshot {:.1} KiB in {:.0} ms: {:.0} updates/s",
-            bytes_in as f64 / 1024.0,
-            bytes as f64 / 1024.0,
-            took.as_secs_f64() * 1e3,
-            updates as f64 / took.as_secs_f64()
-        );
-    }
 }
 
 /// A log can hold an update whose dependency is not in it yet (it is in a later entry): the

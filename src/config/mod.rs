@@ -199,6 +199,12 @@ pub struct Settings {
     /// How long a Yjs document with no local connection stays loaded.
     #[arg(long, env = "LOCKSTEP_YJS_UNLOAD_GRACE")]
     pub yjs_unload_grace: Option<HumanDuration>,
+    /// Compact a loaded Yjs document once its update log holds this many entries.
+    #[arg(long, env = "LOCKSTEP_YJS_COMPACT_ENTRIES")]
+    pub yjs_compact_entries: Option<u64>,
+    /// Compact a loaded Yjs document with any log entries this long after its last round.
+    #[arg(long, env = "LOCKSTEP_YJS_COMPACT_MAX_AGE")]
+    pub yjs_compact_max_age: Option<HumanDuration>,
     /// How long an HTTP client may take to send a request's headers, and then its body (each);
     /// also closes idle keep-alive connections after this long.
     #[arg(long, env = "LOCKSTEP_HTTP_READ_TIMEOUT")]
@@ -276,6 +282,8 @@ pub struct Config {
     pub yjs_max_docs: usize,
     pub yjs_max_clients_per_doc: usize,
     pub yjs_unload_grace: Duration,
+    pub yjs_compact_entries: u64,
+    pub yjs_compact_max_age: Duration,
     pub http_read_timeout: Duration,
     pub http_requests_per_second_per_ip: u32,
     pub http_requests_per_second_per_user: u32,
@@ -354,6 +362,8 @@ impl Settings {
                 .yjs_max_clients_per_doc
                 .or(other.yjs_max_clients_per_doc),
             yjs_unload_grace: self.yjs_unload_grace.or(other.yjs_unload_grace),
+            yjs_compact_entries: self.yjs_compact_entries.or(other.yjs_compact_entries),
+            yjs_compact_max_age: self.yjs_compact_max_age.or(other.yjs_compact_max_age),
             http_read_timeout: self.http_read_timeout.or(other.http_read_timeout),
             http_requests_per_second_per_ip: self
                 .http_requests_per_second_per_ip
@@ -381,6 +391,15 @@ impl Config {
             max_clients: self.yjs_max_clients_per_doc,
             unload_grace: self.yjs_unload_grace,
             ..Default::default()
+        }
+    }
+
+    /// The compactor's thresholds (`LOCKSTEP_YJS_COMPACT_*`) over its defaults for this node.
+    pub fn yjs_compactor(&self) -> crate::yjs::compact::CompactorConfig {
+        crate::yjs::compact::CompactorConfig {
+            max_entries: self.yjs_compact_entries,
+            max_age: self.yjs_compact_max_age,
+            ..crate::yjs::compact::CompactorConfig::for_node(&self.node_id)
         }
     }
 
@@ -465,6 +484,8 @@ impl Config {
             yjs_max_docs: s.yjs_max_docs.unwrap_or(2000),
             yjs_max_clients_per_doc: s.yjs_max_clients_per_doc.unwrap_or(200),
             yjs_unload_grace: d(s.yjs_unload_grace, Duration::from_secs(30)),
+            yjs_compact_entries: s.yjs_compact_entries.unwrap_or(500),
+            yjs_compact_max_age: d(s.yjs_compact_max_age, Duration::from_secs(30)),
             http_read_timeout: d(s.http_read_timeout, Duration::from_secs(10)),
             http_requests_per_second_per_ip: s.http_requests_per_second_per_ip.unwrap_or(100),
             http_requests_per_second_per_user: s.http_requests_per_second_per_user.unwrap_or(20),
@@ -585,6 +606,12 @@ impl Config {
                 return invalid(name, "must be at least 1");
             }
         }
+        if self.yjs_compact_entries == 0 {
+            return invalid("yjs_compact_entries", "must be at least 1");
+        }
+        if self.yjs_compact_max_age < Duration::from_millis(100) {
+            return invalid("yjs_compact_max_age", "must be at least 100ms");
+        }
         if self.http_read_timeout < Duration::from_millis(100) {
             return invalid("http_read_timeout", "must be at least 100ms");
         }
@@ -688,6 +715,23 @@ mod tests {
         );
         assert_eq!(c.resume_grace, Duration::from_secs(15));
         assert!(c.dev_mode());
+    }
+
+    #[test]
+    fn yjs_compactor_thresholds_are_settings() {
+        let c = Config::from_settings(Settings::default()).unwrap();
+        let compactor = c.yjs_compactor();
+        assert_eq!(compactor.max_entries, 500);
+        assert_eq!(compactor.max_age, Duration::from_secs(30));
+        assert_eq!(compactor.holder_key, format!("yjs-compactor:{}", c.node_id));
+        let file: Settings =
+            toml::from_str("yjs_compact_entries = 50\nyjs_compact_max_age = \"2s\"\n").unwrap();
+        let c = Config::from_settings(file).unwrap().yjs_compactor();
+        assert_eq!((c.max_entries, c.max_age), (50, Duration::from_secs(2)));
+        for bad in ["yjs_compact_entries = 0", "yjs_compact_max_age = \"10ms\""] {
+            let s: Settings = toml::from_str(bad).unwrap();
+            assert!(Config::from_settings(s).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

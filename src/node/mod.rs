@@ -239,6 +239,7 @@ impl Node {
                 .clone()
                 .run(node.locks.clone(), node.stop_background.clone()),
         );
+        crate::yjs::compact::audit_loads(&node);
         // Redis without a database: the log is shared by every node but the snapshot files are
         // this node's own, so a compaction here would trim entries that other nodes can then
         // no longer load. The log keeps everything instead (nothing is lost; Redis grows).
@@ -251,9 +252,10 @@ impl Node {
                 node.clone(),
                 doc_log,
                 snapshots,
-                crate::yjs::compact::CompactorConfig::for_node(&node.id),
+                node.config.yjs_compactor(),
             );
             let _ = node.compactor.set(Arc::downgrade(&compactor));
+            observe_compactor(&node.metrics, &compactor.watch());
             let registry = node.yjs.clone();
             node.background
                 .spawn(compactor.run(move || registry.loaded_docs(), node.stop_background.clone()));
@@ -296,11 +298,11 @@ impl Node {
         // Embedded, a document's log lives in this process: a clean stop folds it into the
         // snapshot files first (before the background stops: the compactor lives in it).
         // With Redis the log is durable and outlives the node.
-        if self.config.redis_url.is_none() {
-            if let Some(c) = self.compactor.get().and_then(std::sync::Weak::upgrade) {
-                let flushed = c.flush(&self.yjs.loaded_docs()).await;
-                tracing::info!(flushed, "yjs documents compacted before the exit");
-            }
+        if self.config.redis_url.is_none()
+            && let Some(c) = self.compactor.get().and_then(std::sync::Weak::upgrade)
+        {
+            let flushed = c.flush(&self.yjs.loaded_docs()).await;
+            tracing::info!(flushed, "yjs documents compacted before the exit");
         }
         self.stop_background.cancel();
         // A renewal still in flight would shorten the leases the hand-over stretches. A duty
@@ -503,6 +505,35 @@ where
     );
 }
 
+/// The compactor's view of the loaded documents' logs, as of its last checks (each second):
+/// read at scrape time, no Redis call per scrape.
+fn observe_compactor(metrics: &Metrics, watch: &crate::yjs::compact::LogWatch) {
+    type Pick = fn(&crate::yjs::compact::LogStats) -> u64;
+    let gauges: [(&'static str, &'static str, Pick); 2] = [
+        (
+            "lockstep.yjs.log_entries",
+            "Update-log entries not compacted yet, summed over the Yjs documents loaded on this node",
+            |s| s.entries,
+        ),
+        (
+            "lockstep.yjs.log_entries_max",
+            "Update-log entries not compacted yet of the longest log among the documents loaded here",
+            |s| s.entries_max,
+        ),
+    ];
+    for (name, description, pick) in gauges {
+        let w = watch.clone();
+        metrics.observe_gauge(name, "", description, move || pick(&w.stats()));
+    }
+    let w = watch.clone();
+    metrics.observe_gauge_f64(
+        "lockstep.yjs.compaction_lag",
+        "s",
+        "Age of the oldest update-log entry not compacted yet among the documents loaded here (0: none)",
+        move || w.stats().lag_seconds(crate::engine::now_ms()),
+    );
+}
+
 /// The document layer's metrics, read at every scrape.
 fn observe_yjs(metrics: &Metrics, yjs: &Arc<crate::yjs::docs::Registry>) {
     use std::sync::atomic::Ordering::Relaxed;
@@ -513,6 +544,27 @@ fn observe_yjs(metrics: &Metrics, yjs: &Arc<crate::yjs::docs::Registry>) {
         "Yjs documents loaded on this node",
         move || y.loaded() as u64,
     );
+    // One pass over the loaded documents per gauge and scrape; no per-document series (a
+    // client can create documents at will).
+    type Size = fn((u64, u64)) -> u64;
+    let sizes: [(&'static str, &'static str, &'static str, Size); 2] = [
+        (
+            "lockstep.yjs.document",
+            "By",
+            "Size of the Yjs documents loaded on this node, summed (bytes of the snapshot and updates each was built from, the measure of LOCKSTEP_YJS_MAX_DOC_BYTES)",
+            |(total, _)| total,
+        ),
+        (
+            "lockstep.yjs.document.bytes_max",
+            "",
+            "Size of the largest Yjs document loaded on this node (same measure)",
+            |(_, max)| max,
+        ),
+    ];
+    for (name, unit, description, pick) in sizes {
+        let y = yjs.clone();
+        metrics.observe_gauge(name, unit, description, move || pick(y.sizes()));
+    }
     type Pick = fn(&crate::yjs::docs::Counters) -> &std::sync::atomic::AtomicU64;
     let counters: [(&'static str, &'static str, Pick); 6] = [
         (

@@ -23,13 +23,27 @@
 //! When: [`Compactor::run`] looks at the documents loaded on this node every
 //! [`CompactorConfig::check_every`] and compacts one whose log holds at least
 //! [`CompactorConfig::max_entries`] entries, or any entries at all and was last compacted
-//! (by this node's loop) more than [`CompactorConfig::max_age`] ago.
+//! (by this node's loop) more than [`CompactorConfig::max_age`] ago (`LOCKSTEP_YJS_COMPACT_*`).
+//!
+//! # What it reports
+//!
+//! Every round counts its outcome (`lockstep_yjs_compactions_total{outcome}`) and its time.
+//! The loop's checks already read each loaded document's log length; they keep it, with the
+//! id of the log's oldest entry (ids are `<ms>-<seq>`, so its age is the compaction lag), in a
+//! [`LogWatch`] that the metrics read at scrape time: no Redis call per scrape. The oldest id
+//! costs one extra read, only when it is unknown (after a round, or a first entry), when the
+//! log got shorter (another node trimmed it), or when it is older than `max_age` (so a lag
+//! alert is never raised on a stale value).
+//!
+//! [`audit_loads`] makes the node's document registry audit each load (`document_loaded`).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::audit::AuditKind;
 use crate::auth::Principal;
@@ -37,10 +51,38 @@ use crate::engine::{EngineError, LockKey};
 use crate::names::Entity;
 use crate::node::locks::{AcquireParams, Caller};
 use crate::node::{Node, OpError};
+use crate::telemetry::Metrics;
+use crate::yjs::docs::LoadReport;
 use crate::yjs::store::{DocLog, EntryId, Snapshot, SnapshotError, SnapshotStore};
+
+mod watch;
+pub use watch::{LogStats, LogWatch};
 
 /// The entity type of compaction locks: `yjs_compaction:<document id>` in the document's room.
 pub const LOCK_TYPE: &str = "yjs_compaction";
+
+/// Label values of `lockstep_yjs_compactions_total{outcome}`: a snapshot written
+/// (`compacted`); nothing after the snapshot, a left-over trim at most (`nothing_new`);
+/// another node holds the lock (`skipped_held`); refused or abandoned as a stale writer
+/// (`stale`); an error (`failed`: log, snapshot store, lock, or an update that does not decode).
+pub const OUTCOMES: &[&str] = &[
+    "compacted",
+    "nothing_new",
+    "skipped_held",
+    "stale",
+    "failed",
+];
+
+/// Buckets of `lockstep_yjs_compaction_seconds`: a small document's round (a few ms) up to a
+/// large merge (y-redis reports ~0.8 s for 20 MB) and a slow Postgres.
+const ROUND_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// `document_loaded` records waiting for the audit outbox. Past this many (the outbox is slow
+/// or down) a load's record is dropped with a warning: a load is never held up by its audit,
+/// and waiting records are not queued without bound.
+const LOAD_RECORDS_IN_FLIGHT: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct CompactorConfig {
@@ -65,6 +107,7 @@ pub struct CompactorConfig {
 }
 
 impl CompactorConfig {
+    /// The defaults (the node's own thresholds come from `Config::yjs_compactor`).
     pub fn for_node(node_id: &str) -> CompactorConfig {
         CompactorConfig {
             max_entries: 500,
@@ -123,8 +166,10 @@ pub struct Compactor {
     /// One round at a time per compactor (the loop, `flush`, callers): rounds of one holder
     /// share a reentrant grant, so the fence cannot order them.
     round: tokio::sync::Mutex<()>,
-    /// When this node's loop last finished a round per document (or first saw it).
-    last_round: Mutex<HashMap<String, Instant>>,
+    /// What the loop saw of each loaded document's log (and when it last had a round).
+    watch: LogWatch,
+    outcomes: Counter<u64>,
+    round_seconds: Histogram<f64>,
 }
 
 /// The compaction lock of `doc`.
@@ -136,23 +181,46 @@ pub fn lock_key(doc: &str) -> Result<LockKey, CompactError> {
     Ok(LockKey::new(room, resource))
 }
 
-/// Records `document_loaded` for `doc` (a node built it from its snapshot and log tail): for
-/// the document layer to call once per load, not per update.
-pub async fn record_loaded(
-    node: &Node,
-    doc: &str,
-    covers: Option<EntryId>,
-    snapshot_bytes: usize,
-    tail_entries: usize,
-) {
+/// Records `document_loaded` (a node built the document from its snapshot and log tail).
+pub async fn record_loaded(node: &Node, load: &LoadReport) {
     let mut r = node.audit_record(AuditKind::DocumentLoaded);
-    r.room = Some(Arc::from(doc));
+    r.room = Some(Arc::from(load.doc.as_str()));
     r.detail = serde_json::json!({
-        "covers": covers.map(|c| c.to_string()),
-        "snapshot_bytes": snapshot_bytes,
-        "tail_entries": tail_entries,
+        "covers": load.covers.map(|c| c.to_string()),
+        "snapshot_bytes": load.snapshot_bytes,
+        "tail_entries": load.tail_entries,
+        "load_ms": load.took.as_millis() as u64,
     });
     node.record(vec![r]).await;
+}
+
+/// Makes `node`'s document registry record `document_loaded` once per load, on a task of its
+/// own so a slow or unavailable audit outbox never holds a load up (at most
+/// [`LOAD_RECORDS_IN_FLIGHT`] wait; see there).
+pub fn audit_loads(node: &Arc<Node>) {
+    // Weak: the registry (inside the node) keeps the hook.
+    let weak = Arc::downgrade(node);
+    let permits = Arc::new(tokio::sync::Semaphore::new(LOAD_RECORDS_IN_FLIGHT));
+    node.yjs.on_load(move |load| {
+        let Some(node) = weak.upgrade() else {
+            return;
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(
+                doc = %load.doc,
+                "document_loaded not audited: {LOAD_RECORDS_IN_FLIGHT} records already wait for the audit outbox"
+            );
+            return;
+        };
+        let span = node.span();
+        tokio::spawn(
+            async move {
+                record_loaded(&node, &load).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    });
 }
 
 /// Merges a snapshot's state and log updates into one Yjs v1 update: applied to a `Doc` and
@@ -185,6 +253,7 @@ impl Compactor {
     ) -> Arc<Compactor> {
         let mut principal = Principal::admin();
         principal.name = Arc::from("yjs compactor");
+        let (outcomes, round_seconds) = instruments(&node.metrics);
         Arc::new(Compactor {
             node,
             log,
@@ -192,8 +261,15 @@ impl Compactor {
             config,
             principal,
             round: tokio::sync::Mutex::new(()),
-            last_round: Mutex::new(HashMap::new()),
+            watch: LogWatch::default(),
+            outcomes,
+            round_seconds,
         })
+    }
+
+    /// The loop's view of the loaded documents' logs (for the metrics).
+    pub fn watch(&self) -> LogWatch {
+        self.watch.clone()
     }
 
     fn caller(&self) -> Caller<'_> {
@@ -203,8 +279,28 @@ impl Compactor {
         }
     }
 
-    /// One round for `doc` under its compaction lock (see the module doc).
+    /// One round for `doc` under its compaction lock (see the module doc), counted and timed.
     pub async fn compact(&self, doc: &str) -> Result<Outcome, CompactError> {
+        let started = Instant::now();
+        let result = self.compact_round(doc).await;
+        let outcome = match &result {
+            Ok(Outcome::Compacted { .. }) => "compacted",
+            Ok(Outcome::NothingNew { .. }) => "nothing_new",
+            Ok(Outcome::Busy { .. }) => "skipped_held",
+            Ok(Outcome::Stale(_)) => "stale",
+            Err(_) => "failed",
+        };
+        self.outcomes.add(1, &[KeyValue::new("outcome", outcome)]);
+        // A skipped round did no work: timing it would only pull the histogram down.
+        if outcome != "skipped_held" {
+            self.round_seconds
+                .record(started.elapsed().as_secs_f64(), &[]);
+        }
+        self.watch.round_ended(doc, outcome != "skipped_held");
+        result
+    }
+
+    async fn compact_round(&self, doc: &str) -> Result<Outcome, CompactError> {
         let key = lock_key(doc)?;
         let _round = self.round.lock().await;
         let params = AcquireParams {
@@ -342,18 +438,21 @@ impl Compactor {
         })
     }
 
-    /// Whether `doc` is due for a round (see the module doc).
+    /// Whether `doc` is due for a round (see the module doc); keeps what it read in the
+    /// [`LogWatch`].
     pub async fn is_due(&self, doc: &str) -> Result<bool, CompactError> {
         let len = self.log.len(doc).await?;
+        if self.watch.saw_len(doc, len, self.config.max_age) {
+            let first = self.log.read_after(doc, None, 1).await?;
+            self.watch.saw_oldest(doc, first.first().map(|e| e.id));
+        }
         if len == 0 {
             return Ok(false);
         }
         if len >= self.config.max_entries {
             return Ok(true);
         }
-        let mut last = self.last_round.lock().unwrap_or_else(|p| p.into_inner());
-        let since = *last.entry(doc.to_owned()).or_insert_with(Instant::now);
-        Ok(since.elapsed() >= self.config.max_age)
+        Ok(self.watch.since_round(doc) >= self.config.max_age)
     }
 
     /// The background loop: every `check_every`, compacts the due documents among
@@ -372,7 +471,7 @@ impl Compactor {
                 _ = tick.tick() => {}
             }
             let docs = loaded_docs();
-            self.forget_unloaded(&docs);
+            self.watch.keep_only(&docs);
             for doc in docs {
                 if cancel.is_cancelled() {
                     return;
@@ -386,15 +485,7 @@ impl Compactor {
                     }
                 }
                 match self.compact(&doc).await {
-                    Ok(outcome) => {
-                        tracing::debug!(doc, ?outcome, "compaction round");
-                        if !matches!(outcome, Outcome::Busy { .. }) {
-                            self.last_round
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .insert(doc, Instant::now());
-                        }
-                    }
+                    Ok(outcome) => tracing::debug!(doc, ?outcome, "compaction round"),
                     Err(e) => tracing::warn!(doc, error = %e, "compaction failed"),
                 }
             }
@@ -425,14 +516,22 @@ impl Compactor {
         }
         wrote
     }
+}
 
-    /// Drops the timers of documents no longer loaded here, so the map stays bounded by the
-    /// loaded documents.
-    fn forget_unloaded(&self, docs: &[String]) {
-        let mut last = self.last_round.lock().unwrap_or_else(|p| p.into_inner());
-        if last.len() > docs.len() {
-            let keep: std::collections::HashSet<&str> = docs.iter().map(String::as_str).collect();
-            last.retain(|d, _| keep.contains(d.as_str()));
-        }
+/// The round counter (every outcome at zero from the start) and the round histogram. Several
+/// compactors on one node (tests) share them: one name is one series.
+fn instruments(metrics: &Metrics) -> (Counter<u64>, Histogram<f64>) {
+    let outcomes = metrics.counter(
+        "lockstep.yjs.compactions",
+        "Yjs compaction rounds on this node, by outcome (compacted, nothing_new, skipped_held, stale, failed)",
+    );
+    for outcome in OUTCOMES {
+        outcomes.add(0, &[KeyValue::new("outcome", *outcome)]);
     }
+    let seconds = metrics.seconds_histogram(
+        "lockstep.yjs.compaction",
+        "Time of one Yjs compaction round that took the lock (read, merge, store, trim)",
+        ROUND_BUCKETS,
+    );
+    (outcomes, seconds)
 }

@@ -1,12 +1,12 @@
-//! Support for `tests/yjs_compact.rs`: a small in-test `DocLog` (the memory/Redis engines
-//! are another branch's) with hooks to stage races, and Yjs editors made with `yrs`.
+//! Support for `tests/yjs_compact.rs`: the engine's memory `DocLog` behind hooks that stage
+//! races, and Yjs editors made with `yrs`.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use lockstep::engine::EngineResult;
+use lockstep::engine::memory::MemoryDocLog;
 use lockstep::yjs::store::{Announcement, DocLog, EntryId, LogEntry, SnapshotStore};
 use tokio::sync::{Notify, broadcast};
 use yrs::types::ToJson;
@@ -15,10 +15,11 @@ use yrs::{Any, Doc, GetString, Map, Text, Transact, Update};
 
 // ---- an in-test update log ------------------------------------------------------------
 
+/// The engine's in-process log (ids, order, trims and announcements are its own code) with
+/// hooks to stage races around it.
 #[derive(Default)]
 pub struct VecLog {
-    pub docs: Mutex<HashMap<String, Vec<LogEntry>>>,
-    pub next: AtomicU64,
+    pub inner: MemoryDocLog,
     /// Every `trim_through` argument, in order.
     pub trims: Mutex<Vec<(String, EntryId)>>,
     /// Appended right before a trim runs: an edit arriving while a round is in flight.
@@ -31,26 +32,11 @@ pub struct VecLog {
 
 impl VecLog {
     pub fn push(&self, doc: &str, update: &[u8]) -> EntryId {
-        let n = self.next.fetch_add(1, Ordering::SeqCst) + 1;
-        // Some ids share a millisecond, so (ms, seq) ordering is exercised.
         self.history
             .lock()
             .unwrap()
             .push((doc.to_owned(), update.to_vec()));
-        let id = EntryId {
-            ms: 1_000 + n / 3,
-            seq: n % 3,
-        };
-        self.docs
-            .lock()
-            .unwrap()
-            .entry(doc.to_owned())
-            .or_default()
-            .push(LogEntry {
-                id,
-                update: update.to_vec(),
-            });
-        id
+        self.inner.push(doc, update, "n").expect("the memory log")
     }
 }
 
@@ -72,40 +58,26 @@ impl DocLog for VecLog {
                 p.1.notified().await;
             }
         }
-        let docs = self.docs.lock().unwrap();
-        Ok(docs
-            .get(doc)
-            .map(|v| {
-                v.iter()
-                    .filter(|e| after.is_none_or(|a| e.id > a))
-                    .take(limit)
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default())
+        self.inner.read_after(doc, after, limit).await
     }
     async fn trim_through(&self, doc: &str, through: EntryId) -> EngineResult<u64> {
         if let Some(update) = self.late.lock().unwrap().take() {
             self.push(doc, &update);
         }
         self.trims.lock().unwrap().push((doc.to_owned(), through));
-        let mut docs = self.docs.lock().unwrap();
-        let v = docs.entry(doc.to_owned()).or_default();
-        let before = v.len();
-        v.retain(|e| e.id > through);
-        Ok((before - v.len()) as u64)
+        self.inner.trim_through(doc, through).await
     }
     async fn len(&self, doc: &str) -> EngineResult<u64> {
-        Ok(self.docs.lock().unwrap().get(doc).map_or(0, |v| v.len()) as u64)
+        self.inner.len(doc).await
     }
-    async fn subscribe(&self, _doc: &str) -> EngineResult<()> {
-        Ok(())
+    async fn subscribe(&self, doc: &str) -> EngineResult<()> {
+        self.inner.subscribe(doc).await
     }
-    async fn unsubscribe(&self, _doc: &str) -> EngineResult<()> {
-        Ok(())
+    async fn unsubscribe(&self, doc: &str) -> EngineResult<()> {
+        self.inner.unsubscribe(doc).await
     }
     fn announcements(&self) -> broadcast::Receiver<Announcement> {
-        broadcast::channel(1).1
+        self.inner.announcements()
     }
 }
 

@@ -57,11 +57,11 @@ impl MemoryDocLog {
             _ => EntryId { ms, seq: 0 },
         }
     }
-}
 
-#[async_trait]
-impl DocLog for MemoryDocLog {
-    async fn append(&self, doc: &str, update: &[u8], origin_node: &str) -> EngineResult<EntryId> {
+    /// [`DocLog::append`] without a runtime: gives the entry the next id, stores it and
+    /// announces it to the document's subscribers, in one step under the state lock. Tests
+    /// that stage a log (in a synchronous loop, or behind hooks of their own) use it too.
+    pub fn push(&self, doc: &str, update: &[u8], origin_node: &str) -> EngineResult<EntryId> {
         let mut s = lock_state(&self.state, "doc log")?;
         let id = Self::next_id(s.last);
         s.last = Some(id);
@@ -83,6 +83,13 @@ impl DocLog for MemoryDocLog {
             });
         }
         Ok(id)
+    }
+}
+
+#[async_trait]
+impl DocLog for MemoryDocLog {
+    async fn append(&self, doc: &str, update: &[u8], origin_node: &str) -> EngineResult<EntryId> {
+        self.push(doc, update, origin_node)
     }
 
     async fn read_after(

@@ -35,12 +35,14 @@ impl LoadedDoc {
     }
 
     /// Reads the log after the last applied id until its end, then applies the buffered
-    /// announcements and leaves the catching-up state.
-    pub(super) async fn catch_up(&self, reg: &Registry) -> crate::engine::EngineResult<()> {
+    /// announcements and leaves the catching-up state. Returns how many entries it read.
+    pub(super) async fn catch_up(&self, reg: &Registry) -> crate::engine::EngineResult<usize> {
+        let mut read = 0;
         loop {
             let after = lock(&self.state).last;
             let page = reg.log.read_after(&self.name, after, PAGE).await?;
             let full = page.len() == PAGE;
+            read += page.len();
             let mut s = lock(&self.state);
             for e in &page {
                 s.apply_entry(e, true);
@@ -59,7 +61,7 @@ impl LoadedDoc {
             }
             if !gap {
                 s.catching_up = false;
-                return Ok(());
+                return Ok(read);
             }
         }
     }

@@ -29,11 +29,16 @@
 //!
 //! A document with no connections for `unload_grace` is dropped and unsubscribed. Nothing is
 //! flushed: the log already holds every acknowledged update.
+//!
+//! # Reporting
+//!
+//! Each load is reported once to the hook set with [`Registry::on_load`] (the node audits it
+//! as `document_loaded`), and [`Registry::sizes`] adds up the loaded documents for metrics.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{Notify, OnceCell, broadcast, mpsc};
@@ -137,6 +142,23 @@ pub struct Counters {
 /// Awareness states of a document, queued for the other nodes.
 type SharedAwareness = (String, Vec<AwarenessState>);
 
+/// What loading a document read (the `document_loaded` audit record's detail).
+#[derive(Debug, Clone)]
+pub struct LoadReport {
+    pub doc: String,
+    /// The last log entry the snapshot covers (none: no snapshot, or one of a fresh document).
+    pub covers: Option<EntryId>,
+    /// Size of the stored snapshot (0 without one).
+    pub snapshot_bytes: usize,
+    /// Log entries read after the snapshot.
+    pub tail_entries: usize,
+    /// From the subscription to the document being ready.
+    pub took: Duration,
+}
+
+/// Called once per load, on the loading task: it must not block (it spawns what it needs).
+type LoadHook = Box<dyn Fn(LoadReport) + Send + Sync>;
+
 /// Every document loaded on this node.
 pub struct Registry {
     node_id: Arc<str>,
@@ -152,6 +174,7 @@ pub struct Registry {
     /// Awareness states to share with other nodes (document, states).
     aw_queue: mpsc::Sender<SharedAwareness>,
     aw_rx: Mutex<Option<mpsc::Receiver<SharedAwareness>>>,
+    on_load: OnceLock<LoadHook>,
 }
 
 /// One loaded document.
@@ -230,7 +253,13 @@ impl Registry {
             subs: tokio::sync::Mutex::new(()),
             next_conn: AtomicU64::new(1),
             counters: Counters::default(),
+            on_load: OnceLock::new(),
         })
+    }
+
+    /// Sets the hook told about every load (once; a second call is ignored).
+    pub fn on_load(&self, hook: impl Fn(LoadReport) + Send + Sync + 'static) {
+        let _ = self.on_load.set(Box::new(hook));
     }
 
     /// Starts the task that applies announcements to loaded documents; it ends with `stop`.
@@ -272,6 +301,18 @@ impl Registry {
     /// Whether `doc` is loaded here (tests, metrics).
     pub fn is_loaded(&self, doc: &str) -> bool {
         lock(&self.docs).contains_key(doc)
+    }
+
+    /// The total and the largest size of the documents loaded here, in the measure of
+    /// `max_doc_bytes`: bytes of the snapshot and updates each was built from. An upper bound
+    /// of the encoded size (repeats and deleted content count), and free to read: encoding a
+    /// large document at every scrape would cost a full pass over it.
+    pub fn sizes(&self) -> (u64, u64) {
+        let docs: Vec<Arc<LoadedDoc>> = lock(&self.docs).values().cloned().collect();
+        docs.iter().fold((0, 0), |(total, max), d| {
+            let size = lock(&d.state).size as u64;
+            (total + size, max.max(size))
+        })
     }
 
     fn on_announcement(self: &Arc<Self>, a: Announcement) {
@@ -365,6 +406,14 @@ impl Registry {
     /// Subscribe, snapshot, log tail; then start the flusher.
     async fn load(self: &Arc<Self>, doc: &Arc<LoadedDoc>) -> Result<(), Refusal> {
         let unavailable = |e: &dyn std::fmt::Display| Refusal::Unavailable(e.to_string());
+        let started = Instant::now();
+        let mut report = LoadReport {
+            doc: doc.name.clone(),
+            covers: None,
+            snapshot_bytes: 0,
+            tail_entries: 0,
+            took: Duration::ZERO,
+        };
         {
             let _g = self.subs.lock().await;
             self.log
@@ -384,9 +433,11 @@ impl Registry {
                     .map_err(|e| Refusal::Unavailable(format!("stored snapshot: {e}")))?;
                 s.last = snap.covers;
                 s.size = snap.state.len();
+                report.covers = snap.covers;
+                report.snapshot_bytes = snap.state.len();
             }
         }
-        doc.catch_up(self).await.map_err(|e| unavailable(&e))?;
+        report.tail_entries = doc.catch_up(self).await.map_err(|e| unavailable(&e))?;
         match self.log.awareness_states(&doc.name).await {
             Ok(states) => {
                 lock(&doc.state).take_awareness(&states, None);
@@ -395,6 +446,10 @@ impl Registry {
             Err(e) => tracing::debug!(doc = %doc.name, error = %e, "yjs: no awareness states"),
         }
         tokio::spawn(loaded::flusher(self.clone(), doc.clone()));
+        if let Some(hook) = self.on_load.get() {
+            report.took = started.elapsed();
+            hook(report);
+        }
         Ok(())
     }
 

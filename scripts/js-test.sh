@@ -12,18 +12,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
-need() { command -v "$1" >/dev/null || { echo "js-test: $1 not found ($2)" >&2; exit 1; }; }
-need node "Node.js >= 20.11"
-need npm "npm comes with Node.js"
+suite=js-test
+source scripts/lib/node-suite.sh
+need_node
 need redis-server "the drain test starts a private one"
-node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 11) ? 0 : 1)' \
-  || { echo "js-test: Node.js >= 20.11 required, found $(node --version) (source scripts/ensure-deps.sh installs one)" >&2; exit 1; }
 
-if [ -z "${LOCKSTEP_BIN:-}" ]; then
-  cargo build --quiet --bin lockstep
-  LOCKSTEP_BIN="${CARGO_TARGET_DIR:-$root/target}/debug/lockstep"
-fi
-export LOCKSTEP_BIN
+use_lockstep_bin
 
 cd clients/js
 npm ci --no-audit --no-fund --loglevel=error

@@ -4,26 +4,23 @@
 # lockstep nodes sharing a private redis-server and a private PostgreSQL (all started by the
 # tests on free loopback ports, in temp dirs, and stopped again).
 #
-#   scripts/yjs-test.sh                      # every file (sync, crash, restart, hocuspocus, chromium, demo)
+#   scripts/yjs-test.sh                      # every file (sync, lock, crash, restart, hocuspocus, chromium, demo)
 #   scripts/yjs-test.sh sync.test.mjs        # only the files named (relative to tests/yjs)
 #
 # Needs: Node.js >= 20.11 with npm; cargo (or LOCKSTEP_BIN pointing at a built gateway);
 # redis-server and redis-cli; PostgreSQL binaries under /usr/lib/postgresql/*/bin (initdb,
 # pg_ctl, psql; as root they run through `runuser -u postgres`); Chromium at /usr/bin/chromium
 # (or CHROMIUM_PATH), installed from apt here as scripts/browser-test.sh does; no browser is
-# downloaded. The Hocuspocus test is skipped (with its reason) until the endpoint exists;
-# LOCKSTEP_YJS_HOCUSPOCUS=1 runs it.
+# downloaded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
-need() { command -v "$1" >/dev/null || { echo "yjs-test: $1 not found ($2)" >&2; exit 1; }; }
-need node "Node.js >= 20.11"
-need npm "npm comes with Node.js"
+suite=yjs-test
+source scripts/lib/node-suite.sh
+need_node
 need redis-server "apt-get install -y redis-server"
 need redis-cli "apt-get install -y redis-server"
-node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 11) ? 0 : 1)' \
-  || { echo "yjs-test: Node.js >= 20.11 required, found $(node --version)" >&2; exit 1; }
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
   || { echo "yjs-test: PostgreSQL binaries not found (apt-get install -y postgresql)" >&2; exit 1; }
 
@@ -35,11 +32,7 @@ if [ ! -x "$CHROMIUM" ]; then
 fi
 export CHROMIUM_PATH=$CHROMIUM
 
-if [ -z "${LOCKSTEP_BIN:-}" ]; then
-  cargo build --quiet --bin lockstep
-  LOCKSTEP_BIN="${CARGO_TARGET_DIR:-$root/target}/debug/lockstep"
-fi
-export LOCKSTEP_BIN
+use_lockstep_bin
 
 cd tests/yjs
 npm ci --no-audit --no-fund --loglevel=error

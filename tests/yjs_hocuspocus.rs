@@ -544,3 +544,46 @@ async fn a_draining_node_closes_with_1012() {
     let (_, code) = tokio::join!(server.shutdown(), c.until_closed());
     assert_eq!(code, 1012);
 }
+
+/// A document open on a Hocuspocus socket is its user's member of the document's room (the
+/// presence bridge of `/v1/yjs`), one per document; closing the document (7) is its leave,
+/// while the socket and its other document stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_open_document_is_a_presence_member_until_it_is_closed() {
+    let server = Server::start().await;
+    let mut watcher = server.client("watcher").await;
+    watcher.join("scene:30").await;
+    let ta = server.token("alice", None).await;
+    let mut a = HClient::connect(&server).await;
+    a.open("scene:30", &ta).await;
+    a.open("scene:31", &ta).await;
+    a.until("synced", synced("scene:30")).await;
+    a.until("synced", synced("scene:31")).await;
+    let joined = watcher.recv_type("presence.join").await;
+    assert_eq!(joined["room"], "scene:30", "{joined}");
+    assert_eq!(joined["member"]["user_id"], "alice", "{joined}");
+    assert_eq!(joined["member"]["state"], json!({"via": "yjs"}), "{joined}");
+    let sid = joined["member"]["session_id"].as_str().unwrap().to_owned();
+
+    a.send_raw(addressed("scene:30", 7, |_| {})).await;
+    let left = watcher.recv_type("presence.leave").await;
+    assert_eq!(left["member"]["session_id"], sid.as_str(), "{left}");
+    // scene:31 is still open on the same socket, and still listed.
+    let r: serde_json::Value = server
+        .http
+        .get(server.url("/v1/presence/scene/31"))
+        .bearer_auth(&ta)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let users: Vec<&str> = r["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["user_id"].as_str())
+        .collect();
+    assert_eq!(users, ["alice"], "{r}");
+}

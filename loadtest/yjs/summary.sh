@@ -24,12 +24,12 @@ section "Update round trip (ms; median of runs)" \
   + " | \(map(.server_cpu_cores[0]) | med) / \(map(.server_cpu_cores[1]) | med) |"'
 
 section "Memory per loaded document (median of runs)" \
-    "| docs × clients | runs | RSS base → docs → all (MB) | per doc + 1 conn (bytes) | per extra conn (bytes) | Redis per doc (bytes) | doc state (bytes) | refused | node CPU s (phase 1 / 2) |" '
+    "| docs × clients | runs | RSS base → docs → all (MB) | per doc + 1 conn (bytes) | per extra conn (bytes) | Redis per doc (bytes) | doc state (bytes) | refused | node CPU s (phase 1 / 2) | node CPU when idle (cores) |" '
   map(select(.scenario == "memory")) | group_by(.docs)[] |
   "| \(.[0].docs) × \(.[0].clients_per_doc) | \(length) | \(map(.rss_base_mb) | med) → \(map(.rss_docs_mb) | med) → \(map(.rss_all_mb) | med)"
   + " | **\(map(.bytes_per_doc_with_1_conn) | med)** | **\(map(.bytes_per_extra_conn) | med)** | \(map(.redis_bytes_per_doc) | med)"
   + " | \(.[0].doc_state_bytes) | \(map(.refused | to_entries | map("\(.key): \(.value)") | join(", ")) | unique | join("; "))"
-  + " | \(map(.server_cpu_s_phase1) | med) / \(map(.server_cpu_s_phase2) | med) |"'
+  + " | \(map(.server_cpu_s_phase1) | med) / \(map(.server_cpu_s_phase2) | med) | \(map(.server_idle_cpu_cores) | med) |"'
 
 section "Cold join (connect → y-websocket sync on a restarted node; median of runs)" \
     "| document | kind | runs | snapshot (bytes) | log tail (entries) | sync (ms), median | all runs (ms) | complete | node CPU (s) |" '

@@ -56,11 +56,14 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
 /// WebSocket upgrades — after a drain every client of a node reconnects at once, through the
 /// load balancer's few addresses; sessions have their own limits (per user, per message).
 /// Dev tokens too: they exist only in dev mode, on loopback, where load tools mint thousands.
+/// The Yjs endpoints' upgrades likewise: a drained node's y-websocket and Hocuspocus clients
+/// reconnect together, and their connections are bounded per document and node
+/// (`LOCKSTEP_YJS_MAX_CLIENTS_PER_DOC`, `LOCKSTEP_YJS_MAX_DOCS`) and budgeted per message.
 fn exempt(path: &str) -> bool {
     matches!(
         path,
-        "/healthz" | "/readyz" | "/metrics" | "/v1/ws" | "/v1/dev/token"
-    )
+        "/healthz" | "/readyz" | "/metrics" | "/v1/ws" | "/v1/hocuspocus" | "/v1/dev/token"
+    ) || path.starts_with("/v1/yjs/")
 }
 
 /// Middleware: finds the client IP, spends one token of its budget (429 `rate_limited` with
@@ -178,5 +181,15 @@ mod tests {
         );
         h.insert("x-forwarded-for", "garbage".parse().unwrap());
         assert_eq!(ClientIp::of(&h, Some(peer), true).0, peer.ip());
+    }
+
+    #[test]
+    fn websocket_upgrades_and_probes_are_not_budgeted_the_api_is() {
+        for path in ["/v1/ws", "/v1/yjs/scene:1", "/v1/hocuspocus", "/healthz"] {
+            assert!(exempt(path), "{path}");
+        }
+        for path in ["/v1/locks/acquire", "/v1/yjs", "/v1/yjsx/a", "/v1/presence/scene/1"] {
+            assert!(!exempt(path), "{path}");
+        }
     }
 }

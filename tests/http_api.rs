@@ -167,15 +167,7 @@ async fn metrics_count_a_scripted_session() {
         .request(json!({"type": "lock.acquire", "room": "scene:1", "resource": "segment:1-1", "action": "trim"}))
         .await;
     assert_eq!(r["code"], "lock_held", "{r}");
-    let text = server
-        .http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.metrics().await;
     let m = |name: &str, labels: &[(&str, &str)]| {
         metric_sum(&text, name, labels)
             .unwrap_or_else(|| panic!("no sample {name}{labels:?} in:\n{text}"))

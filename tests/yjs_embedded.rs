@@ -85,15 +85,7 @@ async fn a_viewers_update_is_refused_and_never_reaches_others() {
     let mut c = YClient::connect(server.addr, "scene:2", &tc).await;
     c.until("carol synced", |c| c.synced).await;
     assert_eq!(c.text(), "good");
-    let metrics = server
-        .http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     assert!(
         metrics
             .lines()

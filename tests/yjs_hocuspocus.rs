@@ -414,15 +414,7 @@ async fn a_readonly_update_is_refused_and_never_stored() {
     let mut late = YClient::connect(server.addr, "scene:20", &te).await;
     late.until("synced", |y| y.synced).await;
     assert_eq!(late.text(), "good");
-    let metrics = server
-        .http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     assert!(
         metrics
             .lines()

@@ -297,15 +297,7 @@ async fn a_flooding_connection_is_throttled_and_the_others_are_not() {
     );
     // Delayed, not dropped: every flood edit arrives, in order.
     observer.until("the whole flood", |c| seen(c) == N).await;
-    let metrics = server
-        .http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     let throttled: f64 = metrics
         .lines()
         .find(|l| l.starts_with("lockstep_yjs_throttled_total"))

@@ -15,7 +15,6 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
-use tungstenite::protocol::WebSocketConfig;
 
 use super::ApiError;
 use super::ws::WsUpgrade;
@@ -25,9 +24,6 @@ use crate::names::Entity;
 use crate::node::Node;
 use crate::yjs::hocuspocus::{Access, Authorizer, Grant};
 
-/// Small on purpose, like `/v1/yjs`: an idle socket costs its buffers.
-const READ_BUFFER: usize = 1024;
-const WRITE_BUFFER: usize = 4 * 1024;
 /// Room for the address in front of an update: an entity name (at most 161 bytes), a
 /// provider's session id, and the varints.
 const ADDRESS_ROOM: usize = 512;
@@ -40,14 +36,8 @@ pub async fn upgrade(
     if !node.is_ready() {
         return ApiError::new(ErrorCode::Unavailable, "node is draining").into_response();
     }
-    // A message is one update plus its address (tungstenite closes larger ones with 1009).
-    let max = node.yjs.limits.max_update_bytes + ADDRESS_ROOM;
-    let config = WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(WRITE_BUFFER + 2 * max.max(node.config.max_frame_bytes))
-        .max_message_size(Some(max))
-        .max_frame_size(Some(max));
+    // A message is one update plus its address.
+    let config = super::yjs::socket_config(&node, ADDRESS_ROOM);
     let tasks = node.tasks.clone();
     let registry = node.yjs.clone();
     let draining = node.draining.clone();

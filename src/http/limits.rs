@@ -188,7 +188,12 @@ mod tests {
         for path in ["/v1/ws", "/v1/yjs/scene:1", "/v1/hocuspocus", "/healthz"] {
             assert!(exempt(path), "{path}");
         }
-        for path in ["/v1/locks/acquire", "/v1/yjs", "/v1/yjsx/a", "/v1/presence/scene/1"] {
+        for path in [
+            "/v1/locks/acquire",
+            "/v1/yjs",
+            "/v1/yjsx/a",
+            "/v1/presence/scene/1",
+        ] {
             assert!(!exempt(path), "{path}");
         }
     }

@@ -32,6 +32,18 @@ pub struct YjsParams {
     lock: Option<String>,
 }
 
+/// The socket of a Yjs endpoint: small buffers (an idle connection costs them), and a message
+/// limit of one update plus `envelope` bytes (tungstenite closes larger ones with 1009).
+pub(super) fn socket_config(node: &Node, envelope: usize) -> WebSocketConfig {
+    let max = node.yjs.limits.max_update_bytes + envelope;
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(WRITE_BUFFER + 2 * max.max(node.config.max_frame_bytes))
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
+}
+
 pub async fn upgrade(
     State(node): State<Arc<Node>>,
     Path(room): Path<String>,
@@ -58,14 +70,7 @@ pub async fn upgrade(
         }
     };
     let verified = super::ws::authenticate(&node, params.token, &headers, ip).await;
-    // A message is one update; its limit is the update limit (tungstenite closes with 1009).
-    let max = node.yjs.limits.max_update_bytes + 64;
-    let config = WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(WRITE_BUFFER + 2 * max.max(node.config.max_frame_bytes))
-        .max_message_size(Some(max))
-        .max_frame_size(Some(max));
+    let config = socket_config(&node, 64);
     let principal = match verified {
         Ok(p) => p,
         Err(refusal) => {

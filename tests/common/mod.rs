@@ -56,6 +56,12 @@ impl Server {
         }
     }
 
+    /// The node's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let r = self.http.get(self.url("/metrics")).send().await;
+        r.expect("GET /metrics").text().await.expect("metrics text")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }

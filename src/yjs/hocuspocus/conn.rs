@@ -46,7 +46,6 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tungstenite::Message as WsMessage;
-use tungstenite::protocol::frame::CloseFrame;
 use yrs::updates::encoder::Encode;
 
 use super::codec::{self, DocMessage, Frame, Malformed, kind, sync};
@@ -72,8 +71,6 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const AUTH_DEADLINE: Duration = Duration::from_secs(60);
 /// Messages queued before auth overflowed (RFC 6455 "policy violation").
 pub const POLICY_VIOLATION: u16 = 1008;
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-
 /// Why the socket ends: `Some((code, reason))` sends a close frame; `None` when the socket is
 /// already gone.
 type End = Option<(u16, String)>;
@@ -107,24 +104,10 @@ pub async fn serve(
     }
     if let Some((code, reason)) = end {
         tracing::debug!(code, %reason, "hocuspocus: closing a socket");
-        let mut reason = reason;
-        while reason.len() > 120 {
-            reason.pop();
+        // The halves come from one socket, so they always reunite.
+        if let Ok(mut socket) = sink.reunite(stream) {
+            crate::yjs::conn::close_with(&mut socket, code, &reason).await;
         }
-        let frame = CloseFrame {
-            code: code.into(),
-            reason: reason.into(),
-        };
-        let handshake = async {
-            if sink.send(WsMessage::Close(Some(frame))).await.is_ok() {
-                while let Some(Ok(m)) = stream.next().await {
-                    if matches!(m, WsMessage::Close(_)) {
-                        break;
-                    }
-                }
-            }
-        };
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, handshake).await;
     }
 }
 

@@ -53,6 +53,20 @@ pub async fn upgrade(
     })
 }
 
+/// What an open document keeps: its user's presence listing, and the watch that ends the
+/// socket when the document's token expires or is revoked (like a `/v1/yjs` connection, but
+/// noticed on the socket's 5 s tick).
+struct DocumentKept {
+    _member: crate::node::yjs_presence::BridgedMember,
+    token: crate::node::yjs_tokens::TokenWatch,
+}
+
+impl crate::yjs::hocuspocus::Kept for DocumentKept {
+    fn ended(&self) -> Option<(u16, &'static str)> {
+        self.token.has_ended()
+    }
+}
+
 /// Decides a document from its auth message's token, as `/v1/yjs` decides its room.
 struct JwtAuthorizer {
     node: Arc<Node>,
@@ -85,10 +99,13 @@ impl Authorizer for JwtAuthorizer {
             // Listed as a member of the document's room while the document is open on this
             // socket, as a `/v1/yjs` connection is (listing starts after a short delay, so a
             // document refused right after this never flashes a join and a leave).
-            let member = crate::node::yjs_presence::enter(&node, &principal, &entity, role);
+            let kept = DocumentKept {
+                _member: crate::node::yjs_presence::enter(&node, &principal, &entity, role),
+                token: node.yjs_tokens.watch(&principal),
+            };
             Ok(Grant {
                 access,
-                keep: Some(Box::new(member)),
+                keep: Some(Box::new(kept)),
             })
         }
         .boxed()

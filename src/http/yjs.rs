@@ -89,6 +89,7 @@ pub async fn upgrade(
         user: principal.user_id.clone(),
         role_writes: role >= Role::Editor,
         lock,
+        token: node.yjs_tokens.watch(&principal),
     };
     let tasks = node.tasks.clone();
     ws.on_upgrade(config, move |socket, _| {

@@ -312,7 +312,8 @@ impl Node {
         if rev.is_empty() {
             return 0;
         }
-        let mut ended = 0;
+        // Yjs connections hold no session: their tokens are watched on their own.
+        let mut ended = self.yjs_tokens.revoke(rev);
         let attached = self.hub.attached();
         for h in self.hub.sessions() {
             if !rev.matches(&h) {

@@ -28,6 +28,7 @@ pub mod rooms;
 pub mod sessions;
 pub mod throttle;
 pub mod yjs_presence;
+pub mod yjs_tokens;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -92,6 +93,8 @@ pub struct Node {
     pub yjs: Arc<crate::yjs::docs::Registry>,
     /// Yjs connections of this node listed as room members ([`yjs_presence`]).
     pub bridged: Arc<yjs_presence::Bridged>,
+    /// The tokens of this node's Yjs connections: ended at `exp` or on revocation.
+    pub yjs_tokens: Arc<yjs_tokens::YjsTokens>,
     /// `/v1/yjs` connections writable only while a lock is held (`?lock=`).
     pub yjs_locks: Arc<crate::yjs::lockgate::LockGate>,
     /// Message budgets of this node's `/v1/yjs` users.
@@ -211,6 +214,7 @@ impl Node {
             yjs_locks,
             yjs_budgets,
             bridged,
+            yjs_tokens: yjs_tokens::YjsTokens::new(),
             id,
             config: Arc::new(config),
             locks: engines.locks,

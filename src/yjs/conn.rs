@@ -36,6 +36,7 @@ use crate::engine::{LockKey, UserId};
 use crate::error::close;
 use crate::names::Entity;
 use crate::node::Node;
+use crate::node::yjs_tokens::TokenWatch;
 use crate::session::Socket;
 
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -59,6 +60,8 @@ pub struct Access {
     pub role_writes: bool,
     /// `?lock=<resource>`: writable only while `user` holds this lock in `room`.
     pub lock: Option<Entity>,
+    /// The connection's token: it ends at the token's `exp` (4012) or its revocation (4013).
+    pub token: TokenWatch,
 }
 
 /// How one client message leaves the loop.
@@ -71,6 +74,7 @@ pub async fn serve(node: Arc<Node>, mut socket: Socket, access: Access) {
         user,
         role_writes,
         lock,
+        token,
     } = access;
     let gated = lock.is_some();
     let gate = match lock {
@@ -93,7 +97,16 @@ pub async fn serve(node: Arc<Node>, mut socket: Socket, access: Access) {
     // A lock asked for and not held: read-only for the connection's life (the app acquires
     // the lock and reconnects the provider to write again).
     let writes = role_writes && (!gated || gate.is_some());
-    let end = run(&node, &mut socket, &room, &user, writes, gate.as_ref()).await;
+    let end = run(
+        &node,
+        &mut socket,
+        &room,
+        &user,
+        writes,
+        gate.as_ref(),
+        &token,
+    )
+    .await;
     if let Some(g) = gate {
         g.close(&node).await;
     }
@@ -110,6 +123,7 @@ async fn run(
     user: &UserId,
     writes: bool,
     gate: Option<&Gate>,
+    token: &TokenWatch,
 ) -> End {
     let registry = &node.yjs;
     let attached = match registry.attach(room.as_str()).await {
@@ -134,9 +148,12 @@ async fn run(
         }
     };
     tokio::pin!(lost);
+    let token_end = token.ended();
+    tokio::pin!(token_end);
     let end: End = loop {
         let incoming = tokio::select! {
             _ = &mut lost => break Some((close::LOCK_LOST, "lock lost".into())),
+            (code, reason) = &mut token_end => break Some((code, reason.into())),
             _ = keepalive.tick() => {
                 if !std::mem::take(&mut sent_since_tick)
                     && socket

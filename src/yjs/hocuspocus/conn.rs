@@ -162,8 +162,8 @@ struct Open {
     /// queued the server's SyncStep1. Later ones (the provider's `forceSync`) get both, like
     /// the Hocuspocus server answers every one.
     step1_seen: bool,
-    /// The authorizer's [`Keep`] (the user's presence listing): dropped with the slot.
-    _keep: Option<Keep>,
+    /// The authorizer's [`Keep`] (presence listing, token watch): dropped with the slot.
+    keep: Option<Keep>,
 }
 
 struct Conn {
@@ -276,6 +276,13 @@ impl Conn {
     }
 
     fn on_tick(&mut self, opened: Instant) -> Result<(), End> {
+        for slot in self.slots.values() {
+            if let Slot::Open(open) = slot
+                && let Some((code, reason)) = open.keep.as_ref().and_then(|k| k.ended())
+            {
+                return Err(Some((code, reason.to_owned())));
+            }
+        }
         if self.last_in.elapsed() >= IDLE_TIMEOUT {
             return Err(Some((
                 close::HEARTBEAT_TIMEOUT,
@@ -460,7 +467,7 @@ impl Conn {
                 writable,
                 prefix,
                 step1_seen: false,
-                _keep: keep,
+                keep,
             }),
         );
         for data in queue {

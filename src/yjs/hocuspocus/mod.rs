@@ -26,9 +26,17 @@ pub enum Access {
     ReadOnly,
 }
 
-/// Whatever the authorizer wants kept alive while its document is open on the socket (the
-/// HTTP layer's presence listing of the user); dropped when the document is detached.
-pub type Keep = Box<dyn std::any::Any + Send>;
+/// What the authorizer keeps alive while its document is open on the socket (the HTTP
+/// layer's presence listing of the user, the watch on its token); dropped when the document
+/// is detached.
+pub trait Kept: Send {
+    /// Why the document's authorization ended (its token expired or was revoked), or `None`.
+    /// Checked on the socket's keep-alive tick (every 5 s); the socket is then closed with
+    /// that code, and the provider reconnects and authenticates every document again.
+    fn ended(&self) -> Option<(u16, &'static str)>;
+}
+
+pub type Keep = Box<dyn Kept>;
 
 /// A document's authorization: its access, and what to keep while it is open.
 pub struct Grant {

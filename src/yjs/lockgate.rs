@@ -132,6 +132,30 @@ impl LockGate {
         self.recheck.notify_one();
     }
 
+    /// Watches `key` for a connection of `user` following the grant `token` (0: none yet).
+    fn register(self: &Arc<Self>, key: LockKey, user: UserId, token: u64) -> Gate {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let lost = CancellationToken::new();
+        let watcher = Watcher {
+            user,
+            token,
+            lost: lost.clone(),
+        };
+        lock(&self.rooms)
+            .entry(key.room.clone())
+            .or_default()
+            .entry(key.resource.clone())
+            .or_default()
+            .conns
+            .insert(id, watcher);
+        Gate {
+            gate: self.clone(),
+            key,
+            id,
+            lost,
+        }
+    }
+
     /// Opens write access for `user` on `key`: `Some` when the lock is held by `user` now,
     /// `None` when it is not (the connection is read-only). `Err` when the node could not
     /// subscribe to the room or read the lock (the caller refuses the connection).
@@ -141,28 +165,7 @@ impl LockGate {
         key: LockKey,
         user: UserId,
     ) -> Result<Option<Gate>, EngineError> {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let lost = CancellationToken::new();
-        lock(&self.rooms)
-            .entry(key.room.clone())
-            .or_default()
-            .entry(key.resource.clone())
-            .or_default()
-            .conns
-            .insert(
-                id,
-                Watcher {
-                    user: user.clone(),
-                    token: 0,
-                    lost: lost.clone(),
-                },
-            );
-        let gate = Gate {
-            gate: self.clone(),
-            key,
-            id,
-            lost,
-        };
+        let gate = self.register(key, user.clone(), 0);
         // Registered before subscribing: from here on the node receives the room's events,
         // and every lock event is recorded in the key's marks.
         let holder = async {
@@ -396,28 +399,7 @@ mod tests {
     /// A gate open at `token` for `user`, without a node (the event logic only).
     fn gated(gate: &Arc<LockGate>, user: &str, token: u64) -> Gate {
         let key = LockKey::new(entity("scene:1"), entity("segment:1"));
-        let id = gate.next.fetch_add(1, Ordering::Relaxed);
-        let lost = CancellationToken::new();
-        lock(&gate.rooms)
-            .entry(key.room.clone())
-            .or_default()
-            .entry(key.resource.clone())
-            .or_default()
-            .conns
-            .insert(
-                id,
-                Watcher {
-                    user: user.into(),
-                    token,
-                    lost: lost.clone(),
-                },
-            );
-        Gate {
-            gate: gate.clone(),
-            key,
-            id,
-            lost,
-        }
+        gate.register(key, user.into(), token)
     }
 
     #[test]

@@ -75,6 +75,28 @@ pub struct Member {
     pub since: u64,
 }
 
+impl Member {
+    /// `principal`'s member of a room it joins now as `session_id`, with no focus yet.
+    pub fn joining(
+        principal: &crate::auth::Principal,
+        session_id: SessionId,
+        role: crate::auth::Role,
+        state: Option<serde_json::Value>,
+    ) -> Member {
+        Member {
+            user_id: principal.user_id.clone(),
+            session_id,
+            name: principal.name.clone(),
+            avatar: principal.avatar.clone(),
+            color: principal.color.clone(),
+            role,
+            focus: None,
+            state,
+            since: now_ms(),
+        }
+    }
+}
+
 /// Who holds (or asks for) a lock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holder {

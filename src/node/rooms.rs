@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::{Node, OpError};
 use crate::auth::Role;
-use crate::engine::{Member, PresencePatch, ReleaseReason, RoomEventKind, now_ms};
+use crate::engine::{Member, PresencePatch, ReleaseReason, RoomEventKind};
 use crate::names::Entity;
 use crate::protocol::codec::json_len_within;
 use crate::protocol::server::LockView;
@@ -44,17 +44,7 @@ impl Node {
         // below then covers everything before.
         handle.add_room(room);
         self.hub.join_room(room, handle);
-        let member = Member {
-            user_id: principal.user_id.clone(),
-            session_id: handle.id.clone(),
-            name: principal.name.clone(),
-            avatar: principal.avatar.clone(),
-            color: principal.color.clone(),
-            role,
-            focus: None,
-            state,
-            since: now_ms(),
-        };
+        let member = Member::joining(principal, handle.id.clone(), role, state);
         let joined = async {
             self.sync_subscription(room).await?;
             self.presence.join(room, member.clone()).await

@@ -34,7 +34,7 @@ use tracing::Instrument;
 
 use super::Node;
 use crate::auth::{Principal, Role};
-use crate::engine::{EngineError, Member, RoomEventKind, SessionId, now_ms};
+use crate::engine::{EngineError, Member, RoomEventKind, SessionId};
 use crate::names::Entity;
 use crate::protocol::codec::json_len_within;
 use crate::telemetry::Metrics;
@@ -195,17 +195,7 @@ pub fn enter(node: &Arc<Node>, principal: &Principal, room: &Entity, role: Role)
     let state = bridged_state();
     // The same cap a `/v1/ws` join's state obeys; past it the member is listed stateless.
     let state = json_len_within(&state, node.config.max_presence_state_bytes).map(|_| state);
-    let member = Member {
-        user_id: principal.user_id.clone(),
-        session_id: session_id.clone(),
-        name: principal.name.clone(),
-        avatar: principal.avatar.clone(),
-        color: principal.color.clone(),
-        role,
-        focus: None,
-        state,
-        since: now_ms(),
-    };
+    let member = Member::joining(principal, session_id.clone(), role, state);
     let record = Arc::new(Record {
         room: room.clone(),
         member,

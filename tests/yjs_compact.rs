@@ -45,7 +45,9 @@ async fn with_postgres() -> Fixture {
     let server = Server::start_with(move |c| c.database_url = Some(url)).await;
     let node = server.running.as_ref().unwrap().node.clone();
     assert!(node.db.is_some(), "a database pool");
-    let snapshots = lockstep::yjs::snapshots::for_node(&node).unwrap();
+    let snapshots = lockstep::yjs::snapshots::for_node(&node)
+        .unwrap()
+        .expect("a snapshot store");
     Fixture {
         _pg: Some(pg),
         server,
@@ -500,7 +502,9 @@ async fn the_loop_compacts_loaded_documents_that_are_due_in_embedded_mode() {
     // No database: fenced locks from the in-process engine, snapshots in files.
     let server = Server::start().await;
     let node = server.running.as_ref().unwrap().node.clone();
-    let snapshots = lockstep::yjs::snapshots::for_node(&node).unwrap();
+    let snapshots = lockstep::yjs::snapshots::for_node(&node)
+        .unwrap()
+        .expect("a snapshot store");
     let log = Arc::new(VecLog::default());
     let (busy, quiet, idle) = (unique_doc(), unique_doc(), unique_doc());
     let busy_ref = edit_burst(&log, &busy, 30).await; // 61 entries: over max_entries

@@ -194,11 +194,15 @@ impl Node {
         let throttle = throttle::Throttle::new(&config);
         let leases = leases::Leases::new(config.lock_lease);
         // A document is its snapshot (Postgres, or files when embedded) plus its log's tail.
-        let snapshots = crate::yjs::snapshots::open(engines.db.as_ref(), &config.data_dir)?;
+        let snapshots = crate::yjs::snapshots::open(
+            engines.db.as_ref(),
+            config.redis_url.is_some(),
+            &config.data_dir,
+        )?;
         let yjs = crate::yjs::docs::Registry::new(
             id.clone(),
             engines.doc_log.clone(),
-            Some(snapshots.clone()),
+            snapshots.clone(),
             config.yjs_limits(),
         );
         let doc_log = engines.doc_log.clone();
@@ -244,25 +248,26 @@ impl Node {
                 .run(node.locks.clone(), node.stop_background.clone()),
         );
         crate::yjs::compact::audit_loads(&node);
-        // Redis without a database: the log is shared by every node but the snapshot files are
-        // this node's own, so a compaction here would trim entries that other nodes can then
-        // no longer load. The log keeps everything instead (nothing is lost; Redis grows).
-        if node.config.redis_url.is_some() && node.db.is_none() {
-            tracing::warn!(
+        // No snapshot store (Redis without a database, see `snapshots::for_node`): nothing to
+        // compact into, so the update logs keep everything and grow in Redis.
+        match snapshots {
+            None => tracing::warn!(
                 "yjs: Redis without LOCKSTEP_DATABASE_URL: documents are not compacted (their update logs grow in Redis)"
-            );
-        } else {
-            let compactor = crate::yjs::compact::Compactor::new(
-                node.clone(),
-                doc_log,
-                snapshots,
-                node.config.yjs_compactor(),
-            );
-            let _ = node.compactor.set(Arc::downgrade(&compactor));
-            observe_compactor(&node.metrics, &compactor.watch());
-            let registry = node.yjs.clone();
-            node.background
-                .spawn(compactor.run(move || registry.loaded_docs(), node.stop_background.clone()));
+            ),
+            Some(snapshots) => {
+                let compactor = crate::yjs::compact::Compactor::new(
+                    node.clone(),
+                    doc_log,
+                    snapshots,
+                    node.config.yjs_compactor(),
+                );
+                let _ = node.compactor.set(Arc::downgrade(&compactor));
+                observe_compactor(&node.metrics, &compactor.watch());
+                let registry = node.yjs.clone();
+                node.background.spawn(
+                    compactor.run(move || registry.loaded_docs(), node.stop_background.clone()),
+                );
+            }
         }
         spawn_background(&node);
         audit_writer::spawn(&node, engines.audit_outbox);

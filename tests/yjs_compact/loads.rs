@@ -49,7 +49,9 @@ async fn every_load_of_a_document_is_audited_once_with_its_sizes() {
     })
     .await;
     let node = server.running.as_ref().unwrap().node.clone();
-    let snapshots = lockstep::yjs::snapshots::for_node(&node).unwrap();
+    let snapshots = lockstep::yjs::snapshots::for_node(&node)
+        .unwrap()
+        .expect("a snapshot store");
     let doc = unique_doc();
     let token = server.token("ada", None).await;
 

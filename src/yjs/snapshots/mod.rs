@@ -21,19 +21,29 @@ use std::sync::Arc;
 
 use super::store::{Snapshot, SnapshotError, SnapshotStore};
 
-/// The store a node uses: Postgres when it has a database, else files in its data directory.
-pub fn for_node(node: &crate::node::Node) -> Result<Arc<dyn SnapshotStore>, SnapshotError> {
-    open(node.db.as_ref(), &node.config.data_dir)
+/// The store a node uses: Postgres when it has a database; files in its data directory when
+/// its log is in process too (embedded); none with Redis and no database, because a
+/// document's snapshot must be one every node reads: a node folding the shared Redis log into
+/// its own file would trim entries the other nodes then cannot load, and a file left from an
+/// earlier run would be applied over a log it never covered.
+pub fn for_node(node: &crate::node::Node) -> Result<Option<Arc<dyn SnapshotStore>>, SnapshotError> {
+    open(
+        node.db.as_ref(),
+        node.config.redis_url.is_some(),
+        &node.config.data_dir,
+    )
 }
 
 /// [`for_node`] before the node exists (its document registry is built with the store).
 pub fn open(
     db: Option<&deadpool_postgres::Pool>,
+    shared_log: bool,
     data_dir: &std::path::Path,
-) -> Result<Arc<dyn SnapshotStore>, SnapshotError> {
+) -> Result<Option<Arc<dyn SnapshotStore>>, SnapshotError> {
     match db {
-        Some(pool) => Ok(Arc::new(PgSnapshots::new(pool.clone()))),
-        None => Ok(FileSnapshots::open(data_dir)?),
+        Some(pool) => Ok(Some(Arc::new(PgSnapshots::new(pool.clone())))),
+        None if shared_log => Ok(None),
+        None => Ok(Some(FileSnapshots::open(data_dir)?)),
     }
 }
 

@@ -56,13 +56,15 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
 /// WebSocket upgrades — after a drain every client of a node reconnects at once, through the
 /// load balancer's few addresses; sessions have their own limits (per user, per message).
 /// Dev tokens too: they exist only in dev mode, on loopback, where load tools mint thousands.
-/// The Yjs endpoints' upgrades likewise: a drained node's y-websocket and Hocuspocus clients
-/// reconnect together, and their connections are bounded per document and node
-/// (`LOCKSTEP_YJS_MAX_CLIENTS_PER_DOC`, `LOCKSTEP_YJS_MAX_DOCS`) and budgeted per message.
+/// `/v1/yjs/{room}` upgrades likewise: a drained node's y-websocket clients reconnect together,
+/// and a connection is authenticated before its upgrade and bounded per document and node
+/// (`LOCKSTEP_YJS_MAX_CLIENTS_PER_DOC`, `LOCKSTEP_YJS_MAX_DOCS`). `/v1/hocuspocus` stays
+/// budgeted: its upgrade carries no token (each document authenticates later, within 60 s),
+/// so the client's address is the only thing that bounds how many sockets it can hold open.
 fn exempt(path: &str) -> bool {
     matches!(
         path,
-        "/healthz" | "/readyz" | "/metrics" | "/v1/ws" | "/v1/hocuspocus" | "/v1/dev/token"
+        "/healthz" | "/readyz" | "/metrics" | "/v1/ws" | "/v1/dev/token"
     ) || path.starts_with("/v1/yjs/")
 }
 
@@ -184,8 +186,8 @@ mod tests {
     }
 
     #[test]
-    fn websocket_upgrades_and_probes_are_not_budgeted_the_api_is() {
-        for path in ["/v1/ws", "/v1/yjs/scene:1", "/v1/hocuspocus", "/healthz"] {
+    fn authenticated_upgrades_and_probes_are_not_budgeted_the_api_and_hocuspocus_are() {
+        for path in ["/v1/ws", "/v1/yjs/scene:1", "/healthz"] {
             assert!(exempt(path), "{path}");
         }
         for path in [
@@ -193,6 +195,7 @@ mod tests {
             "/v1/yjs",
             "/v1/yjsx/a",
             "/v1/presence/scene/1",
+            "/v1/hocuspocus",
         ] {
             assert!(!exempt(path), "{path}");
         }
